@@ -1,0 +1,1 @@
+"""Custom kernels (Triton) with pure-PyTorch references."""

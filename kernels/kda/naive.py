@@ -1,0 +1,213 @@
+"""Pure-PyTorch KDA references (SPEC §1.2, §1.4, §2).
+
+* ``recurrent_kda_reference``: token-by-token delta-rule recurrence in float64 — the oracle.
+* ``chunk_kda_reference``: the chunkwise algorithm (C=64, sub-chunks of 16 with reference
+  points) in plain PyTorch, autograd-capable, vectorised over documents; the CPU path of
+  ``chunk_kda``.
+
+Both share the API described in ``kernels/kda/__init__.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 64
+# Sub-block of the exact (elementwise) diagonal part. The kernels use 16 (tensor-core tile);
+# the reference uses 8, which halves the elementwise work; both are exact for any decay.
+REF_SUB = 8
+L2_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
+
+
+def kda_log_decay(g: torch.Tensor, gate, dtype=torch.float32) -> torch.Tensor:
+    """Log-decay from ``g``. ``gate=None``: g already is the log-decay.
+    ``gate=(A_log, dt_bias, lower_bound)``: g is the raw projection (per key channel
+    [B,T,H,Dk] or per head [B,T,H])."""
+    g = g.to(dtype)
+    if gate is None:
+        return g
+    A_log, dt_bias, lower_bound = gate
+    H = A_log.shape[0]
+    if g.dim() == 4:
+        bias = dt_bias.to(dtype).view(H, -1)
+        a = A_log.to(dtype).view(H, 1)
+    else:
+        bias = dt_bias.to(dtype).view(H)
+        a = A_log.to(dtype).view(H)
+    x = g + bias
+    if lower_bound is None:
+        return -torch.exp(a) * F.softplus(x, beta=1.0, threshold=20.0)
+    return lower_bound * torch.sigmoid(torch.exp(a) * x)
+
+
+def _check_args(q, k, v, g, beta, initial_state, cu_seqlens):
+    B, T, H, Dk = q.shape
+    assert k.shape == (B, T, H, Dk), f"k {tuple(k.shape)} vs q {tuple(q.shape)}"
+    assert v.shape[:3] == (B, T, H), f"v {tuple(v.shape)}"
+    assert g.shape in ((B, T, H, Dk), (B, T, H)), f"g {tuple(g.shape)}"
+    assert beta.shape == (B, T, H), f"beta {tuple(beta.shape)}"
+    if cu_seqlens is not None:
+        assert B == 1, "cu_seqlens requires B == 1"
+        assert int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T
+    n = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None:
+        assert initial_state.shape == (n, H, Dk, v.shape[-1]), f"h0 {tuple(initial_state.shape)}"
+    return n
+
+
+def _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype):
+    """Normalise/scale q,k and produce the per-key-channel log-decay, all in ``dtype``."""
+    Dk = q.shape[-1]
+    scale = Dk ** -0.5 if scale is None else scale
+    q, k = q.to(dtype), k.to(dtype)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    glog = kda_log_decay(g, gate, dtype)
+    if glog.dim() == 3:  # scalar (GDN) decay shared by all key channels
+        glog = glog.unsqueeze(-1).expand(*glog.shape, Dk)
+    return q * scale, k, glog
+
+
+# ----------------------------------------------------------------------------- recurrence (oracle)
+def recurrent_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
+                            output_final_state=False, cu_seqlens=None, use_qk_l2norm=True,
+                            gate=None):
+    """Delta form of SPEC §1.2: S' = diag(exp g) S; e = v - S'^T k; S = S' + beta k e^T; o = S^T q.
+    Float64 internally; returns (o in q.dtype, final state fp32 or fp64 for fp64 inputs)."""
+    n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
+    f64 = torch.float64
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    qs, ks, glog = _prepare(q, k, g, gate, scale, use_qk_l2norm, f64)
+    vs, bs = v.to(f64), beta.to(f64)
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        cu = cu_seqlens.tolist()
+        spans = [(0, cu[i], cu[i + 1]) for i in range(n_seq)]
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(spans):
+        S = q.new_zeros(H, Dk, Dv, dtype=f64) if initial_state is None else initial_state[n].to(f64)
+        for t in range(s, e):
+            S = torch.exp(glog[b, t])[:, :, None] * S
+            err = vs[b, t] - torch.einsum('hk,hkv->hv', ks[b, t], S)
+            S = S + bs[b, t][:, None, None] * ks[b, t][:, :, None] * err[:, None, :]
+            outs.append(torch.einsum('hk,hkv->hv', qs[b, t], S))
+        finals.append(S)
+    o = torch.stack(outs, 0).view(B, T, H, Dv).to(q.dtype)
+    state_dtype = f64 if q.dtype == f64 else torch.float32
+    final = torch.stack(finals, 0).to(state_dtype) if output_final_state else None
+    return o, final
+
+
+# ----------------------------------------------------------------------------- chunkwise
+def _diag_decay(G, sub):
+    """exp(G_r - G_j) for r >= j inside each sub-block of ``sub`` rows (0 above the diagonal).
+    G: [..., C, D] -> [..., C/sub, sub, sub, D]; every exponent is <= 0."""
+    Gb = G.unflatten(-2, (G.shape[-2] // sub, sub))
+    diff = Gb.unsqueeze(-2) - Gb.unsqueeze(-3)
+    causal = torch.ones(sub, sub, dtype=G.dtype, device=G.device).tril()[:, :, None]
+    return torch.exp(diff.clamp(max=0)) * causal
+
+
+def _gated_products(p, k, G, decay, sub):
+    """M[r, j] = sum_d p_r[d] k_j[d] exp(G_r[d] - G_j[d]) for j <= r within each chunk.
+
+    p, k, G: [..., C, D] with G non-increasing along C. Off-diagonal blocks use the first row
+    n of the row block as reference point (both exponents G_r-G_n and G_n-G_j are <= 0);
+    diagonal blocks are exact elementwise products with ``decay`` (see _diag_decay).
+    Returns M with the upper triangle zero.
+    """
+    C = p.shape[-2]
+    nb = C // sub
+    pb, kb = p.unflatten(-2, (nb, sub)), k.unflatten(-2, (nb, sub))
+    diag = ((pb.unsqueeze(-2) * decay) * kb.unsqueeze(-3)).sum(-1)      # [..., nb, sub, sub]
+    rows_out = []
+    for i in range(nb):
+        r0 = i * sub
+        part = []
+        if i > 0:
+            g_ref = G[..., r0:r0 + 1, :]
+            pr = p[..., r0:r0 + sub, :] * torch.exp(G[..., r0:r0 + sub, :] - g_ref)
+            kr = k[..., :r0, :] * torch.exp(g_ref - G[..., :r0, :])
+            part.append(pr @ kr.transpose(-1, -2))
+        part.append(diag[..., i, :, :])
+        if r0 + sub < C:
+            part.append(p.new_zeros(*p.shape[:-2], sub, C - r0 - sub))
+        rows_out.append(torch.cat(part, -1))
+    return torch.cat(rows_out, -2)
+
+
+def _pack_documents(x, n_pad, doc_idx, pos_idx, n_docs):
+    """[1, T, ...] -> [n_docs, n_pad, ...] with zero padding (autograd through index_put)."""
+    out = x.new_zeros(n_docs, n_pad, *x.shape[2:])
+    return out.index_put((doc_idx, pos_idx), x[0])
+
+
+def chunk_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
+                        output_final_state=False, cu_seqlens=None, use_qk_l2norm=True,
+                        gate=None):
+    """Chunkwise KDA (SPEC §2.2–2.3), chunk 64, fp32 math (fp64 for fp64 inputs)."""
+    n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    qs, ks, glog = _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype)
+    vs, bs = v.to(dtype), beta.to(dtype)
+
+    if cu_seqlens is not None:
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        n_pad = max(1, int(-(-int(lens.max()) // CHUNK))) * CHUNK
+        doc_idx = torch.repeat_interleave(torch.arange(n_seq, device=q.device), lens)
+        pos_idx = torch.arange(T, device=q.device) - cu_seqlens.long()[:-1][doc_idx]
+        pack = lambda x: _pack_documents(x, n_pad, doc_idx, pos_idx, n_seq)
+        qs, ks, vs, bs, glog = map(pack, (qs, ks, vs, bs, glog))
+        Bd, Tp = n_seq, n_pad
+    else:
+        Tp = -(-T // CHUNK) * CHUNK
+        if Tp != T:  # zero padding (k=q=v=beta=g=0) leaves the state unchanged
+            padT = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))
+            qs, ks, vs, bs, glog = map(padT, (qs, ks, vs, bs, glog))
+        Bd = B
+
+    N = Tp // CHUNK
+    # [Bd, H, N, C, D]
+    to_chunks = lambda x: x.unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2, 4)
+    qc, kc, vc, gc = map(to_chunks, (qs, ks, vs, glog))
+    bc = bs.unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2)  # [Bd, H, N, C]
+    G = gc.cumsum(-2)
+    G_last = G[..., -1:, :]
+
+    decay = _diag_decay(G, REF_SUB)
+    A_qk = _gated_products(qc, kc, G, decay, REF_SUB)              # incl. diagonal
+    A_kk = torch.tril(_gated_products(kc, kc, G, decay, REF_SUB), -1) * bc[..., :, None]
+    eye = torch.eye(CHUNK, dtype=dtype, device=q.device)
+    # W = (I + A_kk)^-1 diag(beta) (exp(G) * K),  U = (I + A_kk)^-1 diag(beta) V
+    rhs = torch.cat([bc[..., None] * kc * torch.exp(G), bc[..., None] * vc], -1)
+    WU = torch.linalg.solve_triangular(eye + A_kk, rhs, upper=False, unitriangular=True)
+    W, U = WU[..., :Dk], WU[..., Dk:]
+    q_dec = qc * torch.exp(G)
+    k_dec = kc * torch.exp(G_last - G)
+    decay_last = torch.exp(G_last).squeeze(-2)[..., None]         # [Bd, H, N, Dk, 1]
+
+    if initial_state is None:
+        S = q.new_zeros(Bd, H, Dk, Dv, dtype=dtype)
+    else:
+        S = initial_state.to(dtype)
+    outs = []
+    for c in range(N):
+        v_new = U[:, :, c] - W[:, :, c] @ S
+        outs.append(q_dec[:, :, c] @ S + A_qk[:, :, c] @ v_new)
+        S = decay_last[:, :, c] * S + k_dec[:, :, c].transpose(-1, -2) @ v_new
+    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(Bd, Tp, H, Dv)
+    if cu_seqlens is not None:
+        o = o[doc_idx, pos_idx].unsqueeze(0)
+    else:
+        o = o[:, :T]
+    final = S.to(torch.float64 if dtype == torch.float64 else torch.float32) if output_final_state else None
+    return o.to(q.dtype), final
