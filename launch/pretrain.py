@@ -1,0 +1,110 @@
+"""Pretrain a Kimi Linear (or MLA / GDN-hybrid) model.
+
+    torchrun --nproc-per-node 2 launch/pretrain.py --config tiny --train-iters 200 --save runs/tiny
+
+``--config`` is a preset name (``tiny``, ``kimi-linear-48b-a3b``, ``scaling-653m``, ...) or a JSON
+file. Any field is overridable: ``--set train.lr=1e-3 --set model.layer_pattern=GGGA`` (the
+section may be left out when the name is unique). Runs on GPUs (nccl) or CPUs (gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# flags that map 1:1 onto TrainConfig fields (Megatron-LM spelling)
+FLAG_FIELDS = {
+    "train_iters": int,
+    "save": str,
+    "load": str,
+    "save_interval": int,
+    "micro_batch_size": int,
+    "global_batch_size": int,
+    "seq_length": int,
+    "lr": float,
+    "min_lr": float,
+    "seed": int,
+    "tensor_model_parallel_size": int,
+    "pipeline_model_parallel_size": int,
+    "expert_model_parallel_size": int,
+    "context_parallel_size": int,
+    "log_interval": int,
+    "eval_interval": int,
+    "run_dir": str,
+    "tokenizer_dir": str,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="preset name or JSON run file")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any model./train. field (repeatable)")
+    for name, kind in FLAG_FIELDS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    parser.add_argument("--data-path", nargs="+", default=None,
+                        help="indexed dataset prefixes, optionally weighted: W1 P1 W2 P2 ...")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None)
+    parser.add_argument("--bf16", action="store_true", default=None)
+    return parser.parse_args(argv)
+
+
+def build_run_config(args: argparse.Namespace):
+    from train.config import apply_override, load_run_config
+
+    run = load_run_config(args.config)
+    for name in FLAG_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(run.train, name, value)
+    if args.sequence_parallel:
+        run.train.sequence_parallel = True
+    if args.bf16:
+        run.train.bf16 = True
+    if args.data_path:
+        items = args.data_path
+        if len(items) % 2 == 0 and all(_is_number(x) for x in items[::2]):
+            run.train.data_weights = [float(x) for x in items[::2]]
+            run.train.data_prefixes = list(items[1::2])
+        else:
+            run.train.data_prefixes = list(items)
+    for assignment in args.set:
+        apply_override(run, assignment)
+    if run.train.save and not run.train.run_dir:
+        run.train.run_dir = run.train.save
+    return run
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from model.config import ConfigError
+    from parallel.state import ParallelConfigError, destroy
+    from train.checkpoint import CheckpointError
+    from train.loop import train
+
+    args = parse_args(argv)
+    try:
+        run = build_run_config(args)
+        train(run)
+    except (ConfigError, ParallelConfigError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Feed-forward blocks from megatron-core: the dense SwiGLU MLP and the MoE layer (SPEC 3.4).
+
+``megatron_config`` translates our ModelConfig into megatron's TransformerConfig: sigmoid router
+scores in fp32, top-k over ``score + expert_bias`` (aux-loss-free balancing, the bias updated once
+per global batch from the token counts), renormalised weights times ``routed_scaling_factor``, one
+shared expert, optional group-limited top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .config import ModelConfig
+
+
+def megatron_config(
+    config: ModelConfig,
+    tensor_parallel: int = 1,
+    expert_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    initialize_weights: bool = True,
+    token_dispatcher: str = "allgather",
+) -> TransformerConfig:
+    moe = config.num_experts > 0 and "moe" in config.ffn_types
+    grouped = config.num_expert_group > 1
+    return TransformerConfig(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        ffn_hidden_size=config.intermediate_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.rms_norm_eps,
+        init_method_std=config.initializer_range,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        # full weights generated on the CPU and sliced: the same model at every parallel layout
+        use_cpu_initialization=True,
+        perform_initialization=initialize_weights,
+        gradient_accumulation_fusion=False,
+        num_moe_experts=config.num_experts if moe else None,
+        moe_router_topk=config.num_experts_per_token,
+        moe_ffn_hidden_size=config.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(
+            config.moe_intermediate_size * config.num_shared_experts if config.num_shared_experts else None
+        ),
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=config.router_bias_update_rate,
+        moe_router_topk_scaling_factor=config.routed_scaling_factor,
+        moe_router_num_groups=config.num_expert_group if grouped else None,
+        moe_router_group_topk=config.topk_group if grouped else None,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=token_dispatcher,
+        moe_grouped_gemm=False,
+    )
+
+
+def dense_mlp(tconfig: TransformerConfig) -> MLP:
+    """SwiGLU MLP; ``linear_fc1`` holds [gate; up] (HF gate_proj, up_proj), ``linear_fc2`` = down."""
+    return MLP(tconfig, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+
+
+def moe_layer(tconfig: TransformerConfig, layer_number: int):
+    """megatron-core MoELayer with local (non-TE) experts and a shared expert."""
+    builder = get_moe_module_spec(use_te=False, num_experts=tconfig.num_moe_experts, moe_grouped_gemm=False)
+    return builder(config=tconfig, layer_number=layer_number)
+
+
+def check_renormalize(config: ModelConfig) -> None:
+    """megatron renormalises the top-k sigmoid weights whenever top-k > 1, as the released model does."""
+    if not config.moe_renormalize and config.num_experts_per_token > 1:
+        raise ValueError("moe_renormalize=False is not supported: megatron-core always renormalises top-k > 1")

@@ -1,0 +1,104 @@
+"""Kimi Delta Attention mixer (SPEC 1.2/1.3), and Gated DeltaNet as its one-decay-per-head case.
+
+Tensor parallel by head: q/k/v, the forget-gate and output-gate up-projections, beta, the short-conv
+kernels, ``A_log`` and ``dt_bias`` are split over TP ranks; the low-rank down-projections
+(``f_a_proj``, ``g_a_proj``) and the output-norm weight are replicated; ``o_proj`` is row-parallel.
+The recurrence itself is ``kernels.kda.chunk_kda`` (Triton on GPUs, the PyTorch reference on CPUs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from kernels.kda import chunk_kda
+
+from . import tp
+from .config import ModelConfig
+from .norms import gated_rms_norm
+from .packed import PackedSequence, causal_depthwise_conv
+
+
+def init_decay_parameters(num_heads: int, dt_size: int, generator: torch.Generator | None = None):
+    """FLA's defaults (SPEC 1.3): A_log = log U(1, 16); dt = exp U(log 1e-3, log 0.1), inverse softplus."""
+    a_log = torch.empty(num_heads, dtype=torch.float32).uniform_(1.0, 16.0, generator=generator).log()
+    dt = torch.exp(
+        torch.empty(dt_size, dtype=torch.float32).uniform_(math.log(1e-3), math.log(0.1), generator=generator)
+    ).clamp_min(1e-4)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    return a_log, dt_bias
+
+
+class KimiDeltaAttention(MegatronModule):
+    """One KDA (``per_channel_decay=True``) or GDN (``False``) token mixer."""
+
+    def __init__(self, config: ModelConfig, tconfig, layer_idx: int, per_channel_decay: bool = True):
+        super().__init__(config=tconfig)
+        self.layer_idx = layer_idx
+        self.per_channel_decay = per_channel_decay
+        heads, dim, hidden = config.kda_num_heads, config.kda_head_dim, config.hidden_size
+        self.local_heads = heads // tp.tp_size()
+        self.head_dim = dim
+        self.eps = config.rms_norm_eps
+        self.lower_bound = config.kda_gate_lower_bound
+        std = config.initializer_range
+        width = config.short_conv_kernel
+        decay_size = heads * dim if per_channel_decay else heads
+
+        self.q_proj = tp.column(hidden, heads * dim, tconfig, std)
+        self.k_proj = tp.column(hidden, heads * dim, tconfig, std)
+        self.v_proj = tp.column(hidden, heads * dim, tconfig, std)
+        self.q_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
+        self.k_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
+        self.v_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
+        self.f_a_proj = tp.replicated_linear(hidden, dim, std)
+        self.f_b_proj = tp.column(dim, decay_size, tconfig, std)
+        a_log, dt_bias = init_decay_parameters(heads, decay_size)
+        self.A_log = tp.sharded_parameter(a_log)
+        self.dt_bias = tp.sharded_parameter(dt_bias)
+        self.b_proj = tp.column(hidden, heads, tconfig, std)
+        self.g_a_proj = tp.replicated_linear(hidden, dim, std)
+        self.g_b_proj = tp.column(dim, heads * dim, tconfig, std)
+        self.o_norm_weight = nn.Parameter(torch.ones(dim))
+        self.o_proj = tp.row(heads * dim, hidden, tconfig, std)
+        for fp32_param in (self.A_log, self.dt_bias):
+            fp32_param.keep_fp32 = True  # the decay path stays fp32 under mixed precision (SPEC 1.3)
+            fp32_param.no_weight_decay = True
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(1, x.shape[0], self.local_heads, -1)
+
+    def forward(self, hidden: torch.Tensor, packed: PackedSequence, initial_state=None, output_final_state=False):
+        """hidden: [T, 1, hidden] (the packed stream). Returns [T, 1, hidden] (and the final states)."""
+        x = hidden.squeeze(1)
+        position = packed.position_in_document
+        q = F.silu(causal_depthwise_conv(self.q_proj(x)[0], self.q_conv1d, position))
+        k = F.silu(causal_depthwise_conv(self.k_proj(x)[0], self.k_conv1d, position))
+        v = F.silu(causal_depthwise_conv(self.v_proj(x)[0], self.v_conv1d, position))
+        raw_gate = self.f_b_proj(self.f_a_proj(x))[0]
+        beta = torch.sigmoid(self.b_proj(x)[0].float())
+        g = raw_gate.view(1, x.shape[0], self.local_heads, -1)
+        if not self.per_channel_decay:
+            g = g.squeeze(-1)  # one decay per head: [1, T, H]
+        out, final_state = chunk_kda(
+            self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, x.shape[0], self.local_heads),
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=packed.cu_seqlens,
+            use_qk_l2norm=True,
+            gate=(self.A_log, self.dt_bias, self.lower_bound),
+        )
+        out_gate = self.g_b_proj(self.g_a_proj(x))[0].view(x.shape[0], self.local_heads, self.head_dim)
+        norm_weight = tp.reduce_grad_over_tp(self.o_norm_weight)
+        y = gated_rms_norm(out.squeeze(0), out_gate, norm_weight, self.eps)
+        y = self.o_proj(y.reshape(x.shape[0], -1))[0]
+        y = y.unsqueeze(1)
+        return (y, final_state) if output_final_state else y
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        axes = {name: 0 for name in ("q_conv1d", "k_conv1d", "v_conv1d", "A_log", "dt_bias")}
+        return tp.sharded_state_dict_with_axes(self, prefix, axes, sharded_offsets, metadata)

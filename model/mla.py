@@ -1,0 +1,75 @@
+"""Multi-head Latent Attention without positional encoding (NoPE MLA, SPEC 3.3).
+
+Queries ``[q_nope_h | q_rot_h]`` per head; keys ``[k_nope_h | k_rot]`` where ``k_rot`` (the 64-dim
+"rope" slice) is shared by all heads and never rotated; values from the same latent. Softmax scale
+``(nope + rope)^-0.5``, causal within each document of the packed stream.
+
+Tensor parallel by head: ``q_proj``/``kv_b_proj`` column-parallel, ``o_proj`` row-parallel,
+``kv_a_proj_with_mqa`` and ``kv_a_layernorm`` replicated. The shared ``k_rot`` feeds only this
+rank's heads, so its gradient is summed over TP ranks (megatron-core's own MLA misses this:
+NVIDIA/Megatron-LM#1699).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from . import tp
+from .config import ModelConfig
+from .norms import RMSNorm
+from .packed import PackedSequence
+
+
+def document_causal_attention(q, k, v, packed: PackedSequence, scale: float) -> torch.Tensor:
+    """Softmax attention inside each document. q,k: [T, H, Dqk], v: [T, H, Dv] -> [T, H, Dv].
+
+    Samples never attend to each other (every sample start is a document start), so attention runs
+    per sample: one causal SDPA call when every sample is a single document, else with a
+    block-diagonal causal mask built from the document ids.
+    """
+    b, s = packed.batch_size, packed.seq_length
+
+    def per_sample(x):
+        return x.view(b, s, x.shape[1], x.shape[2]).transpose(1, 2)  # [B, H, S, D]
+
+    qb, kb, vb = per_sample(q), per_sample(k), per_sample(v)
+    if packed.single_document_rows:
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+    else:
+        ids = packed.document_ids
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        mask = (ids[:, :, None] == ids[:, None, :]) & causal  # [B, S, S]
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(b * s, out.shape[1], out.shape[3])
+
+
+class MultiLatentAttention(MegatronModule):
+    def __init__(self, config: ModelConfig, tconfig, layer_idx: int):
+        super().__init__(config=tconfig)
+        self.layer_idx = layer_idx
+        heads, hidden, std = config.num_attention_heads, config.hidden_size, config.initializer_range
+        self.local_heads = heads // tp.tp_size()
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.scale = (self.nope + self.rope) ** -0.5
+
+        self.q_proj = tp.column(hidden, heads * (self.nope + self.rope), tconfig, std)
+        self.kv_a_proj_with_mqa = tp.replicated_linear(hidden, self.kv_lora_rank + self.rope, std)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.kv_norm_eps)
+        self.kv_b_proj = tp.column(self.kv_lora_rank, heads * (self.nope + self.v_dim), tconfig, std)
+        self.o_proj = tp.row(heads * self.v_dim, hidden, tconfig, std)
+
+    def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
+        """hidden: [T, 1, hidden] -> [T, 1, hidden]."""
+        x = hidden.squeeze(1)
+        t = x.shape[0]
+        q = self.q_proj(x)[0].view(t, self.local_heads, self.nope + self.rope)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        k_rot = tp.reduce_grad_over_tp(k_rot)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0].view(t, self.local_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(t, self.local_heads, self.rope)], dim=-1)
+        out = document_causal_attention(q, k, v, packed, self.scale)
+        return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)

@@ -1,0 +1,29 @@
+"""RMSNorm variants, computed in fp32 as the reference model does (SPEC 1.2, 3.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """``weight * normalize(x)``; the normalised value is cast back to the input dtype first."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * rms_normalize(x, self.eps).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """KDA output norm: RMSNorm over each head's channels times sigmoid(gate), in fp32."""
+    y = rms_normalize(x, eps) * weight.float() * torch.sigmoid(gate.float())
+    return y.to(x.dtype)

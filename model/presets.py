@@ -1,0 +1,107 @@
+"""Named model configurations (an explicit registry, no magic).
+
+- ``tiny``: a toy that trains on two CPU cores (vocab 8192 = the embedded-corpus tokenizer).
+- ``kimi-linear-48b-a3b``: the released model, SPEC 3.1 exactly (49,122,681,728 parameters).
+- ``scaling-653m`` ... ``scaling-1.7b``: the paper's scaling-law sizes (SPEC 5.2: MoE 8 of 64
+  experts). The paper gives heads, layers and hidden size only; the remaining widths follow the
+  released model's proportions (KDA/MLA head dim 128, dense MLP 4x hidden, 1 shared expert) and the
+  expert width is chosen so that the activated parameters without embeddings match the table (see
+  ``docs/presets.md``). Their vocab is 32768, the size of the BPE we train on the Gutenberg corpus.
+
+Any preset is a starting point: ``with_pattern`` turns it into the MLA baseline ("A"), the GDN
+hybrid ("GGGA") or Kimi Linear ("KKKA") with everything else identical.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError, ModelConfig
+
+KIMI_48B_PATTERN = "KKKA" * 6 + "KKA"  # MLA at 0-based layers 3, 7, ..., 23 and 26
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(name="tiny")
+
+
+def _kimi_48b() -> ModelConfig:
+    return ModelConfig(
+        name="kimi-linear-48b-a3b",
+        vocab_size=163840,
+        hidden_size=2304,
+        num_layers=27,
+        layer_pattern=KIMI_48B_PATTERN,
+        rms_norm_eps=1e-5,
+        kda_num_heads=32,
+        kda_head_dim=128,
+        short_conv_kernel=4,
+        num_attention_heads=32,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        first_k_dense=1,
+        intermediate_size=9216,
+        num_experts=256,
+        num_experts_per_token=8,
+        moe_intermediate_size=1024,
+        num_shared_experts=1,
+        routed_scaling_factor=2.446,
+        num_expert_group=1,
+        topk_group=1,
+        bos_token_id=163584,
+        eos_token_id=163586,
+        pad_token_id=163839,
+    )
+
+
+# (heads, layers, hidden, moe_intermediate_size) per activated size of SPEC 5.2; the expert width
+# is the one that brings the activated parameters without embeddings to the paper's number.
+_SCALING = {
+    "scaling-653m": (16, 16, 1216, 960),
+    "scaling-878m": (18, 18, 1376, 1024),
+    "scaling-1.1b": (20, 20, 1536, 1088),
+    "scaling-1.4b": (22, 22, 1632, 1216),
+    "scaling-1.7b": (24, 24, 1776, 1280),
+}
+
+
+def _scaling(name: str) -> ModelConfig:
+    heads, layers, hidden, moe_width = _SCALING[name]
+    return ModelConfig(
+        name=name,
+        vocab_size=32768,
+        hidden_size=hidden,
+        num_layers=layers,
+        layer_pattern="KKKA",
+        kda_num_heads=heads,
+        kda_head_dim=128,
+        num_attention_heads=heads,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        first_k_dense=1,
+        intermediate_size=4 * hidden,
+        num_experts=64,
+        num_experts_per_token=8,
+        moe_intermediate_size=moe_width,
+        num_shared_experts=1,
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "kimi-linear-48b-a3b": _kimi_48b,
+    **{name: (lambda n=name: _scaling(n)) for name in _SCALING},
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def with_pattern(config: ModelConfig, pattern: str) -> ModelConfig:
+    """The same model with another layer pattern (the fair-comparison arms)."""
+    return config.replace(layer_pattern=pattern, name=f"{config.name}[{pattern}]").validate()

@@ -1,0 +1,169 @@
+"""Checkpoints: megatron-core dist_checkpointing for the model (reshardable across TP/PP/EP), a
+per-rank file for the optimizer, and ``meta.json`` (configs, step, data-loader position).
+
+Layout::
+
+    SAVE/iter_0000200/{model/, optimizer/rank_00000.pt, meta.json}
+    SAVE/latest                     # "200": the newest complete checkpoint
+
+A checkpoint is written to ``iter_0000200.tmp`` and renamed when every rank has finished, so a
+crash mid-save leaves the previous checkpoint as the newest complete one. Loading checks that the
+checkpoint's model config matches the model and names every differing field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from model.config import ModelConfig
+
+META = "meta.json"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not match the model."""
+
+
+def iteration_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def latest_step(root: str | Path) -> int | None:
+    """Newest complete checkpoint under ``root`` (None when there is none)."""
+    root = Path(root)
+    marker = root / LATEST
+    if marker.exists():
+        text = marker.read_text().strip()
+        if text.isdigit() and (iteration_dir(root, int(text)) / META).exists():
+            return int(text)
+    steps = sorted(
+        int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / META).exists()
+    )
+    return steps[-1] if steps else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: int = 0) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep_last`` (0 = all)."""
+    root = Path(root)
+    final = iteration_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        (tmp / "optimizer").mkdir()
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / (LATEST + ".tmp")).write_text(f"{step}\n")
+        os.replace(root / (LATEST + ".tmp"), root / LATEST)
+        if keep_last > 0:
+            old = sorted(p for p in root.glob("iter_*") if p.name[5:].isdigit())[:-keep_last]
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_meta(path: str | Path) -> dict:
+    meta_path = Path(path) / META
+    if not meta_path.exists():
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {META}); point --load at a run's save folder or "
+            f"one of its iter_* folders"
+        )
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is corrupt ({err}); use an earlier iter_* folder") from None
+
+
+def resolve(path: str | Path, step: int | None = None) -> Path:
+    """A save folder (-> its newest or given step) or an iter_* folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / META).exists() and step is None:
+        return path
+    chosen = step if step is not None else latest_step(path)
+    if chosen is None:
+        raise CheckpointError(f"no complete checkpoint under {path} (no iter_*/{META})")
+    found = iteration_dir(path, chosen)
+    if not (found / META).exists():
+        raise CheckpointError(f"checkpoint step {chosen} not found or incomplete under {path}")
+    return found
+
+
+def check_model_config(saved: dict, config: ModelConfig, where) -> None:
+    current = config.to_dict()
+    ignore = {"name", "extra", "bos_token_id", "eos_token_id", "pad_token_id"}
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs model {v!r}"
+        for k, v in current.items() if k not in ignore and saved.get(k) != v
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {where} was saved with a different model config ({'; '.join(diffs)}); load it with "
+            f"the same model settings or start a new run"
+        )
+
+
+def load_model_state(model, path: Path) -> None:
+    """Load the sharded model state (resharding to the current layout) into ``model``."""
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
+    except Exception as err:  # noqa: BLE001 - re-raised with the path and a hint
+        raise CheckpointError(
+            f"could not read the model state in {path / 'model'} ({type(err).__name__}: {err}); the "
+            f"checkpoint is corrupt or incomplete, load an earlier iter_* folder"
+        ) from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_optimizer_state(optimizer, path: Path) -> bool:
+    file = path / "optimizer" / f"rank_{_rank():05d}.pt"
+    if not file.exists():
+        return False
+    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+    return True
+
+
+def load_model_for_inference(checkpoint, step: int | None = None, device: str = "cpu"):
+    """Single-process model from a checkpoint (any saved parallel layout), in eval mode."""
+    from model.model import build_model
+    from parallel import state
+
+    path = resolve(checkpoint, step)
+    meta = read_meta(path)
+    config = ModelConfig.from_dict(meta["model"])
+    if not parallel_state.model_parallel_is_initialized():
+        state.initialize(state.ParallelDims())
+    model = build_model(config, initialize_weights=False)
+    load_model_state(model, path)
+    return model.to(device).eval()

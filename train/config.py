@@ -1,0 +1,177 @@
+"""Run configuration: model + training + parallel layout, from a preset name or a JSON file,
+with command-line overrides for any field.
+
+``--config tiny`` takes the model preset ``tiny`` and the training defaults below.
+``--config run.json`` reads ``{"model": {...} or "preset": NAME, "train": {...}}``.
+``--set train.lr=3e-4 --set model.layer_pattern=GGGA`` (or a bare field name when it is unique)
+overrides any field; the common ones also have Megatron-LM-style flags (``--train-iters`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.config import ConfigError, ModelConfig, coerce_field
+from model.presets import PRESETS, get_preset
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data_prefixes: list = field(default_factory=list)  # indexed .bin/.idx prefixes; empty = embedded corpus
+    data_weights: list = field(default_factory=list)  # blending weights, one per prefix
+    valid_prefixes: list = field(default_factory=list)
+    tokenizer_dir: str = ""
+    data_cache_dir: str = "cache/data"
+    seq_length: int = 256
+    reset_at_document_boundaries: bool = True
+    # batch
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    # optimisation
+    train_iters: int = 200
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_schedule: str = "wsd"  # wsd | cosine | constant
+    lr_warmup_iters: int = 20
+    lr_decay_fraction: float = 0.2  # WSD: share of the run spent decaying
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    bf16: bool = False
+    # parallel layout
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # checkpoints and logging
+    save: str = ""
+    load: str = ""
+    save_interval: int = 100
+    keep_last: int = 3
+    log_interval: int = 1
+    eval_interval: int = 0
+    eval_iters: int = 4
+    run_dir: str = ""
+
+    def validate(self) -> "TrainConfig":
+        for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
+        if self.lr_schedule not in ("wsd", "cosine", "constant"):
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: use wsd, cosine or constant")
+        if self.data_weights and len(self.data_weights) != len(self.data_prefixes):
+            raise ConfigError(
+                f"train.data_weights has {len(self.data_weights)} entries but train.data_prefixes has "
+                f"{len(self.data_prefixes)}; give one weight per prefix"
+            )
+        return self
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+    def validate(self, world_size: int = 1) -> "RunConfig":
+        t = self.train.validate()
+        self.model.validate(t.tensor_model_parallel_size, t.expert_model_parallel_size)
+        model_parallel = t.tensor_model_parallel_size * t.pipeline_model_parallel_size * t.context_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor x pipeline x context parallel sizes "
+                f"({model_parallel})"
+            )
+        dp = world_size // model_parallel
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size "
+                f"({t.micro_batch_size}) x data-parallel size ({dp})"
+            )
+        return self
+
+
+def load_run_config(name_or_file: str) -> RunConfig:
+    """A preset name or a JSON file (see module docstring)."""
+    path = Path(name_or_file)
+    if name_or_file in PRESETS:
+        return RunConfig(model=get_preset(name_or_file), train=TrainConfig())
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise ConfigError(f"--config {name_or_file}: file not found (or use a preset: {sorted(PRESETS)})")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {name_or_file}: not valid JSON ({err})") from None
+        unknown = sorted(set(raw) - {"preset", "model", "train"})
+        if unknown:
+            raise ConfigError(f"--config {name_or_file}: unknown top-level key(s) {unknown}; use preset, model, train")
+        model = get_preset(raw["preset"]) if "preset" in raw else ModelConfig()
+        if "model" in raw:
+            model = model.replace(**_checked(ModelConfig, raw["model"], "model"))
+        train = TrainConfig(**_checked(TrainConfig, raw.get("train", {}), "train"))
+        return RunConfig(model=model, train=train)
+    raise ConfigError(f"--config {name_or_file!r}: neither a preset ({sorted(PRESETS)}) nor an existing file")
+
+
+def _checked(cls, values: dict, section: str) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} field(s) {unknown}; known: {sorted(known)}")
+    return values
+
+
+def apply_override(run: RunConfig, assignment: str) -> None:
+    """Apply one ``[model.|train.]field=value`` assignment in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. --set train.lr=1e-3")
+    key, text = assignment.split("=", 1)
+    section, _, name = key.rpartition(".")
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not section:
+        candidates = [s for s, fields in (("model", model_fields), ("train", train_fields)) if name in fields]
+        if len(candidates) != 1:
+            raise ConfigError(
+                f"--set {key}: {'unknown field' if not candidates else 'ambiguous field'}; "
+                f"write model.{name} or train.{name}"
+            )
+        section = candidates[0]
+    if section == "model":
+        setattr(run.model, name, coerce_field(run.model, name, text))
+    elif section == "train":
+        if name not in train_fields:
+            raise ConfigError(f"--set train.{name}: unknown field; known: {sorted(train_fields)}")
+        current = getattr(run.train, name)
+        setattr(run.train, name, _parse_like(current, text, f"train.{name}"))
+    else:
+        raise ConfigError(f"--set {key}: section must be model or train")
+
+
+def _parse_like(current, text: str, label: str):
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, list):
+            return [json.loads(x) if x[:1] in "0123456789.-" else x for x in text.split(",") if x]
+    except ValueError as err:
+        raise ConfigError(f"{label}={text!r}: {err}") from None
+    return text

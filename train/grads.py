@@ -1,0 +1,56 @@
+"""Gradient reduction across data-parallel ranks and a tensor-parallel-aware global norm/clip."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import nn
+
+
+def all_reduce_data_parallel(model: nn.Module) -> None:
+    """Average gradients over the data-parallel group, one flat buffer per dtype."""
+    world = parallel_state.get_data_parallel_world_size()
+    if world == 1:
+        return
+    group = parallel_state.get_data_parallel_group()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for same in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat /= world
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def global_grad_norm(model: nn.Module) -> torch.Tensor:
+    """L2 norm of the full model's gradient: TP-split parameters counted once per shard,
+    replicated ones once in total."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    squares = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+            squares += param.grad.detach().double().pow(2).sum().cpu()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=parallel_state.get_pipeline_model_parallel_group())
+    return squares.sqrt()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
+    norm = global_grad_norm(model)
+    if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (float(norm) + 1e-6)
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+    return float(norm)

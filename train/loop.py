@@ -1,0 +1,174 @@
+"""The training loop: micro-batches with gradient accumulation to the global batch, DP gradient
+averaging, clipping, LR schedule, MoE expert-bias update, progress lines and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from model.model import build_model
+from parallel import state
+from train import checkpoint as ckpt
+from train.config import RunConfig
+from train.grads import all_reduce_data_parallel, clip_gradients
+from train.optim import build_optimizer
+from train.schedule import learning_rate
+
+
+def log(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _update_expert_bias(model, tconfig) -> None:
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    if tconfig.num_moe_experts:
+        _update_router_expert_bias([model], tconfig)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = mask.to(loss.dtype)
+    return (loss * mask).sum(), mask.sum()
+
+
+def build_data(run: RunConfig, dims: state.ParallelDims):
+    from data import build_pretraining_loaders, ensure_default_dataset
+
+    t = run.train
+    train_prefixes, valid_prefixes = list(t.data_prefixes), list(t.valid_prefixes) or None
+    if not train_prefixes:
+        default = ensure_default_dataset(t.data_cache_dir)
+        train_prefixes, valid_prefixes = list(default.train_prefixes), list(default.valid_prefixes)
+    weights = t.data_weights or None
+    blend = list(zip(weights, train_prefixes)) if weights else None
+    return build_pretraining_loaders(
+        data_prefixes=None if blend else train_prefixes,
+        blend=blend,
+        valid_prefixes=valid_prefixes,
+        seq_length=t.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        seed=t.seed,
+        reset_at_document_boundaries=t.reset_at_document_boundaries,
+        vocab_size=run.model.vocab_size,
+    )
+
+
+def evaluate(model, loader, iters: int, device) -> float:
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(iters):
+            batch = _to_device(next(loader), device)
+            loss = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+            s, n = masked_mean(loss.float(), batch["loss_mask"])
+            total += torch.stack([s.double().cpu(), n.double().cpu()])
+    if dist.is_initialized():
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    model.train()
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def train(run: RunConfig) -> list[float]:
+    """Run the configured training; returns the loss of every step run by this process."""
+    t = run.train
+    dims = state.initialize(
+        state.ParallelDims(
+            tensor=t.tensor_model_parallel_size,
+            pipeline=t.pipeline_model_parallel_size,
+            expert=t.expert_model_parallel_size,
+            context=t.context_parallel_size,
+            sequence_parallel=t.sequence_parallel,
+        ),
+        seed=t.seed,
+    )
+    run.validate(dims.world_size)
+    if dims.pipeline > 1 or dims.context > 1:
+        raise NotImplementedError("pipeline and context parallelism are not wired into this loop yet")
+    device = state.device()
+    model = build_model(run.model, expert_parallel=dims.expert).to(device)
+    tconfig = model.config
+    optimizer = build_optimizer(model, t)
+    train_loader, valid_loader = build_data(run, dims)
+
+    start_step = 0
+    load_from = t.load or (t.save if t.save and ckpt.latest_step(t.save) is not None else "")
+    if load_from:
+        path = ckpt.resolve(load_from)
+        meta = ckpt.read_meta(path)
+        ckpt.check_model_config(meta["model"], run.model, path)
+        ckpt.load_model_state(model, path)
+        ckpt.load_optimizer_state(optimizer, path)
+        if "data" in meta:
+            train_loader.load_state_dict(meta["data"])
+        start_step = int(meta["step"])
+        log(f"resumed from {path} at step {start_step}")
+
+    dp = dims.data
+    accumulation = t.global_batch_size // (t.micro_batch_size * dp)
+    tokens_per_step = t.global_batch_size * t.seq_length
+    metrics_file = Path(t.run_dir) / "metrics.jsonl" if t.run_dir and dist.get_rank() == 0 else None
+    if metrics_file:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    run_start = time.time()
+    model.train()
+    for step in range(start_step, t.train_iters):
+        step_start = time.time()
+        lr = learning_rate(step, peak=t.lr, minimum=t.min_lr, warmup=t.lr_warmup_iters, total=t.train_iters,
+                           schedule=t.lr_schedule, decay_fraction=t.lr_decay_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        micro = [_to_device(next(train_loader), device) for _ in range(accumulation)]
+        local_tokens = sum(m["loss_mask"].sum() for m in micro)
+        total_tokens = local_tokens.clone().double()
+        if dp > 1:
+            dist.all_reduce(total_tokens, group=parallel_state.get_data_parallel_group())
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+            s, _ = masked_mean(per_token.float(), batch["loss_mask"])
+            # scale so that the DP average of the summed micro-batch grads is the global token mean
+            (s * dp / total_tokens.to(s.dtype)).backward()
+            loss_sum += s.detach().double().cpu()
+        all_reduce_data_parallel(model)
+        _update_expert_bias(model, tconfig)
+        grad_norm = clip_gradients(model, t.clip_grad)
+        optimizer.step()
+        if dp > 1:
+            dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+        loss = float(loss_sum / total_tokens.cpu())
+        losses.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower train.lr or check the data")
+        elapsed = time.time() - step_start
+        done = step + 1
+        if done % t.log_interval == 0 or done == t.train_iters:
+            eta = (time.time() - run_start) / (done - start_step) * (t.train_iters - done)
+            log(f"step {done:6d}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
+                f"{tokens_per_step / elapsed:,.0f} tokens/s | ETA {eta:,.0f}s")
+        if metrics_file:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                    "tokens_per_s": tokens_per_step / elapsed}) + "\n")
+        if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
+            log(f"step {done:6d} | validation loss {evaluate(model, valid_loader, t.eval_iters, device):.4f}")
+        if t.save and (done % t.save_interval == 0 or done == t.train_iters):
+            meta = {**run.to_dict(), "data": train_loader.state_dict()}
+            path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
+            log(f"saved checkpoint {path}")
+    return losses
