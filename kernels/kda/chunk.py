@@ -1,9 +1,149 @@
-"""chunk_kda: dispatch between the Triton chunkwise kernels (CUDA) and the PyTorch reference (CPU)."""
-from kernels.kda.naive import chunk_kda_reference
+"""chunk_kda: Triton chunkwise KDA on CUDA tensors (forward + backward), PyTorch reference on CPU.
+
+The L2 norm of q/k, the scale and the gate activation are applied here with PyTorch ops
+(autograd carries their gradients); the Triton autograd.Function takes the normalised,
+scaled q, normalised k, v, the per-channel log-decay g (fp32), beta and the initial state.
+"""
+import os
+
+import torch
+import triton
+
+from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay, l2norm
+from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
+from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel
+from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
+
+CHUNK = 64
+
+
+def triton_enabled(x: torch.Tensor) -> bool:
+    """Triton on CUDA tensors; under TRITON_INTERPRET=1 also on CPU tensors (tests)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _chunk_tables(cu_seqlens: torch.Tensor):
+    """chunk_info[NC, 2] = (document, chunk within document); chunk_offsets[N+1]."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n_chunks = (lens + CHUNK - 1) // CHUNK
+    offsets = torch.zeros(len(lens) + 1, dtype=torch.long, device=cu_seqlens.device)
+    offsets[1:] = n_chunks.cumsum(0)
+    doc = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), n_chunks)
+    within = torch.arange(int(offsets[-1]), device=cu_seqlens.device) - offsets[:-1][doc]
+    info = torch.stack([doc, within], 1).to(torch.int32).contiguous()
+    return info, offsets.to(torch.int32), int(offsets[-1])
+
+
+def _meta(K, V, dtype):
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(64, max(16, triton.next_power_of_2(V)))
+    # fp32 inputs: exact fp32 dots (tests); bf16/fp16: tf32 tensor cores on fp32 operands
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    return BK, BV, prec
+
+
+def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
+    """q, k, v, g, beta in token layout [T, H, D]; returns o, final state and saved buffers."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    BK, BV, prec = _meta(K, V, q.dtype)
+    BD = min(BK, 32)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    Gc = torch.empty(NC, H, 64, K, **f32)
+    Aqk, Bkk, Ainv = (torch.empty(NC, H, 64, 64, **f32) for _ in range(3))
+    W = torch.empty(NC, H, 64, K, **f32)
+    U, Vn = (torch.empty(NC, H, 64, V, **f32) for _ in range(2))
+    h = torch.empty(NC, H, K, V, **f32)
+    ht = torch.empty(N, H, K, V, **f32) if want_ht else None
+    kda_fwd_intra_kernel[(NC, H)](q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, cu, info,
+                                  H=H, K=K, V=V, BK=BK, BD=BD, BV=BV, PREC=prec, num_warps=4)
+    NV = triton.cdiv(V, BV)
+    kda_fwd_h_kernel[(NV, N, H)](k, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV,
+                                 HAS_H0=h0 is not None, STORE_HT=want_ht, PREC=prec, num_warps=4)
+    o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
+    kda_fwd_o_kernel[(NC, H, NV)](q, Gc, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK, BV=BV,
+                                  PREC=prec, num_warps=4)
+    return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h)
+
+
+def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
+    Gc, Aqk, Bkk, Ainv, W, Vn, h = saved
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    BK, BV, prec = _meta(K, V, q.dtype)
+    BD = min(BK, 32)
+    NV = triton.cdiv(V, BV)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dh = torch.empty(NC, H, K, V, **f32)
+    dVn = torch.empty(NC, H, 64, V, **f32)
+    dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
+    kda_bwd_dh_kernel[(NV, N, H)](q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets, H=H, K=K, V=V,
+                                  BK=BK, BV=BV, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+                                  PREC=prec, num_warps=4)
+    dAqk, dBkk = (torch.empty(NC, H, 64, 64, **f32) for _ in range(2))
+    dq_p, dk_p, dG_p = (torch.empty(NC, H, 64, K, **f32) for _ in range(3))
+    dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
+    dbeta = torch.empty(T, H, **f32)
+    kda_bwd_chunk_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
+                                  dAqk, dBkk, dq_p, dk_p, dG_p, dv, dbeta, cu, info,
+                                  H=H, K=K, V=V, BK=BK, BV=BV, PREC=prec, num_warps=8)
+    dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
+    dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
+    dg = torch.empty(T, H, K, **f32)
+    kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BD))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
+                                                       dq, dk, dg, cu, info, H=H, K=K, BD=BD,
+                                                       PREC=prec, num_warps=4)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+class ChunkKDAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, cu, want_ht):
+        T = q.shape[0] * q.shape[1]
+        B = q.shape[0]
+        flat = lambda x: x.reshape(T, *x.shape[2:]).contiguous()
+        qf, kf, vf, gf, bf = map(flat, (q, k, v, g, beta))
+        info, offsets, NC = _chunk_tables(cu)
+        h0c = h0.contiguous() if h0 is not None else None
+        o, ht, saved = kda_chunk_fwd(qf, kf, vf, gf, bf, h0c, cu, info, offsets, NC, want_ht)
+        ctx.save_for_backward(qf, kf, vf, bf, h0c, cu, info, offsets, *saved)
+        ctx.NC, ctx.B = NC, B
+        return o.view(B, -1, *o.shape[1:]), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qf, kf, vf, bf, h0, cu, info, offsets, *saved = ctx.saved_tensors
+        B = ctx.B
+        dof = do.reshape(-1, *do.shape[2:]).contiguous()
+        dht = dht.contiguous() if dht is not None else None
+        dq, dk, dv, dg, dbeta, dh0 = kda_chunk_bwd(qf, kf, vf, bf, saved, h0, dht, dof, cu, info,
+                                                   offsets, ctx.NC)
+        unflat = lambda x: x.view(B, -1, *x.shape[1:])
+        return unflat(dq), unflat(dk), unflat(dv), unflat(dg), unflat(dbeta).to(bf.dtype), dh0, None, None
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               cu_seqlens=None, use_qk_l2norm=True, gate=None):
-    return chunk_kda_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                               output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                               use_qk_l2norm=use_qk_l2norm, gate=gate)
+    """Chunkwise KDA; see kernels/kda/__init__.py for the argument contract."""
+    if not triton_enabled(q):
+        return chunk_kda_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                   use_qk_l2norm=use_qk_l2norm, gate=gate)
+    _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+    q = q * scale
+    glog = kda_log_decay(g, gate, torch.float32)
+    if glog.dim() == 3:
+        glog = glog.unsqueeze(-1).expand(B, T, H, K)
+    if cu_seqlens is None:
+        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    else:
+        cu = cu_seqlens.to(torch.int32)
+    h0 = initial_state.float() if initial_state is not None else None
+    o, ht = ChunkKDAFunction.apply(q, k, v, glog, beta, h0, cu, output_final_state)
+    return o, ht

@@ -1,0 +1,213 @@
+"""Triton backward of chunkwise KDA. Layouts as in chunk_fwd.py.
+
+Per chunk, with S the state entering it and S' the state leaving it (q already scaled):
+  v_new = U - W S,  O = (q e^G) S + A_qk v_new,  S' = e^{G_last} S + (k e^{G_last-G})^T v_new,
+  W = Ainv X, U = Ainv Y, X = beta k e^G, Y = beta v, Ainv = (I + diag(beta) B_kk)^-1.
+
+Kernels:
+  kda_bwd_dh     per (doc, head, V-block), reverse over chunks: dS' of every chunk,
+                 dv_new = A_qk^T dO + kg dS', dS = e^{G_last} dS' + (q e^G)^T dO - W^T dv_new.
+  kda_bwd_chunk  per (chunk, head): everything that contracts over V (dA_qk, d(q e^G), dW, dkg,
+                 dG_last), the WY backward (dX, dY -> dv, dbeta, dAinv -> dA_kk), partial
+                 dq / dk / dG.
+  kda_bwd_intra  per (chunk, head, Dk-slice): backward of the gated products A_qk and B_kk
+                 (sub-chunks of 16 with reference rows, exact diagonal blocks), then the reverse
+                 chunk-local cumsum dG -> dg.
+"""
+import triton
+import triton.language as tl
+
+from kernels.kda.chunk_fwd import _chunk_coords
+
+
+@triton.jit
+def kda_bwd_dh_kernel(q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chunk_offsets,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr,
+                      PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, 64)
+    r64 = tl.arange(0, 64)
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    m_kv = (dk[:, None] < K) & (dv[None, :] < V)
+    m_k = dk[None, :] < K
+    state_off = dk[:, None] * V + dv[None, :]
+    b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_ds += tl.load(dht + (i_n * H + i_h) * K * V + state_off, mask=m_kv, other=0.)
+    for c in range(0, n_chunks):
+        c_rev = n_chunks - 1 - c
+        i_c = c_first + c_rev
+        cbase = (i_c * H + i_h) * 64
+        t0 = bos + c_rev * 64
+        valid = r64 < eos - t0
+        tok = (t0 + r64) * H + i_h
+        tl.store(dh + (i_c * H + i_h) * K * V + state_off, b_ds, mask=m_kv)
+        b_do = tl.load(do + tok[:, None] * V + dv[None, :], mask=valid[:, None] & (dv[None, :] < V),
+                       other=0.).to(tl.float32)
+        b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
+        b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+        b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+        b_kg = b_k * tl.exp(b_gl[None, :] - b_G)
+        b_dvn = tl.dot(tl.trans(b_a), b_do, input_precision=PREC) + tl.dot(b_kg, b_ds, input_precision=PREC)
+        tl.store(dVn + (cbase + r64)[:, None] * V + dv[None, :], b_dvn, mask=dv[None, :] < V)
+        b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+        b_ds = (b_ds * tl.exp(b_gl)[:, None]
+                + tl.dot(tl.trans(b_q * tl.exp(b_G)), b_do, input_precision=PREC)
+                - tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC))
+    if HAS_H0:
+        tl.store(dh0 + (i_n * H + i_h) * K * V + state_off, b_ds, mask=m_kv)
+
+
+@triton.jit
+def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
+                         dAqk, dBkk, dq_p, dk_p, dG_p, dv, dbeta, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                         BV: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    valid = r64 < L
+    tok = (bos + r64) * H + i_h
+    cbase = (i_c * H + i_h) * 64
+    sbase = (i_c * H + i_h) * K * V
+    dk = tl.arange(0, BK)
+    m_k = dk[None, :] < K
+    b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
+    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_dA = tl.zeros([64, 64], dtype=tl.float32)      # d A_qk
+    b_dinv = tl.zeros([64, 64], dtype=tl.float32)    # d Ainv
+    b_dqg = tl.zeros([64, BK], dtype=tl.float32)     # d (q e^G)
+    b_dw = tl.zeros([64, BK], dtype=tl.float32)      # d W
+    b_dkg = tl.zeros([64, BK], dtype=tl.float32)     # d (k e^{G_last - G})
+    b_dgl = tl.zeros([BK], dtype=tl.float32)         # d G_last through e^{G_last} S
+    b_dbeta = tl.zeros([64], dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        dvv = v0 + tl.arange(0, BV)
+        m_v = dvv[None, :] < V
+        b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
+        b_v = tl.load(v + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
+        b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+        b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+        m_kv = (dk[:, None] < K) & m_v
+        b_h = tl.load(h + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
+        b_dh = tl.load(dh + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
+        b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+        b_dw -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
+        b_dkg += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
+        b_dgl += tl.sum(b_dh * b_h, axis=1)
+        b_dy = tl.dot(tl.trans(b_inv), b_dvn, input_precision=PREC)
+        tl.store(dv + tok[:, None] * V + dvv[None, :], b_dy * b_beta[:, None], mask=valid[:, None] & m_v)
+        b_dbeta += tl.sum(b_dy * b_v, axis=1)
+        b_dinv += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+
+    b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+    b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+    b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+    e_G = tl.exp(b_G)
+    b_x = b_k * e_G * b_beta[:, None]
+    b_dx = tl.dot(tl.trans(b_inv), b_dw, input_precision=PREC)
+    b_dinv += tl.dot(b_dw, tl.trans(b_x), input_precision=PREC)
+    b_dbeta += tl.sum(b_dx * b_k * e_G, axis=1)
+    k_dec = tl.exp(b_gl[None, :] - b_G)
+    b_kg = b_k * k_dec
+    out = (cbase + r64)[:, None] * K + dk[None, :]
+    tl.store(dq_p + out, b_dqg * e_G, mask=m_k)
+    tl.store(dk_p + out, b_dx * e_G * b_beta[:, None] + b_dkg * k_dec, mask=m_k)
+    b_dG = b_dqg * b_q * e_G + b_dx * b_x - b_dkg * b_kg
+    extra = tl.sum(b_dkg * b_kg, axis=0) + b_dgl * tl.exp(b_gl)
+    b_dG = tl.where(r64[:, None] == 63, b_dG + extra[None, :], b_dG)
+    tl.store(dG_p + out, b_dG, mask=m_k)
+
+    # Ainv = L^-1  =>  dL = -Ainv^T dAinv Ainv^T ; A_kk = diag(beta) B_kk is the strict lower part
+    b_dL = -tl.dot(tl.dot(tl.trans(b_inv), b_dinv, input_precision=PREC), tl.trans(b_inv), input_precision=PREC)
+    b_dAkk = tl.where(r64[:, None] > r64[None, :], b_dL, 0.)
+    b_bkk = tl.load(Bkk + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_dbeta += tl.sum(b_dAkk * b_bkk, axis=1)
+    tl.store(dbeta + tok, b_dbeta, mask=valid)
+    sq = (cbase + r64)[:, None] * 64 + r64[None, :]
+    tl.store(dBkk + sq, b_dAkk * b_beta[:, None])
+    tl.store(dAqk + sq, tl.where(r64[:, None] >= r64[None, :], b_dA, 0.))
+
+
+@triton.jit
+def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_k = tl.program_id(2)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    r16 = tl.arange(0, 16)
+    valid = r64 < L
+    tok = (bos + r64) * H + i_h
+    cbase = (i_c * H + i_h) * 64
+    dd = i_k * BD + tl.arange(0, BD)
+    dm = dd[None, :] < K
+    b_Ga = tl.load(Gc + (cbase + r64)[:, None] * K + dd[None, :], mask=dm, other=0.)
+    b_qa = tl.load(q + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
+    b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
+    causal = r16[:, None] >= r16[None, :]
+    carry = tl.zeros([BD], dtype=tl.float32)
+    for bb in tl.static_range(4):
+        b = 3 - bb
+        rows = b * 16 + r16
+        m_rows = (rows < L)[:, None] & dm
+        pad_off = (cbase + rows)[:, None] * K + dd[None, :]
+        tok_off = ((bos + rows) * H + i_h)[:, None] * K + dd[None, :]
+        b_G = tl.load(Gc + pad_off, mask=dm, other=0.)
+        b_q = tl.load(q + tok_off, mask=m_rows, other=0.).to(tl.float32)
+        b_k = tl.load(k + tok_off, mask=m_rows, other=0.).to(tl.float32)
+        b_dq = tl.load(dq_p + pad_off, mask=dm, other=0.)
+        b_dk = tl.load(dk_p + pad_off, mask=dm, other=0.)
+        b_dG = tl.load(dG_p + pad_off, mask=dm, other=0.)
+        if b > 0:
+            # this block as rows of A_qk / B_kk against columns < 16 b; reference row 16 b
+            b_gn = tl.load(Gc + (cbase + b * 16) * K + dd, mask=dd < K, other=0.)
+            k_ref = b_ka * tl.exp(tl.where((r64 < b * 16)[:, None], b_gn[None, :] - b_Ga, float('-inf')))
+            e_row = tl.exp(b_G - b_gn[None, :])
+            m_off = (cbase + rows)[:, None] * 64 + r64[None, :]
+            dq_r = tl.dot(tl.load(dAqk + m_off), k_ref, input_precision=PREC) * e_row
+            dk_r = tl.dot(tl.load(dBkk + m_off), k_ref, input_precision=PREC) * e_row
+            b_dq += dq_r
+            b_dk += dk_r
+            b_dG += b_q * dq_r + b_k * dk_r
+        if b < 3:
+            # this block as columns against rows >= 16 (b+1); reference row 16 b + 15
+            b_gm = tl.load(Gc + (cbase + b * 16 + 15) * K + dd, mask=dd < K, other=0.)
+            e_low = tl.exp(tl.where((r64 >= b * 16 + 16)[:, None], b_Ga - b_gm[None, :], float('-inf')))
+            m_off = (cbase + r64)[:, None] * 64 + (b * 16 + r16)[None, :]
+            dk_c = (tl.dot(tl.trans(tl.load(dAqk + m_off)), b_qa * e_low, input_precision=PREC)
+                    + tl.dot(tl.trans(tl.load(dBkk + m_off)), b_ka * e_low, input_precision=PREC))
+            dk_c = dk_c * tl.exp(b_gm[None, :] - b_G)
+            b_dk += dk_c
+            b_dG -= b_k * dk_c
+        # diagonal block, exact elementwise decay
+        d_off = (cbase + rows)[:, None] * 64 + (b * 16 + r16)[None, :]
+        dA_d = tl.load(dAqk + d_off)
+        dB_d = tl.load(dBkk + d_off)
+        ex = tl.exp(tl.where(causal[:, :, None], b_G[:, None, :] - b_G[None, :, :], float('-inf')))
+        kx = b_k[None, :, :] * ex
+        dq_d = tl.sum(dA_d[:, :, None] * kx, axis=1)
+        dkr_d = tl.sum(dB_d[:, :, None] * kx, axis=1)
+        dkc_d = tl.sum((dA_d[:, :, None] * b_q[:, None, :] + dB_d[:, :, None] * b_k[:, None, :]) * ex, axis=0)
+        b_dq += dq_d
+        b_dk += dkr_d + dkc_d
+        b_dG += b_q * dq_d + b_k * (dkr_d - dkc_d)
+        # G_r = sum_{i<=r} g_i  =>  dg_i = sum_{r>=i} dG_r (within the chunk)
+        b_dg = tl.cumsum(b_dG, axis=0, reverse=True) + carry[None, :]
+        carry += tl.sum(b_dG, axis=0)
+        tl.store(dq + tok_off, b_dq, mask=m_rows)
+        tl.store(dk + tok_off, b_dk, mask=m_rows)
+        tl.store(dg + tok_off, b_dg, mask=m_rows)

@@ -1,0 +1,182 @@
+"""Triton forward of chunkwise KDA (SPEC §2.2–2.3), chunk C=64, sub-chunks of 16.
+
+Buffers: inputs/outputs use the token layout [T_total, H, D] (B folded into T, documents
+delimited by cu_seqlens). Per-chunk intermediates use a padded chunk layout
+[NC, H, 64, X] (NC = number of chunks over all documents): rows past a document's end hold
+G = G_last, zeros elsewhere, so later kernels need no row masks on them.
+
+Kernels:
+  kda_fwd_intra   per (chunk, head): chunk-local cumsum of the log-decay -> G; gated products
+                  A_qk (j <= r) and B_kk (j < r, beta not folded); (I + diag(beta) B_kk)^-1;
+                  W = Ainv (beta k e^G), U = Ainv (beta v).
+  kda_fwd_h       per (doc, head, V-block): sequential state pass, fp32 state in registers;
+                  stores the state entering every chunk and v_new = U - W S.
+  kda_fwd_o       per (chunk, head, V-block): o = (q e^G) S + A_qk v_new.
+All exponents are differences G_r - G_j with r >= j, or taken against a reference row n of
+the sub-chunk (G_r - G_n <= 0, G_n - G_j <= 0), so nothing can overflow.
+"""
+import triton
+import triton.language as tl
+
+CHUNK = 64
+SUB = 16
+
+
+@triton.jit
+def _chunk_coords(cu_seqlens, chunk_info, i_c):
+    """(first token, number of valid rows) of global chunk i_c, as int64."""
+    i_n = tl.load(chunk_info + i_c * 2).to(tl.int64)
+    i_cc = tl.load(chunk_info + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_cc * 64
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return bos, tl.minimum(eos - bos, 64)
+
+
+@triton.jit
+def kda_fwd_intra_kernel(q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                         BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    r16 = tl.arange(0, 16)
+    valid = r64 < L
+    tok = (bos + r64) * H + i_h                      # token-layout row index (int64)
+    cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
+
+    # 1) chunk-local inclusive cumsum of the log-decay (fp32); padded rows keep G_last
+    dk = tl.arange(0, BK)
+    m_k = valid[:, None] & (dk[None, :] < K)
+    b_g = tl.load(g + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+    b_G = tl.cumsum(b_g, axis=0)
+    tl.store(Gc + (cbase + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
+    tl.debug_barrier()
+
+    # 2) gated products, one 16-row block at a time, Dk in BD-wide slices
+    c64 = tl.arange(0, 64)
+    causal = r16[:, None] >= r16[None, :]
+    for i in tl.static_range(4):
+        rows = i * 16 + r16
+        acc_qk = tl.zeros([16, 64], dtype=tl.float32)
+        acc_kk = tl.zeros([16, 64], dtype=tl.float32)
+        dg_qk = tl.zeros([16, 16], dtype=tl.float32)
+        dg_kk = tl.zeros([16, 16], dtype=tl.float32)
+        for d0 in tl.static_range(0, BK, BD):
+            dd = d0 + tl.arange(0, BD)
+            dm = dd < K
+            m_i = (rows < L)[:, None] & dm[None, :]
+            b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
+            tok_i = ((bos + rows) * H + i_h)[:, None] * K + dd[None, :]
+            b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
+            b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
+            if i > 0:
+                # off-diagonal blocks against columns < 16 i, reference row n = 16 i
+                b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dm, other=0.)
+                b_Ga = tl.load(Gc + (cbase + c64)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
+                b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm[None, :],
+                               other=0.).to(tl.float32)
+                left = (c64 < i * 16)[:, None]
+                b_kref = b_ka * tl.exp(tl.where(left, b_gn[None, :] - b_Ga, float('-inf')))
+                e_row = tl.exp(b_Gi - b_gn[None, :])
+                acc_qk += tl.dot(b_qi * e_row, tl.trans(b_kref), input_precision=PREC)
+                acc_kk += tl.dot(b_ki * e_row, tl.trans(b_kref), input_precision=PREC)
+            # diagonal block, exact: exp(G_r - G_c) for r >= c only
+            ex = tl.exp(tl.where(causal[:, :, None], b_Gi[:, None, :] - b_Gi[None, :, :], float('-inf')))
+            kx = b_ki[None, :, :] * ex
+            dg_qk += tl.sum(b_qi[:, None, :] * kx, axis=2)
+            dg_kk += tl.sum(b_ki[:, None, :] * kx, axis=2)
+        off = (cbase + rows)[:, None] * 64
+        outside = (c64[None, :] < i * 16) | (c64[None, :] >= i * 16 + 16)
+        tl.store(Aqk + off + c64[None, :], acc_qk, mask=outside)
+        tl.store(Bkk + off + c64[None, :], acc_kk, mask=outside)
+        tl.store(Aqk + off + i * 16 + r16[None, :], dg_qk)
+        tl.store(Bkk + off + i * 16 + r16[None, :], tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
+    tl.debug_barrier()
+
+    # 3) (I + diag(beta) B_kk)^-1 by forward substitution, one row at a time
+    b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
+    b_inv = tl.where(r64[:, None] == c64[None, :], 1., 0.)
+    for r in range(1, 64):
+        b_beta_r = tl.load(beta + (bos + r) * H + i_h, mask=r < L, other=0.).to(tl.float32)
+        a_r = tl.load(Bkk + (cbase + r) * 64 + c64) * b_beta_r
+        new_row = tl.where(c64 == r, 1., 0.) - tl.sum(a_r[:, None] * b_inv, axis=0)
+        b_inv = tl.where(r64[:, None] == r, new_row[None, :], b_inv)
+    tl.store(Ainv + (cbase + r64)[:, None] * 64 + c64[None, :], b_inv)
+
+    # 4) W = Ainv (beta k e^G), U = Ainv (beta v)
+    b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+    b_x = b_k * tl.exp(b_G) * b_beta[:, None]
+    b_w = tl.dot(b_inv, b_x, input_precision=PREC)
+    tl.store(W + (cbase + r64)[:, None] * K + dk[None, :], b_w, mask=dk[None, :] < K)
+    for v0 in tl.static_range(0, V, BV):
+        dv = v0 + tl.arange(0, BV)
+        m_v = valid[:, None] & (dv[None, :] < V)
+        b_v = tl.load(v + tok[:, None] * V + dv[None, :], mask=m_v, other=0.).to(tl.float32)
+        b_u = tl.dot(b_inv, b_v * b_beta[:, None], input_precision=PREC)
+        tl.store(U + (cbase + r64)[:, None] * V + dv[None, :], b_u, mask=dv[None, :] < V)
+
+
+@triton.jit
+def kda_fwd_h_kernel(k, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                     PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, 64)
+    r64 = tl.arange(0, 64)
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    m_kv = (dk[:, None] < K) & (dv[None, :] < V)
+    state_off = dk[:, None] * V + dv[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + (i_n * H + i_h) * K * V + state_off, mask=m_kv, other=0.)
+    for c in range(0, n_chunks):
+        i_c = c_first + c
+        cbase = (i_c * H + i_h) * 64
+        t0 = bos + c * 64
+        valid = r64 < eos - t0
+        tl.store(h + (i_c * H + i_h) * K * V + state_off, b_h, mask=m_kv)
+        b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
+        b_u = tl.load(U + (cbase + r64)[:, None] * V + dv[None, :], mask=dv[None, :] < V, other=0.)
+        b_vn = b_u - tl.dot(b_w, b_h, input_precision=PREC)
+        tl.store(Vn + (cbase + r64)[:, None] * V + dv[None, :], b_vn, mask=dv[None, :] < V)
+        b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
+        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        b_k = tl.load(k + ((t0 + r64) * H + i_h)[:, None] * K + dk[None, :],
+                      mask=valid[:, None] & (dk[None, :] < K), other=0.).to(tl.float32)
+        b_kg = b_k * tl.exp(b_gl[None, :] - b_G)
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_vn, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h) * K * V + state_off, b_h, mask=m_kv)
+
+
+@triton.jit
+def kda_fwd_o_kernel(q, Gc, Aqk, Vn, h, o, cu_seqlens, chunk_info,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    valid = r64 < L
+    tok = (bos + r64) * H + i_h
+    cbase = (i_c * H + i_h) * 64
+    dk = tl.arange(0, BK)
+    dv = i_v * BV + tl.arange(0, BV)
+    b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & (dk[None, :] < K),
+                  other=0.).to(tl.float32)
+    b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
+    b_h = tl.load(h + (i_c * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
+                  mask=(dk[:, None] < K) & (dv[None, :] < V), other=0.)
+    b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dv[None, :], mask=dv[None, :] < V, other=0.)
+    b_o = tl.dot(b_q * tl.exp(b_G), b_h, input_precision=PREC) + tl.dot(b_a, b_vn, input_precision=PREC)
+    tl.store(o + tok[:, None] * V + dv[None, :], b_o, mask=valid[:, None] & (dv[None, :] < V))
