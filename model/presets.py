@@ -14,9 +14,19 @@ hybrid ("GGGA") or Kimi Linear ("KKKA") with everything else identical.
 
 from __future__ import annotations
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, expand_pattern
 
-KIMI_48B_PATTERN = "KKKA" * 6 + "KKA"  # MLA at 0-based layers 3, 7, ..., 23 and 26
+
+
+def hybrid_pattern(num_layers: int, linear: str = "K", ratio: int = 3) -> str:
+    """``ratio`` linear layers then one MLA, repeated; a shorter last block still ends with MLA
+    (the released 27-layer model is KKKA x 6 + KKA)."""
+    block = linear * ratio + "A"
+    full, rest = divmod(num_layers, len(block))
+    return block * full + (linear * (rest - 1) + "A" if rest else "")
+
+
+KIMI_48B_PATTERN = hybrid_pattern(27)  # MLA at 0-based layers 3, 7, ..., 23 and 26
 
 
 def _tiny() -> ModelConfig:
@@ -57,11 +67,11 @@ def _kimi_48b() -> ModelConfig:
 # (heads, layers, hidden, moe_intermediate_size) per activated size of SPEC 5.2; the expert width
 # is the one that brings the activated parameters without embeddings to the paper's number.
 _SCALING = {
-    "scaling-653m": (16, 16, 1216, 960),
-    "scaling-878m": (18, 18, 1376, 1024),
-    "scaling-1.1b": (20, 20, 1536, 1088),
-    "scaling-1.4b": (22, 22, 1632, 1216),
-    "scaling-1.7b": (24, 24, 1776, 1280),
+    "scaling-653m": (16, 16, 1216, 960),  # 657.9M activated without embeddings
+    "scaling-878m": (18, 18, 1376, 992),  # 884.0M
+    "scaling-1.1b": (20, 20, 1536, 960),  # 1,106.0M
+    "scaling-1.4b": (22, 22, 1632, 1024),  # 1,387.2M
+    "scaling-1.7b": (24, 24, 1776, 1024),  # 1,693.4M
 }
 
 
@@ -72,7 +82,7 @@ def _scaling(name: str) -> ModelConfig:
         vocab_size=32768,
         hidden_size=hidden,
         num_layers=layers,
-        layer_pattern="KKKA",
+        layer_pattern=hybrid_pattern(layers),
         kda_num_heads=heads,
         kda_head_dim=128,
         num_attention_heads=heads,
@@ -103,5 +113,23 @@ def get_preset(name: str) -> ModelConfig:
 
 
 def with_pattern(config: ModelConfig, pattern: str) -> ModelConfig:
-    """The same model with another layer pattern (the fair-comparison arms)."""
+    """The same model with another layer pattern."""
     return config.replace(layer_pattern=pattern, name=f"{config.name}[{pattern}]").validate()
+
+
+ARMS = ("mla", "gdn-h", "kimi-linear")
+
+
+def as_arm(config: ModelConfig, arm: str) -> ModelConfig:
+    """The paper's identical-recipe arms: all-MLA, GDN hybrid (every KDA layer a GDN layer) and
+    Kimi Linear (every GDN layer a KDA layer); MLA layers stay where they are."""
+    expanded = expand_pattern(config.layer_pattern, config.num_layers)
+    if arm == "mla":
+        pattern = "A"
+    elif arm == "gdn-h":
+        pattern = expanded.replace("K", "G")
+    elif arm == "kimi-linear":
+        pattern = expanded.replace("G", "K")
+    else:
+        raise ConfigError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    return config.replace(layer_pattern=pattern, name=f"{config.name}:{arm}").validate()
