@@ -4,8 +4,6 @@ The L2 norm of q/k, the scale and the gate activation are applied here with PyTo
 (autograd carries their gradients); the Triton autograd.Function takes the normalised,
 scaled q, normalised k, v, the per-channel log-decay g (fp32), beta and the initial state.
 """
-import os
-
 import torch
 import triton
 
@@ -15,11 +13,6 @@ from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fw
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
 
 CHUNK = 64
-
-
-def triton_enabled(x: torch.Tensor) -> bool:
-    """Triton on CUDA tensors; under TRITON_INTERPRET=1 also on CPU tensors (tests)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor):
@@ -126,11 +119,17 @@ class ChunkKDAFunction(torch.autograd.Function):
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               cu_seqlens=None, use_qk_l2norm=True, gate=None):
-    """Chunkwise KDA; see kernels/kda/__init__.py for the argument contract."""
-    if not triton_enabled(q):
-        return chunk_kda_reference(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                   use_qk_l2norm=use_qk_l2norm, gate=gate)
+    """Chunkwise KDA; see kernels/kda/__init__.py for the argument contract.
+    CUDA tensors: Triton kernels; CPU tensors: the PyTorch chunk reference."""
+    fn = chunk_kda_triton if q.is_cuda else chunk_kda_reference
+    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+              use_qk_l2norm=use_qk_l2norm, gate=gate)
+
+
+def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, use_qk_l2norm=True, gate=None):
+    """The Triton path on any device (CPU tensors need TRITON_INTERPRET=1)."""
     _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale

@@ -1,0 +1,150 @@
+"""Triton chunk_kda (forward and every gradient) against the fp64 token recurrence.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) in fp32.
+On a GPU the same cases run in fp32 and bf16; in bf16 the error is also compared with
+flash-linear-attention's chunk_kda on the same inputs when fla is importable.
+"""
+import pytest
+import torch
+
+from kernels.kda import recurrent_kda_reference
+from kernels.kda.chunk import ChunkKDAFunction, chunk_kda, chunk_kda_triton
+from kernels.kda.naive import kda_log_decay
+from tests.kernels.test_kda_reference import CASES, _case
+from tests.kernels.utils import HAS_CUDA, assert_close, rel_rms, run_with_grads
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+# fp32 tolerances (relative RMS vs the fp64 recurrence). The gate-parameter gradients are
+# sums over all tokens of terms that largely cancel, so they carry more fp32 rounding.
+TOL_FP32 = {"o": 2e-5, "final_state": 2e-5, "dA_log": 2e-3, "ddt_bias": 5e-4}
+TOL_FP32_GRAD = 1e-4
+# bf16: absolute cap when FLA is not there to compare with
+TOL_BF16 = 3e-2
+
+
+def _on(inputs, device, dtype=None):
+    out = {}
+    for key, x in inputs.items():
+        if key == "gate":
+            out[key] = None if x is None else [x[0].to(device), x[1].to(device), x[2]]
+        elif x is None:
+            out[key] = None
+        else:
+            cast = dtype if (dtype is not None and key in ("q", "k", "v")) else None
+            out[key] = x.to(device=device, dtype=cast) if cast else x.to(device)
+    return out
+
+
+def _errors(name, dtype, device):
+    inputs, cu = _case(name)
+    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
+    dev_inputs = _on(inputs, device, dtype)
+    cu_dev = None if cu is None else cu.to(device)
+    o, s, grads = run_with_grads(chunk_kda_triton, dev_inputs, cu_dev)
+    assert o.dtype == (dtype or torch.float32) and s.dtype == torch.float32
+    errs = {"o": (o, ref[0]), "final_state": (s, ref[1])}
+    errs.update({f"d{k}": (grads[k], ref[2][k]) for k in grads})
+    return errs, inputs, cu
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunk_kda_triton_fp32(name):
+    errs, _, _ = _errors(name, torch.float32, DEVICE)
+    for key, (actual, expected) in errs.items():
+        tol = TOL_FP32.get(key, TOL_FP32_GRAD)
+        assert_close(key, actual, expected, tol)
+
+
+@gpu
+@pytest.mark.gpu
+def test_chunk_kda_uses_triton_on_cuda():
+    """chunk_kda (the model's entry point) must take the Triton path on CUDA tensors."""
+    inputs, _ = _case("basic_T150")
+    calls = []
+    orig = ChunkKDAFunction.forward
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return orig(*args, **kw)
+
+    ChunkKDAFunction.forward = staticmethod(spy)
+    try:
+        chunk_kda(**_on(inputs, "cuda"))
+    finally:
+        ChunkKDAFunction.forward = staticmethod(orig)
+    assert calls
+
+
+def _fla_errors(name, inputs, cu):
+    """Errors of FLA's chunk_kda (bf16) vs the same fp64 reference, or None if unavailable."""
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+    except Exception:
+        return None
+    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
+    dev = _on(inputs, "cuda", torch.bfloat16)
+    leaves = {k: dev[k].detach().clone().requires_grad_(True) for k in ("q", "k", "v", "beta")}
+    g = dev["g"].detach().clone().requires_grad_(True)
+    h0 = dev["initial_state"].detach().clone().requires_grad_(True)
+    gate = dev["gate"]
+    glog = kda_log_decay(g, gate)
+    if glog.dim() == 3:
+        glog = glog.unsqueeze(-1).expand(*glog.shape, inputs["q"].shape[-1])
+    o, s = fla_chunk_kda(leaves["q"], leaves["k"], leaves["v"], glog.contiguous(), leaves["beta"],
+                         initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                         cu_seqlens=None if cu is None else cu.cuda().long())
+    out = {"o": rel_rms(o, ref[0]), "final_state": rel_rms(s, ref[1])}
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(s.shape, generator=gen, dtype=torch.float64)
+    try:
+        ((o.double() * do.cuda()).sum() + (s.double() * dht.cuda()).sum()).backward()
+    except Exception as exc:  # FLA refuses its backward on Triton < 3.7.1 on Hopper (fla#640)
+        out["backward"] = f"refused: {type(exc).__name__}"
+        return out
+    for key in ("q", "k", "v", "beta"):
+        out[f"d{key}"] = rel_rms(leaves[key].grad, ref[2][key])
+    if gate is None:
+        out["dg"] = rel_rms(g.grad, ref[2]["g"])
+    out["dinitial_state"] = rel_rms(h0.grad, ref[2]["initial_state"])
+    return out
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunk_kda_triton_bf16(name):
+    errs, inputs, cu = _errors(name, torch.bfloat16, "cuda")
+    fla = _fla_errors(name, inputs, cu)
+    for key, (actual, expected) in errs.items():
+        err = rel_rms(actual, expected)
+        limit = TOL_BF16
+        if fla is not None and isinstance(fla.get(key), float):
+            limit = max(1.25 * fla[key], 2e-3)   # no worse than FLA (25% noise margin)
+        assert err <= limit, f"{key}: {err:.3e} > {limit:.3e} (fla: {fla and fla.get(key)})"
+
+
+@gpu
+@pytest.mark.gpu
+def test_chunk_kda_int64_addressing():
+    """T*H*D > 2^31: forward on a long varlen batch; the last document (offsets past 2^31
+    elements) is checked against the recurrence."""
+    H, D, Dv, tail = 2, 128, 64, 200
+    T = (2 ** 31) // (H * D) + 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, T, H, Dv, device="cuda", dtype=torch.bfloat16, generator=gen)
+    g = -torch.rand(1, T, H, D, device="cuda", generator=gen)
+    beta = torch.rand(1, T, H, device="cuda", generator=gen).to(torch.bfloat16)
+    cu = torch.tensor([0, T - tail, T], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        o, s = chunk_kda(q, k, v, g, beta, cu_seqlens=cu, output_final_state=True)
+    sl = slice(T - tail, T)
+    o_ref, s_ref = recurrent_kda_reference(q[:, sl].cpu().float(), k[:, sl].cpu().float(),
+                                           v[:, sl].cpu().float(), g[:, sl].cpu(),
+                                           beta[:, sl].cpu().float(), output_final_state=True)
+    assert rel_rms(o[:, sl], o_ref) < TOL_BF16
+    assert rel_rms(s[1:], s_ref) < TOL_BF16
