@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,23 @@ _DTYPE_BY_CODE = {
 
 class CorruptIndexedFileError(ValueError):
     """A .bin/.idx pair that is truncated, mismatched or not in Megatron's format."""
+
+
+def megatron_indexed_dataset():
+    """megatron.core.datasets.indexed_dataset, imported quietly (its package import warns about
+    optional GPU libraries that token files never need)."""
+    import logging
+
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import indexed_dataset
+    finally:
+        torch_logger.setLevel(level)
+    return indexed_dataset
 
 
 def token_dtype_for_vocab(vocab_size: int) -> type[np.integer]:
@@ -75,8 +93,7 @@ class AtomicShardWriter:
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: type[np.integer]):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+        IndexedDatasetBuilder = megatron_indexed_dataset().IndexedDatasetBuilder
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype).type
         self._tmp_bin = Path(str(bin_path(prefix)) + ".tmp")
@@ -195,11 +212,12 @@ class TokenShard:
         itemsize = np.dtype(header.dtype).itemsize
         bin_bytes = bpath.stat().st_size
 
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+        IndexedDataset = megatron_indexed_dataset().IndexedDataset
         if header.sequence_count == 0 or bin_bytes == 0:
             raise CorruptIndexedFileError(f"{bpath} holds no tokens; prepare it again with data.")
-        index = IndexedDataset(self.prefix, mmap=False).index  # parses .idx only
+        with warnings.catch_warnings():  # megatron warns that no distributed rank is set
+            warnings.simplefilter("ignore")
+            index = IndexedDataset(self.prefix, mmap=False).index  # parses .idx only
         # copies: megatron closes the index mmap when its reader is collected
         lengths = np.array(index.sequence_lengths, dtype=np.int64)
         pointers = np.array(index.sequence_pointers, dtype=np.int64)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.indexed import AtomicShardWriter, bin_path, idx_path, token_dtype_for_vocab
+from data.indexed import (AtomicShardWriter, bin_path, idx_path, megatron_indexed_dataset,
+                          token_dtype_for_vocab)
 from data.readers import Record, describe_sources, expand_inputs, iter_records
 from data.tokenizer import BatchEncoder, eos_token_id, load_tokenizer, tokenizer_summary
 
@@ -213,6 +214,7 @@ def tokenize_to_shards(
             elif index >= skip:
                 yield index, record
 
+    megatron_indexed_dataset()  # import before the progress bar starts (a few seconds)
     workers = (os.cpu_count() or 1) if workers is None else workers
     pool = None
     if workers > 1:
