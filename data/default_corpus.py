@@ -189,10 +189,11 @@ def ensure_default_dataset(cache_dir: str | os.PathLike | None = None,
     with open(cache / ".default-corpus.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then reuse its result
         if info_path.exists():
-            dataset = DefaultDataset(**json.loads(info_path.read_text()))
+            saved = DefaultDataset(**json.loads(info_path.read_text()))
+            dataset = _relocate(saved, Path(saved.root), final)  # the cache may have moved
             if all(Path(p + ".bin").exists() and Path(p + ".idx").exists()
                    for p in dataset.train_prefixes + dataset.valid_prefixes):
-                return _relocate(dataset, Path(dataset.root), final)
+                return dataset
             shutil.rmtree(final)  # damaged cache: rebuild
         if progress:
             print(f"building the default corpus and tokenizer in {final} ...", file=sys.stderr)
