@@ -35,13 +35,19 @@ def _meta(K, V, dtype):
     return BK, BV, prec
 
 
+# Launch shapes chosen from the Hopper register/shared-memory report of an AOT compile
+# (docs/kda_kernels.md): the sequential kernels are not software-pipelined (num_stages=1),
+# which keeps their shared memory under the 227 KiB limit at BK=128.
+BV_SEQ = 32      # V-block of the sequential state passes
+BD = 16          # Dk slice of the 3-D diagonal-block products
+
+
 def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     """q, k, v, g, beta in token layout [T, H, D]; returns o, final state and saved buffers."""
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
     BK, BV, prec = _meta(K, V, q.dtype)
-    BD = min(BK, 32)
     f32 = dict(dtype=torch.float32, device=q.device)
     Gc = torch.empty(NC, H, 64, K, **f32)
     Aqk, Bkk, Ainv = (torch.empty(NC, H, 64, 64, **f32) for _ in range(3))
@@ -50,13 +56,15 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     h = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if want_ht else None
     kda_fwd_intra_kernel[(NC, H)](q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, cu, info,
-                                  H=H, K=K, V=V, BK=BK, BD=BD, BV=BV, PREC=prec, num_warps=4)
-    NV = triton.cdiv(V, BV)
-    kda_fwd_h_kernel[(NV, N, H)](k, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV,
-                                 HAS_H0=h0 is not None, STORE_HT=want_ht, PREC=prec, num_warps=4)
+                                  H=H, K=K, V=V, BK=BK, BD=min(BD, BK), BV=BV, PREC=prec,
+                                  num_warps=8, num_stages=1)
+    BVs = min(BV, BV_SEQ)
+    kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](k, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
+                                                  BK=BK, BV=BVs, HAS_H0=h0 is not None,
+                                                  STORE_HT=want_ht, PREC=prec, num_warps=4, num_stages=1)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    kda_fwd_o_kernel[(NC, H, NV)](q, Gc, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK, BV=BV,
-                                  PREC=prec, num_warps=4)
+    kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](q, Gc, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
+                                                  BV=BV, PREC=prec, num_warps=4, num_stages=1)
     return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h)
 
 
@@ -66,28 +74,29 @@ def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
     V = v.shape[-1]
     N = cu.numel() - 1
     BK, BV, prec = _meta(K, V, q.dtype)
-    BD = min(BK, 32)
-    NV = triton.cdiv(V, BV)
+    BVs = min(BV, BV_SEQ)
     f32 = dict(dtype=torch.float32, device=q.device)
     dh = torch.empty(NC, H, K, V, **f32)
     dVn = torch.empty(NC, H, 64, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
-    kda_bwd_dh_kernel[(NV, N, H)](q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets, H=H, K=K, V=V,
-                                  BK=BK, BV=BV, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
-                                  PREC=prec, num_warps=4)
+    kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
+                                                   H=H, K=K, V=V, BK=BK, BV=BVs, HAS_DHT=dht is not None,
+                                                   HAS_H0=h0 is not None, PREC=prec, num_warps=8,
+                                                   num_stages=1)
     dAqk, dBkk = (torch.empty(NC, H, 64, 64, **f32) for _ in range(2))
     dq_p, dk_p, dG_p = (torch.empty(NC, H, 64, K, **f32) for _ in range(3))
     dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
     dbeta = torch.empty(T, H, **f32)
     kda_bwd_chunk_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
                                   dAqk, dBkk, dq_p, dk_p, dG_p, dv, dbeta, cu, info,
-                                  H=H, K=K, V=V, BK=BK, BV=BV, PREC=prec, num_warps=8)
+                                  H=H, K=K, V=V, BK=BK, BV=BVs, PREC=prec, num_warps=8, num_stages=1)
     dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
     dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
     dg = torch.empty(T, H, K, **f32)
-    kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BD))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
-                                                       dq, dk, dg, cu, info, H=H, K=K, BD=BD,
-                                                       PREC=prec, num_warps=4)
+    BDi = min(32, BK)
+    kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BDi))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
+                                                        dq, dk, dg, cu, info, H=H, K=K, BD=BDi,
+                                                        PREC=prec, num_warps=8, num_stages=1)
     return dq, dk, dv, dg, dbeta, dh0
 
 

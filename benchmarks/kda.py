@@ -1,0 +1,149 @@
+"""Benchmark chunk_kda (ours) vs flash-linear-attention's chunk_kda vs causal SDPA (flash).
+
+Forward and forward+backward, bf16, H=16, D=128 at B8*T4096, B1*T32768, B2*T65536 by default.
+Prints a table (ms, tokens/s, TFLOP/s by SPEC §2.9, peak memory, ratio to FLA) and writes JSON.
+
+  python benchmarks/kda.py [--shapes 8x4096,1x32768] [--out $OUT/kda_bench.json]
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.kda import chunk_kda  # noqa: E402
+
+CHUNK = 64
+
+
+def kda_flops(B, T, H, D):
+    """SPEC §2.9 ([TR] Eq. 13) per head: 6 T d^2 + 3 T C d + T C^2 (forward)."""
+    return B * H * (6 * T * D * D + 3 * T * CHUNK * D + T * CHUNK * CHUNK)
+
+
+def attn_flops(B, T, H, D):
+    """Causal attention forward: two T x T x D matmuls, half masked."""
+    return B * H * 2 * T * T * D
+
+
+def make_inputs(B, T, H, D, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(0)
+    bf = dict(device=device, dtype=torch.bfloat16)
+    q = torch.randn(B, T, H, D, generator=gen, **bf)
+    k = torch.randn(B, T, H, D, generator=gen, **bf)
+    v = torch.randn(B, T, H, D, generator=gen, **bf)
+    # log-decay like the model's gate: -exp(A_log) * softplus(raw + dt_bias), fp32
+    raw = torch.randn(B, T, H, D, generator=gen, device=device)
+    A = torch.log(torch.empty(H, device=device).uniform_(1, 16, generator=gen))
+    g = -A.exp()[:, None] * torch.nn.functional.softplus(raw - 4.0)
+    beta = torch.rand(B, T, H, generator=gen, **bf)
+    return [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+
+def bench(fn, rep=200):
+    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def peak_mem(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+
+
+def fwd_bwd_fns(op, inputs):
+    def fwd():
+        with torch.no_grad():
+            return op(*inputs)
+
+    out = op(*inputs)
+    do = torch.randn_like(out)
+
+    def fwd_bwd():
+        o = op(*inputs)
+        return torch.autograd.grad(o, [x for x in inputs if x.requires_grad], do)
+    return fwd, fwd_bwd
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8x4096,1x32768,2x65536")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kda_bench.json"))
+    args = ap.parse_args()
+    H, D = args.heads, args.dim
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+        import fla
+        fla_version = getattr(fla, "__version__", "?")
+    except Exception as exc:  # pragma: no cover
+        fla_chunk_kda, fla_version = None, f"unavailable ({exc})"
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               fla=fla_version)
+    print(env)
+    rows = []
+    for shape in args.shapes.split(","):
+        B, T = map(int, shape.split("x"))
+        q, k, v, g, beta = make_inputs(B, T, H, D)
+        ops = {
+            "ours": lambda q, k, v, g, beta: chunk_kda(q, k, v, g, beta)[0],
+            "sdpa_flash": lambda q, k, v, g, beta: torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
+        }
+        if fla_chunk_kda is not None:
+            ops["fla"] = lambda q, k, v, g, beta: fla_chunk_kda(q, k, v, g, beta,
+                                                                use_qk_l2norm_in_kernel=True)[0]
+        for name, op in ops.items():
+            inputs = [q, k, v] if name == "sdpa_flash" else [q, k, v, g, beta]
+            call = (lambda op: (lambda *a: op(*a, g, beta)))(op) if name == "sdpa_flash" else op
+            flops = attn_flops(B, T, H, D) if name == "sdpa_flash" else kda_flops(B, T, H, D)
+            fwd, fwd_bwd = fwd_bwd_fns(call, inputs)
+            row = dict(name=name, B=B, T=T, H=H, D=D)
+            row["fwd_ms"] = bench(fwd)
+            row["fwd_mem_gib"] = peak_mem(fwd)
+            try:
+                row["fwdbwd_ms"] = bench(fwd_bwd)
+                row["fwdbwd_mem_gib"] = peak_mem(fwd_bwd)
+            except Exception as exc:  # FLA refuses its backward on Triton < 3.7.1 on Hopper
+                row["fwdbwd_ms"] = None
+                row["fwdbwd_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+            if row["fwdbwd_ms"]:
+                row["fwdbwd_tflops"] = 3 * flops / row["fwdbwd_ms"] / 1e9
+                row["fwdbwd_tok_s"] = B * T / row["fwdbwd_ms"] * 1e3
+            row["fwd_tok_s"] = B * T / row["fwd_ms"] * 1e3
+            rows.append(row)
+            torch.cuda.empty_cache()
+        del q, k, v, g, beta
+    # ratios to FLA
+    for r in rows:
+        f = next((x for x in rows if x["name"] == "fla" and x["B"] == r["B"] and x["T"] == r["T"]), None)
+        if f is not None:
+            r["fwd_speedup_vs_fla"] = f["fwd_ms"] / r["fwd_ms"]
+            if f.get("fwdbwd_ms") and r.get("fwdbwd_ms"):
+                r["fwdbwd_speedup_vs_fla"] = f["fwdbwd_ms"] / r["fwdbwd_ms"]
+    hdr = f"{'op':11s} {'shape':>10s} {'fwd ms':>8s} {'fwd TF/s':>8s} {'f+b ms':>8s} {'f+b TF/s':>8s} " \
+          f"{'Mtok/s f+b':>10s} {'mem GiB':>7s} {'xFLA fwd':>8s} {'xFLA f+b':>8s}"
+    print(hdr)
+    fmt = lambda x, f=".2f": "-" if x is None else format(x, f)
+    for r in rows:
+        print(f"{r['name']:11s} {str(r['B']) + 'x' + str(r['T']):>10s} {fmt(r['fwd_ms']):>8s} "
+              f"{fmt(r['fwd_tflops'], '.1f'):>8s} {fmt(r.get('fwdbwd_ms')):>8s} "
+              f"{fmt(r.get('fwdbwd_tflops'), '.1f'):>8s} {fmt(r.get('fwdbwd_tok_s') and r['fwdbwd_tok_s'] / 1e6):>10s} "
+              f"{fmt(r.get('fwdbwd_mem_gib', r['fwd_mem_gib'])):>7s} {fmt(r.get('fwd_speedup_vs_fla')):>8s} "
+              f"{fmt(r.get('fwdbwd_speedup_vs_fla')):>8s}")
+        if r.get("fwdbwd_error"):
+            print(f"    backward not run: {r['fwdbwd_error']}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
