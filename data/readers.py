@@ -71,6 +71,8 @@ def expand_inputs(inputs: list[str], input_format: str | None = None) -> list[In
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if (path / "state.json").exists() and any(f.suffix == ".arrow" for f in files):
+                files = [f for f in files if f.suffix == ".arrow"]  # a Dataset.save_to_disk folder
         elif path.is_file():
             files = [path]
         elif any(ch in item for ch in "*?["):

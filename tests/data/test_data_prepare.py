@@ -59,7 +59,7 @@ def test_jsonl_xz_with_malformed_records(tmp_path, default_dataset):
                        workers=1, progress=False, strict=True)
 
 
-def test_parquet_and_text_folder(tmp_path, default_dataset):
+def test_parquet_arrow_and_text_folder(tmp_path, default_dataset):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -72,6 +72,15 @@ def test_parquet_and_text_folder(tmp_path, default_dataset):
     tokenizer = load_tokenizer(default_dataset.tokenizer_dir)
     _, docs = _tokens_of(tmp_path / "pq")
     assert [tokenizer.decode(d[:-1]) for d in docs] == TEXTS[:10]
+
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS[10:13]}).save_to_disk(str(tmp_path / "saved"))
+    manifest = prepare_corpus([str(tmp_path / "saved")], tmp_path / "arrow",
+                              default_dataset.tokenizer_dir, workers=1, progress=False)
+    _, docs = _tokens_of(tmp_path / "arrow")
+    assert manifest["config"]["sources"][0]["format"] == "arrow"
+    assert [tokenizer.decode(d[:-1]) for d in docs] == TEXTS[10:13]
 
     folder = tmp_path / "books"
     (folder / "sub").mkdir(parents=True)
