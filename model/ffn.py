@@ -31,6 +31,25 @@ def megatron_config(
 ) -> TransformerConfig:
     moe = config.num_experts > 0 and "moe" in config.ffn_types
     grouped = config.num_expert_group > 1
+    moe_fields = dict(
+        num_moe_experts=config.num_experts,
+        moe_router_topk=config.num_experts_per_token,
+        moe_ffn_hidden_size=config.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(
+            config.moe_intermediate_size * config.num_shared_experts if config.num_shared_experts else None
+        ),
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=config.router_bias_update_rate,
+        moe_router_topk_scaling_factor=config.routed_scaling_factor,
+        moe_router_num_groups=config.num_expert_group if grouped else None,
+        moe_router_group_topk=config.topk_group if grouped else None,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=token_dispatcher,
+        moe_grouped_gemm=False,
+    ) if moe else {}
     return TransformerConfig(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
@@ -48,27 +67,11 @@ def megatron_config(
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=bf16,
-        # full weights generated on the CPU and sliced: the same model at every parallel layout
+        # full weights drawn on the CPU generator and sliced: initialisation independent of the device
         use_cpu_initialization=True,
         perform_initialization=initialize_weights,
         gradient_accumulation_fusion=False,
-        num_moe_experts=config.num_experts if moe else None,
-        moe_router_topk=config.num_experts_per_token,
-        moe_ffn_hidden_size=config.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=(
-            config.moe_intermediate_size * config.num_shared_experts if config.num_shared_experts else None
-        ),
-        moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=config.router_bias_update_rate,
-        moe_router_topk_scaling_factor=config.routed_scaling_factor,
-        moe_router_num_groups=config.num_expert_group if grouped else None,
-        moe_router_group_topk=config.topk_group if grouped else None,
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32",
-        moe_token_dispatcher_type=token_dispatcher,
-        moe_grouped_gemm=False,
+        **moe_fields,
     )
 
 

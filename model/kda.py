@@ -55,13 +55,13 @@ class KimiDeltaAttention(MegatronModule):
         self.q_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
         self.k_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
         self.v_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
-        self.f_a_proj = tp.replicated_linear(hidden, dim, std)
+        self.f_a_proj = tp.replicated_linear(hidden, dim, std, tconfig)
         self.f_b_proj = tp.column(dim, decay_size, tconfig, std)
         a_log, dt_bias = init_decay_parameters(heads, decay_size)
         self.A_log = tp.sharded_parameter(a_log)
         self.dt_bias = tp.sharded_parameter(dt_bias)
         self.b_proj = tp.column(hidden, heads, tconfig, std)
-        self.g_a_proj = tp.replicated_linear(hidden, dim, std)
+        self.g_a_proj = tp.replicated_linear(hidden, dim, std, tconfig)
         self.g_b_proj = tp.column(dim, heads * dim, tconfig, std)
         self.o_norm_weight = nn.Parameter(torch.ones(dim))
         self.o_proj = tp.row(heads * dim, hidden, tconfig, std)
@@ -73,29 +73,31 @@ class KimiDeltaAttention(MegatronModule):
         return x.view(1, x.shape[0], self.local_heads, -1)
 
     def forward(self, hidden: torch.Tensor, packed: PackedSequence, initial_state=None, output_final_state=False):
-        """hidden: [T, 1, hidden] (the packed stream). Returns [T, 1, hidden] (and the final states)."""
+        """hidden: [T, 1, hidden] (the packed stream; [T/TP, 1, hidden] under sequence parallelism,
+        the column-parallel projections gather the tokens). Returns the same shape."""
         x = hidden.squeeze(1)
+        t = packed.num_tokens
         position = packed.position_in_document
         q = F.silu(causal_depthwise_conv(self.q_proj(x)[0], self.q_conv1d, position))
         k = F.silu(causal_depthwise_conv(self.k_proj(x)[0], self.k_conv1d, position))
         v = F.silu(causal_depthwise_conv(self.v_proj(x)[0], self.v_conv1d, position))
         raw_gate = self.f_b_proj(self.f_a_proj(x))[0]
         beta = torch.sigmoid(self.b_proj(x)[0].float())
-        g = raw_gate.view(1, x.shape[0], self.local_heads, -1)
+        g = raw_gate.view(1, t, self.local_heads, -1)
         if not self.per_channel_decay:
             g = g.squeeze(-1)  # one decay per head: [1, T, H]
         out, final_state = chunk_kda(
-            self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, x.shape[0], self.local_heads),
+            self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, t, self.local_heads),
             initial_state=initial_state,
             output_final_state=output_final_state,
             cu_seqlens=packed.cu_seqlens,
             use_qk_l2norm=True,
             gate=(self.A_log, self.dt_bias, self.lower_bound),
         )
-        out_gate = self.g_b_proj(self.g_a_proj(x))[0].view(x.shape[0], self.local_heads, self.head_dim)
+        out_gate = self.g_b_proj(self.g_a_proj(x))[0].view(t, self.local_heads, self.head_dim)
         norm_weight = tp.reduce_grad_over_tp(self.o_norm_weight)
         y = gated_rms_norm(out.squeeze(0), out_gate, norm_weight, self.eps)
-        y = self.o_proj(y.reshape(x.shape[0], -1))[0]
+        y = self.o_proj(y.reshape(t, -1))[0]
         y = y.unsqueeze(1)
         return (y, final_state) if output_final_state else y
 

@@ -56,18 +56,19 @@ class MultiLatentAttention(MegatronModule):
         self.scale = (self.nope + self.rope) ** -0.5
 
         self.q_proj = tp.column(hidden, heads * (self.nope + self.rope), tconfig, std)
-        self.kv_a_proj_with_mqa = tp.replicated_linear(hidden, self.kv_lora_rank + self.rope, std)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.kv_norm_eps)
+        self.sequence_parallel = bool(tconfig.sequence_parallel)
+        self.kv_a_proj_with_mqa = tp.replicated_linear(hidden, self.kv_lora_rank + self.rope, std, tconfig)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.kv_norm_eps, self.sequence_parallel)
         self.kv_b_proj = tp.column(self.kv_lora_rank, heads * (self.nope + self.v_dim), tconfig, std)
         self.o_proj = tp.row(heads * self.v_dim, hidden, tconfig, std)
 
     def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
-        """hidden: [T, 1, hidden] -> [T, 1, hidden]."""
+        """hidden: [T, 1, hidden] ([T/TP, 1, hidden] under sequence parallelism) -> same shape."""
         x = hidden.squeeze(1)
-        t = x.shape[0]
+        t = packed.num_tokens
         q = self.q_proj(x)[0].view(t, self.local_heads, self.nope + self.rope)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        k_rot = tp.reduce_grad_over_tp(k_rot)
+        k_rot = tp.gather_tokens(k_rot, self.sequence_parallel)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0].view(t, self.local_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(t, self.local_heads, self.rope)], dim=-1)

@@ -27,12 +27,13 @@ class DecoderLayer(MegatronModule):
         super().__init__(config=tconfig)
         self.layer_type = config.layer_types[layer_idx]
         self.ffn_type = config.ffn_types[layer_idx]
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        sp = bool(tconfig.sequence_parallel)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, sp)
         if self.layer_type == "mla":
             self.mixer = MultiLatentAttention(config, tconfig, layer_idx)
         else:
             self.mixer = KimiDeltaAttention(config, tconfig, layer_idx, per_channel_decay=self.layer_type == "kda")
-        self.post_mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, sp)
         self.ffn = dense_mlp(tconfig) if self.ffn_type == "dense" else moe_layer(tconfig, layer_idx + 1)
 
     def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
@@ -56,11 +57,13 @@ class KimiLinearModel(MegatronModule):
         check_renormalize(config)
         self.model_config = config
         std = config.initializer_range
+        self.sequence_parallel = bool(tconfig.sequence_parallel)
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_method=tp.normal_init(std), config=tconfig
+            config.vocab_size, config.hidden_size, init_method=tp.normal_init(std), config=tconfig,
+            reduce_scatter_embeddings=self.sequence_parallel,
         )
         self.layers = nn.ModuleList(DecoderLayer(config, tconfig, i) for i in range(config.num_layers))
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.sequence_parallel)
         self.output_layer = tp.column(config.hidden_size, config.vocab_size, tconfig, std)
 
     def forward(
@@ -73,7 +76,14 @@ class KimiLinearModel(MegatronModule):
             tokens = tokens.unsqueeze(0)
         batch, seq = tokens.shape
         packed = pack(batch, seq, cu_seqlens, tokens.device)
-        hidden = self.embedding(tokens.reshape(-1, 1))  # [B*S, 1, hidden]
+        if self.sequence_parallel and packed.num_tokens % tp.tp_size():
+            raise ValueError(
+                f"sequence parallelism splits the {packed.num_tokens} tokens of a micro-batch over "
+                f"{tp.tp_size()} TP ranks; make micro_batch_size x seq_length divisible by it"
+            )
+        # [B*S, 1, hidden]; with SP megatron's embedding takes [b, s] and reduce-scatters [s, b, h]
+        ids = tokens.reshape(1, -1) if self.sequence_parallel else tokens.reshape(-1, 1)
+        hidden = self.embedding(ids)
         for layer in self.layers:
             hidden = layer(hidden, packed)
         hidden = self.final_norm(hidden)
@@ -88,9 +98,17 @@ class KimiLinearModel(MegatronModule):
         return tp.sharded_state_dict_with_axes(self, prefix, {}, sharded_offsets, metadata)
 
 
-def build_model(config: ModelConfig, **megatron_kwargs) -> KimiLinearModel:
-    """Build the model for the current parallel state (call parallel.state.initialize first)."""
-    tconfig = megatron_config(config, tensor_parallel=tp.tp_size(), **megatron_kwargs)
+def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **megatron_kwargs) -> KimiLinearModel:
+    """Build the model for the current parallel state (call parallel.state.initialize first).
+
+    Sequence parallelism defaults to on whenever TP > 1 and the model has MoE layers: megatron's
+    MoE layer refuses to train with TP but without SP.
+    """
+    size = tp.tp_size()
+    if sequence_parallel is None:
+        sequence_parallel = size > 1 and "moe" in config.ffn_types
+    tconfig = megatron_config(config, tensor_parallel=size, sequence_parallel=sequence_parallel and size > 1,
+                              **megatron_kwargs)
     return KimiLinearModel(config, tconfig)
 
 

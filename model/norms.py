@@ -14,10 +14,12 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """``weight * normalize(x)``; the normalised value is cast back to the input dtype first."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, sequence_parallel: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
+        # under sequence parallelism each rank normalises its own tokens: the gradient is partial
+        self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * rms_normalize(x, self.eps).to(x.dtype)

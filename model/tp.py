@@ -1,7 +1,9 @@
 """Thin helpers over megatron-core's tensor-parallel layers, shared by the mixers.
 
 Every weight is initialised from the full (unsharded) tensor on the CPU generator and then sliced,
-so a model built at TP=2 holds exactly the slices of the TP=1 model built with the same seed.
+so initialisation does not depend on the device. (megatron's fused SwiGLU ``linear_fc1`` reads its
+TP slice as ``[gate_r; up_r]``, so a TP=2 model is not the slice of a TP=1 model with the same seed;
+to compare layouts, load one checkpoint into both.)
 """
 
 from __future__ import annotations
@@ -41,12 +43,27 @@ def row(in_features: int, out_features: int, tconfig, std: float) -> tensor_para
     )
 
 
-def replicated_linear(in_features: int, out_features: int, std: float) -> nn.Linear:
-    """A small projection every TP rank holds whole (low-rank gate down-projections, MLA kv_a)."""
+def replicated_linear(in_features: int, out_features: int, std: float, tconfig) -> nn.Linear:
+    """A small projection every TP rank holds whole (low-rank gate down-projections, MLA kv_a).
+
+    Under sequence parallelism it sees only this rank's tokens, so its gradient is partial over
+    tokens: ``sequence_parallel`` marks it for the TP all-reduce after backward (as megatron does
+    for norms and the router).
+    """
     layer = nn.Linear(in_features, out_features, bias=False)
     if layer.weight.device.type != "meta":
         nn.init.normal_(layer.weight, mean=0.0, std=std)
+    layer.weight.sequence_parallel = bool(tconfig.sequence_parallel)
     return layer
+
+
+def gather_tokens(tensor: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Full sequence from this rank's token shard (backward: reduce-scatter, summing the head-local
+    partial gradients of all ranks); without SP the tensor is already whole and only its gradient
+    needs the TP sum."""
+    if sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(tensor, tensor_parallel_output_grad=True)
+    return reduce_grad_over_tp(tensor)
 
 
 def sharded_parameter(full: torch.Tensor, dim: int = 0) -> nn.Parameter:
@@ -79,13 +96,10 @@ def conv_init(channels: int, width: int) -> torch.Tensor:
 
 
 def sharded_state_dict_with_axes(module, prefix, axis_map, sharded_offsets=(), metadata=None):
-    """megatron's default sharded state dict, but with ``module``'s own parameters in ``axis_map``
-    marked as split over TP along the given dimension (children describe themselves)."""
-    from megatron.core.transformer.utils import (
-        ensure_metadata_has_dp_cp_group,
-        make_sharded_tensors_for_checkpoint,
-        sharded_state_dict_default,
-    )
+    """Sharded state dict of ``module``: its own tensors named in ``axis_map`` split over TP along
+    that dimension, the others replicated; megatron layers below describe themselves, and plain
+    containers (ModuleList, ...) are descended into rather than treated as one replicated blob."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
     metadata = ensure_metadata_has_dp_cp_group(metadata)
     own = {}
@@ -95,5 +109,9 @@ def sharded_state_dict_with_axes(module, prefix, axis_map, sharded_offsets=(), m
         tp_group=parallel_state.get_tensor_model_parallel_group(), dp_cp_group=metadata["dp_cp_group"],
     )
     for name, child in module.named_children():
-        sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+        child_prefix = f"{prefix}{name}."
+        if hasattr(child, "sharded_state_dict"):
+            sharded.update(child.sharded_state_dict(child_prefix, sharded_offsets, metadata))
+        else:  # plain containers and leaves (ModuleList, nn.Linear, RMSNorm): replicated, recurse
+            sharded.update(sharded_state_dict_with_axes(child, child_prefix, {}, sharded_offsets, metadata))
     return sharded

@@ -26,7 +26,7 @@ class TrainConfig:
     valid_prefixes: list = field(default_factory=list)
     tokenizer_dir: str = ""
     data_cache_dir: str = "cache/data"
-    seq_length: int = 256
+    seq_length: int = 128
     reset_at_document_boundaries: bool = True
     # batch
     micro_batch_size: int = 4

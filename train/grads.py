@@ -28,6 +28,22 @@ def all_reduce_data_parallel(model: nn.Module) -> None:
             offset += g.numel()
 
 
+def all_reduce_sequence_parallel(model: nn.Module) -> None:
+    """Sum over TP ranks the gradients of replicated weights that saw only this rank's tokens
+    (norms, router, low-rank down-projections under sequence parallelism)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def global_grad_norm(model: nn.Module) -> torch.Tensor:
     """L2 norm of the full model's gradient: TP-split parameters counted once per shard,
     replicated ones once in total."""

@@ -16,7 +16,7 @@ from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
 from train.config import RunConfig
-from train.grads import all_reduce_data_parallel, clip_gradients
+from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.optim import build_optimizer
 from train.schedule import learning_rate
 
@@ -99,7 +99,7 @@ def train(run: RunConfig) -> list[float]:
     if dims.pipeline > 1 or dims.context > 1:
         raise NotImplementedError("pipeline and context parallelism are not wired into this loop yet")
     device = state.device()
-    model = build_model(run.model, expert_parallel=dims.expert).to(device)
+    model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
     tconfig = model.config
     optimizer = build_optimizer(model, t)
     train_loader, valid_loader = build_data(run, dims)
@@ -145,6 +145,7 @@ def train(run: RunConfig) -> list[float]:
             # scale so that the DP average of the summed micro-batch grads is the global token mean
             (s * dp / total_tokens.to(s.dtype)).backward()
             loss_sum += s.detach().double().cpu()
+        all_reduce_sequence_parallel(model)
         all_reduce_data_parallel(model)
         _update_expert_bias(model, tconfig)
         grad_norm = clip_gradients(model, t.clip_grad)
