@@ -180,7 +180,8 @@ def ensure_default_dataset(cache_dir: str | os.PathLike | None = None,
                            progress: bool = False) -> DefaultDataset:
     """Build the default dataset under cache_dir once (keyed by a hash) and return its paths.
 
-    cache_dir defaults to $KIMI_LINEAR_DATA_CACHE or ~/.cache/kimi-linear/data.
+    cache_dir defaults to $KIMI_LINEAR_DATA_CACHE or ~/.cache/kimi-linear/data. progress=True
+    adds tokenization progress bars to the one line printed when a build is needed.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -195,8 +196,8 @@ def ensure_default_dataset(cache_dir: str | os.PathLike | None = None,
                    for p in dataset.train_prefixes + dataset.valid_prefixes):
                 return dataset
             shutil.rmtree(final)  # damaged cache: rebuild
-        if progress:
-            print(f"building the default corpus and tokenizer in {final} ...", file=sys.stderr)
+        print(f"building the default corpus and tokenizer in {final} (about 10 s, once) ...",
+              file=sys.stderr)
         tmp = cache / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         dataset = build_default_dataset(tmp, vocab_size, progress=progress)

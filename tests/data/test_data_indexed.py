@@ -8,6 +8,7 @@ from data.indexed import (CorruptIndexedFileError, TokenShard, bin_path, idx_pat
                           megatron_indexed_dataset, token_dtype_for_vocab)
 
 
+@pytest.mark.filterwarnings("ignore:Could not determine rank")
 def test_round_trip_and_megatron_reads_our_files(tmp_path):
     docs = make_documents(20, seed=1)
     prefix = write_shard(tmp_path / "shard", docs)
