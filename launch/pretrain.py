@@ -22,6 +22,7 @@ FLAG_FIELDS = {
     "save": str,
     "load": str,
     "save_interval": int,
+    "exit_interval": int,
     "micro_batch_size": int,
     "global_batch_size": int,
     "seq_length": int,

@@ -133,13 +133,16 @@ def check_model_config(saved: dict, config: ModelConfig, where) -> None:
 
 def load_model_state(model, path: Path) -> None:
     """Load the sharded model state (resharding to the current layout) into ``model``."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
+
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
-    except Exception as err:  # noqa: BLE001 - re-raised with the path and a hint
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised with the path and a hint
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         raise CheckpointError(
-            f"could not read the model state in {path / 'model'} ({type(err).__name__}: {err}); the "
+            f"could not read the model state in {path / 'model'} ({type(err).__name__}: {detail}); the "
             f"checkpoint is corrupt or incomplete, load an earlier iter_* folder"
-        ) from err
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

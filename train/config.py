@@ -56,6 +56,7 @@ class TrainConfig:
     save: str = ""
     load: str = ""
     save_interval: int = 100
+    exit_interval: int = 0  # stop (after saving) once the step is a multiple of this; 0 = never
     keep_last: int = 3
     log_interval: int = 1
     eval_interval: int = 0

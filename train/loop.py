@@ -27,10 +27,16 @@ def log(message: str) -> None:
 
 
 def _update_expert_bias(model, tconfig) -> None:
-    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+    """Aux-loss-free balancing: move each router's expert bias by the sign of (mean load - load)
+    over the global batch, then clear the token counters for the next step."""
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
 
     if tconfig.num_moe_experts:
         _update_router_expert_bias([model], tconfig)
+        reset_model_temporary_tensors(tconfig, [model])
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -168,8 +174,12 @@ def train(run: RunConfig) -> list[float]:
                                     "tokens_per_s": tokens_per_step / elapsed}) + "\n")
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             log(f"step {done:6d} | validation loss {evaluate(model, valid_loader, t.eval_iters, device):.4f}")
-        if t.save and (done % t.save_interval == 0 or done == t.train_iters):
+        exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
+        if t.save and (done % t.save_interval == 0 or done == t.train_iters or exiting):
             meta = {**run.to_dict(), "data": train_loader.state_dict()}
             path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
             log(f"saved checkpoint {path}")
+        if exiting:
+            log(f"exit interval reached at step {done}")
+            break
     return losses
