@@ -80,9 +80,13 @@ def train_tokenizer_on_inputs(args: argparse.Namespace) -> None:
     from data.tokenizer import train_byte_level_bpe
 
     target = Path(args.tokenizer)
+    if (target / "tokenizer.json").exists():  # a rerun (e.g. resuming) reuses the trained one
+        print(f"using the tokenizer already trained in {target} (delete it to train again)",
+              file=sys.stderr)
+        return
     if target.exists() and any(target.iterdir()):
-        raise ValueError(f"--tokenizer {target} is not empty; --train-tokenizer writes a new "
-                         "tokenizer there (drop --train-tokenizer to use the existing one)")
+        raise ValueError(f"--tokenizer {target} holds other files; --train-tokenizer needs an "
+                         "empty or new folder")
     sources = expand_inputs(args.input, args.format)
     records = iter_records(sources, args.text_field, args.text_unit, args.hub_split)
     texts = (r.text for r in records if r.error is None and r.text is not None)
@@ -122,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, MalformedRecordError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shards are kept in {args.out}; run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
     totals, session = manifest["totals"], manifest.get("last_session", {})
     print(f"{args.out}: {len(manifest['shards'])} shards, {totals['documents']:,} documents, "
           f"{totals['tokens']:,} tokens, {manifest['malformed']['count']} malformed records "

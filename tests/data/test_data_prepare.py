@@ -157,3 +157,46 @@ def test_cli_reports_missing_input(tmp_path, default_dataset):
          str(tmp_path / "nope.jsonl"), "--tokenizer", default_dataset.tokenizer_dir, "--out",
          str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "nope.jsonl" in run.stderr and "does not exist" in run.stderr
+
+
+def test_killed_cli_run_resumes_to_the_same_shards(tmp_path, default_dataset):
+    """A real SIGKILL mid-run: the rerun of the same command finishes byte-identically."""
+    import os
+    import signal
+    import time
+
+    rng = np.random.default_rng(0)
+    words = TEXTS[5].split()
+    rows = [{"text": " ".join(rng.choice(words, size=300))} for _ in range(3000)]
+    source = _write_jsonl(tmp_path / "big.jsonl", rows)
+    reference = prepare_corpus([str(source)], tmp_path / "ref", default_dataset.tokenizer_dir,
+                               workers=1, progress=False, shard_tokens=20_000)
+    out = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "launch" / "prepare_data.py"), "--input", str(source),
+               "--tokenizer", default_dataset.tokenizer_dir, "--out", str(out), "--workers", "1",
+               "--shard-tokens", "20000", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    killed_mid_run = False
+    while process.poll() is None and time.time() < deadline:
+        manifest_path = out / "manifest.json"
+        if manifest_path.exists():
+            try:
+                shards = json.loads(manifest_path.read_text())["shards"]
+            except ValueError:
+                shards = []
+            if len(shards) >= 2:
+                os.kill(process.pid, signal.SIGKILL)
+                killed_mid_run = True
+                break
+        time.sleep(0.02)
+    process.wait()
+    print('killed mid-run:', killed_mid_run)
+    if killed_mid_run:
+        assert not json.loads((out / "manifest.json").read_text())["complete"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert [s["bin_sha256"] for s in resumed["shards"]] == [
+        s["bin_sha256"] for s in reference["shards"]]
+    assert len(reference["shards"]) > 5 and not list(out.glob("*.tmp"))
