@@ -16,6 +16,7 @@ import gzip
 import json
 import lzma
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,11 @@ def detect_format(path: Path) -> str:
     return "text"
 
 
+def _looks_like_hub_name(item: str) -> bool:
+    """owner/name without a file suffix (a missing local file like data/x.jsonl is not one)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", item)) and not Path(item).suffix
+
+
 def expand_inputs(inputs: list[str], input_format: str | None = None) -> list[InputSource]:
     """Files, folders (recursively, sorted, hidden files skipped), globs, or hub names."""
     sources: list[InputSource] = []
@@ -79,7 +85,7 @@ def expand_inputs(inputs: list[str], input_format: str | None = None) -> list[In
             files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not files:
                 raise FileNotFoundError(f"input pattern {item!r} matches no files")
-        elif input_format in (None, "hub") and "/" in item.strip("/") and not item.startswith((".", "/")):
+        elif input_format == "hub" or (input_format is None and _looks_like_hub_name(item)):
             sources.append(InputSource(item, "hub"))
             continue
         else:
