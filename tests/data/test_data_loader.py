@@ -70,13 +70,14 @@ def test_exact_resume_mid_epoch(synthetic_shard, stop_after):
     prefix, _ = synthetic_shard
     uninterrupted, _ = build_pretraining_loaders([prefix], split=(1, 0), dp_rank=1, dp_size=2,
                                                  **BATCH)
-    expected = _take(uninterrupted, 40)  # several windows ("epochs") of this small corpus
+    expected = _take(uninterrupted, 70)  # 280 samples: crosses into the 2nd shuffle window
+    assert 70 * 4 > uninterrupted.samples.sources[0].samples_per_window
     first, _ = build_pretraining_loaders([prefix], split=(1, 0), dp_rank=1, dp_size=2, **BATCH)
     _take(first, stop_after)
     state = json.loads(json.dumps(first.state_dict()))  # survives serialization
     resumed, _ = build_pretraining_loaders([prefix], split=(1, 0), dp_rank=1, dp_size=2, **BATCH)
     resumed.load_state_dict(state)
-    _same(expected[stop_after:], _take(resumed, 40 - stop_after))
+    _same(expected[stop_after:], _take(resumed, 70 - stop_after))
 
 
 def test_resume_with_other_dp_size_at_step_boundary(synthetic_shard):
