@@ -145,6 +145,14 @@ def read_safetensors_folder(folder) -> dict:
     return out
 
 
+def clean_env() -> dict:
+    """The environment for a child process: without this process's torch.distributed variables."""
+    skip = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"}
+    env = {k: v for k, v in os.environ.items() if k not in skip}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
 def torchrun_save(config: ModelConfig, save_dir, tp: int, seed: int, timeout: int = 240) -> None:
     """Build ``config`` at tensor-parallel size ``tp`` in ``tp`` gloo ranks and save a checkpoint."""
     import socket
@@ -155,7 +163,7 @@ def torchrun_save(config: ModelConfig, save_dir, tp: int, seed: int, timeout: in
     cfg_file = Path(save_dir).with_suffix(".config.json")
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
     cfg_file.write_text(json.dumps(config.to_dict()))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = clean_env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", f"--master-port={port}",
         str(Path(__file__).resolve()), "--config", str(cfg_file), "--save", str(save_dir),
