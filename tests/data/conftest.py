@@ -3,8 +3,13 @@ synthetic shard of known documents."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-from data_test_helpers import make_documents, write_shard
+
+sys.path.insert(0, str(Path(__file__).parent))  # data_test_helpers, under any --import-mode
+from data_test_helpers import make_documents, write_shard  # noqa: E402
 
 
 @pytest.fixture(scope="session")
