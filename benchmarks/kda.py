@@ -56,6 +56,30 @@ def peak_mem(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
 
 
+def fla_backward_usable():
+    """FLA's gated-delta backward is miscompiled by Triton < 3.7.1 on Hopper (fla#640); with
+    Triton 3.6 on an H200 it hung instead of refusing, so it is not called there."""
+    import re
+    ver = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3])
+    return not (torch.cuda.get_device_capability()[0] == 9 and ver < (3, 7, 1))
+
+
+def kernel_breakdown(fn):
+    """GPU time per kernel name (ms) over one call of fn, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            out[e.key[:60]] = t / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+
+
 def fwd_bwd_fns(op, inputs):
     def fwd():
         with torch.no_grad():
@@ -107,12 +131,18 @@ def main():
             row = dict(name=name, B=B, T=T, H=H, D=D)
             row["fwd_ms"] = bench(fwd)
             row["fwd_mem_gib"] = peak_mem(fwd)
-            try:
-                row["fwdbwd_ms"] = bench(fwd_bwd)
-                row["fwdbwd_mem_gib"] = peak_mem(fwd_bwd)
-            except Exception as exc:  # FLA refuses its backward on Triton < 3.7.1 on Hopper
+            if name == "fla" and not fla_backward_usable():
                 row["fwdbwd_ms"] = None
-                row["fwdbwd_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                row["fwdbwd_error"] = "not run: Triton < 3.7.1 on Hopper (fla#640)"
+            else:
+                try:
+                    row["fwdbwd_ms"] = bench(fwd_bwd)
+                    row["fwdbwd_mem_gib"] = peak_mem(fwd_bwd)
+                except Exception as exc:
+                    row["fwdbwd_ms"] = None
+                    row["fwdbwd_error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if name == "ours":
+                row["kernels_fwdbwd_ms"] = kernel_breakdown(fwd_bwd)
             row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
             if row["fwdbwd_ms"]:
                 row["fwdbwd_tflops"] = 3 * flops / row["fwdbwd_ms"] / 1e9
@@ -140,6 +170,8 @@ def main():
               f"{fmt(r.get('fwdbwd_speedup_vs_fla')):>8s}")
         if r.get("fwdbwd_error"):
             print(f"    backward not run: {r['fwdbwd_error']}")
+        if r.get("kernels_fwdbwd_ms"):
+            print("    " + ", ".join(f"{k.split('(')[0][:34]}={v:.2f}" for k, v in r["kernels_fwdbwd_ms"].items()))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)

@@ -36,10 +36,10 @@ def _meta(K, V, dtype):
 
 
 # Launch shapes chosen from the Hopper register/shared-memory report of an AOT compile
-# (docs/kda_kernels.md): the sequential kernels are not software-pipelined (num_stages=1),
-# which keeps their shared memory under the 227 KiB limit at BK=128.
+# (docs/kda_kernels.md): shared memory must stay under 227 KiB at BK=128, which rules out
+# software pipelining (num_stages=2) for the backward state pass.
 BV_SEQ = 32      # V-block of the sequential state passes
-BD = 16          # Dk slice of the 3-D diagonal-block products
+BD = 32          # Dk slice of the 3-D diagonal-block products
 
 
 def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
@@ -53,23 +53,24 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     Aqk, Bkk, Ainv = (torch.empty(NC, H, 64, 64, **f32) for _ in range(3))
     W = torch.empty(NC, H, 64, K, **f32)
     U, Vn = (torch.empty(NC, H, 64, V, **f32) for _ in range(2))
+    Qg, Kg = (torch.empty(NC, H, 64, K, **f32) for _ in range(2))
     h = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if want_ht else None
-    kda_fwd_intra_kernel[(NC, H)](q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, cu, info,
+    kda_fwd_intra_kernel[(NC, H)](q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, Qg, Kg, cu, info,
                                   H=H, K=K, V=V, BK=BK, BD=min(BD, BK), BV=BV, PREC=prec,
                                   num_warps=8, num_stages=1)
     BVs = min(BV, BV_SEQ)
-    kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](k, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
+    kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
-                                                  STORE_HT=want_ht, PREC=prec, num_warps=4, num_stages=1)
+                                                  STORE_HT=want_ht, PREC=prec, num_warps=4, num_stages=2)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](q, Gc, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
-                                                  BV=BV, PREC=prec, num_warps=4, num_stages=1)
-    return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h)
+    kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](Qg, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
+                                                  BV=BV, PREC=prec, num_warps=4, num_stages=2)
+    return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h, Qg, Kg)
 
 
 def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
-    Gc, Aqk, Bkk, Ainv, W, Vn, h = saved
+    Gc, Aqk, Bkk, Ainv, W, Vn, h, Qg, Kg = saved
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -79,7 +80,7 @@ def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
     dh = torch.empty(NC, H, K, V, **f32)
     dVn = torch.empty(NC, H, 64, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
-    kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
+    kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
                                                    H=H, K=K, V=V, BK=BK, BV=BVs, HAS_DHT=dht is not None,
                                                    HAS_H0=h0 is not None, PREC=prec, num_warps=8,
                                                    num_stages=1)
@@ -93,7 +94,7 @@ def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
     dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
     dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
     dg = torch.empty(T, H, K, **f32)
-    BDi = min(32, BK)
+    BDi = min(BD, BK)
     kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BDi))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
                                                         dq, dk, dg, cu, info, H=H, K=K, BD=BDi,
                                                         PREC=prec, num_warps=8, num_stages=1)

@@ -21,7 +21,7 @@ from kernels.kda.chunk_fwd import _chunk_coords
 
 
 @triton.jit
-def kda_bwd_dh_kernel(q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chunk_offsets,
+def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chunk_offsets,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr,
                       PREC: tl.constexpr):
@@ -52,16 +52,14 @@ def kda_bwd_dh_kernel(q, k, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chunk
         b_do = tl.load(do + tok[:, None] * V + dv[None, :], mask=valid[:, None] & (dv[None, :] < V),
                        other=0.).to(tl.float32)
         b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
-        b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
-        b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-        b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-        b_kg = b_k * tl.exp(b_gl[None, :] - b_G)
+        b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_dvn = tl.dot(tl.trans(b_a), b_do, input_precision=PREC) + tl.dot(b_kg, b_ds, input_precision=PREC)
         tl.store(dVn + (cbase + r64)[:, None] * V + dv[None, :], b_dvn, mask=dv[None, :] < V)
         b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+        b_qg = tl.load(Qg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_ds = (b_ds * tl.exp(b_gl)[:, None]
-                + tl.dot(tl.trans(b_q * tl.exp(b_G)), b_do, input_precision=PREC)
+                + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
                 - tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC))
     if HAS_H0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state_off, b_ds, mask=m_kv)
@@ -80,65 +78,75 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
     tok = (bos + r64) * H + i_h
     cbase = (i_c * H + i_h) * 64
     sbase = (i_c * H + i_h) * K * V
-    dk = tl.arange(0, BK)
-    m_k = dk[None, :] < K
+    sq = (cbase + r64)[:, None] * 64 + r64[None, :]
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
-    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * 64 + r64[None, :])
-    b_dA = tl.zeros([64, 64], dtype=tl.float32)      # d A_qk
-    b_dinv = tl.zeros([64, 64], dtype=tl.float32)    # d Ainv
-    b_dqg = tl.zeros([64, BK], dtype=tl.float32)     # d (q e^G)
-    b_dw = tl.zeros([64, BK], dtype=tl.float32)      # d W
-    b_dkg = tl.zeros([64, BK], dtype=tl.float32)     # d (k e^{G_last - G})
-    b_dgl = tl.zeros([BK], dtype=tl.float32)         # d G_last through e^{G_last} S
+    b_inv = tl.load(Ainv + sq)
+
+    # pass 1 over V: dA_qk = dO v_new^T, dY = Ainv^T dv_new (-> dv, dbeta), dAinv += dv_new Y^T
+    b_dA = tl.zeros([64, 64], dtype=tl.float32)
+    b_dinv = tl.zeros([64, 64], dtype=tl.float32)
     b_dbeta = tl.zeros([64], dtype=tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in range(0, V, BV):
         dvv = v0 + tl.arange(0, BV)
         m_v = dvv[None, :] < V
         b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
         b_v = tl.load(v + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
         b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
         b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-        m_kv = (dk[:, None] < K) & m_v
-        b_h = tl.load(h + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
-        b_dh = tl.load(dh + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
         b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
-        b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
-        b_dw -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
-        b_dkg += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
-        b_dgl += tl.sum(b_dh * b_h, axis=1)
         b_dy = tl.dot(tl.trans(b_inv), b_dvn, input_precision=PREC)
         tl.store(dv + tok[:, None] * V + dvv[None, :], b_dy * b_beta[:, None], mask=valid[:, None] & m_v)
         b_dbeta += tl.sum(b_dy * b_v, axis=1)
         b_dinv += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
+    tl.store(dAqk + sq, tl.where(r64[:, None] >= r64[None, :], b_dA, 0.))
 
-    b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
-    b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
-    b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-    b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-    e_G = tl.exp(b_G)
-    b_x = b_k * e_G * b_beta[:, None]
-    b_dx = tl.dot(tl.trans(b_inv), b_dw, input_precision=PREC)
-    b_dinv += tl.dot(b_dw, tl.trans(b_x), input_precision=PREC)
-    b_dbeta += tl.sum(b_dx * b_k * e_G, axis=1)
-    k_dec = tl.exp(b_gl[None, :] - b_G)
-    b_kg = b_k * k_dec
-    out = (cbase + r64)[:, None] * K + dk[None, :]
-    tl.store(dq_p + out, b_dqg * e_G, mask=m_k)
-    tl.store(dk_p + out, b_dx * e_G * b_beta[:, None] + b_dkg * k_dec, mask=m_k)
-    b_dG = b_dqg * b_q * e_G + b_dx * b_x - b_dkg * b_kg
-    extra = tl.sum(b_dkg * b_kg, axis=0) + b_dgl * tl.exp(b_gl)
-    b_dG = tl.where(r64[:, None] == 63, b_dG + extra[None, :], b_dG)
-    tl.store(dG_p + out, b_dG, mask=m_k)
+    # pass 2, per 64-wide Dk block: the terms that contract over V with the states
+    for k0 in range(0, BK, 64):
+        dk = k0 + tl.arange(0, 64)
+        m_k = dk[None, :] < K
+        b_dqg = tl.zeros([64, 64], dtype=tl.float32)     # d (q e^G)
+        b_dw = tl.zeros([64, 64], dtype=tl.float32)      # d W
+        b_dkg = tl.zeros([64, 64], dtype=tl.float32)     # d (k e^{G_last - G})
+        b_dgl = tl.zeros([64], dtype=tl.float32)         # d G_last through e^{G_last} S
+        for v0 in range(0, V, BV):
+            dvv = v0 + tl.arange(0, BV)
+            m_v = dvv[None, :] < V
+            m_kv = (dk[:, None] < K) & m_v
+            b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
+            b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+            b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+            b_h = tl.load(h + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
+            b_dh = tl.load(dh + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
+            b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
+            b_dw -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
+            b_dkg += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
+            b_dgl += tl.sum(b_dh * b_h, axis=1)
+        b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+        b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+        e_G = tl.exp(b_G)
+        b_x = b_k * e_G * b_beta[:, None]
+        b_dx = tl.dot(tl.trans(b_inv), b_dw, input_precision=PREC)
+        b_dinv += tl.dot(b_dw, tl.trans(b_x), input_precision=PREC)
+        b_dbeta += tl.sum(b_dx * b_k * e_G, axis=1)
+        k_dec = tl.exp(b_gl[None, :] - b_G)
+        b_kg = b_k * k_dec
+        out = (cbase + r64)[:, None] * K + dk[None, :]
+        tl.store(dq_p + out, b_dqg * e_G, mask=m_k)
+        tl.store(dk_p + out, b_dx * e_G * b_beta[:, None] + b_dkg * k_dec, mask=m_k)
+        b_dG = b_dqg * b_q * e_G + b_dx * b_x - b_dkg * b_kg
+        extra = tl.sum(b_dkg * b_kg, axis=0) + b_dgl * tl.exp(b_gl)
+        b_dG = tl.where(r64[:, None] == 63, b_dG + extra[None, :], b_dG)
+        tl.store(dG_p + out, b_dG, mask=m_k)
 
     # Ainv = L^-1  =>  dL = -Ainv^T dAinv Ainv^T ; A_kk = diag(beta) B_kk is the strict lower part
     b_dL = -tl.dot(tl.dot(tl.trans(b_inv), b_dinv, input_precision=PREC), tl.trans(b_inv), input_precision=PREC)
     b_dAkk = tl.where(r64[:, None] > r64[None, :], b_dL, 0.)
-    b_bkk = tl.load(Bkk + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_bkk = tl.load(Bkk + sq)
     b_dbeta += tl.sum(b_dAkk * b_bkk, axis=1)
     tl.store(dbeta + tok, b_dbeta, mask=valid)
-    sq = (cbase + r64)[:, None] * 64 + r64[None, :]
     tl.store(dBkk + sq, b_dAkk * b_beta[:, None])
-    tl.store(dAqk + sq, tl.where(r64[:, None] >= r64[None, :], b_dA, 0.))
 
 
 @triton.jit

@@ -77,6 +77,15 @@ def test_chunk_kda_uses_triton_on_cuda():
     assert calls
 
 
+def fla_backward_usable():
+    """FLA's gated-delta backward is miscompiled by Triton < 3.7.1 on Hopper (fla#640); on
+    Triton 3.6 / H200 it hung in our first GPU run instead of refusing, so it is not called."""
+    import triton
+    major, minor, patch = (int(x) for x in triton.__version__.split(".")[:3])
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    return not (hopper and (major, minor, patch) < (3, 7, 1))
+
+
 def _fla_errors(name, inputs, cu):
     """Errors of FLA's chunk_kda (bf16) vs the same fp64 reference, or None if unavailable."""
     try:
@@ -96,14 +105,13 @@ def _fla_errors(name, inputs, cu):
                          initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
                          cu_seqlens=None if cu is None else cu.cuda().long())
     out = {"o": rel_rms(o, ref[0]), "final_state": rel_rms(s, ref[1])}
+    if not fla_backward_usable():
+        out["backward"] = "skipped: Triton < 3.7.1 on Hopper (fla#640)"
+        return out
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
     dht = torch.randn(s.shape, generator=gen, dtype=torch.float64)
-    try:
-        ((o.double() * do.cuda()).sum() + (s.double() * dht.cuda()).sum()).backward()
-    except Exception as exc:  # FLA refuses its backward on Triton < 3.7.1 on Hopper (fla#640)
-        out["backward"] = f"refused: {type(exc).__name__}"
-        return out
+    ((o.double() * do.cuda()).sum() + (s.double() * dht.cuda()).sum()).backward()
     for key in ("q", "k", "v", "beta"):
         out[f"d{key}"] = rel_rms(leaves[key].grad, ref[2][key])
     if gate is None:
