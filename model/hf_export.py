@@ -108,7 +108,7 @@ def export_state_dict(
         tensors = {}
         for spec in shard:
             t = hf_tensor_from_ours(spec, state[spec.ours])
-            t = t.to(torch.float32 if spec.fp32 else torch_dtype).contiguous().clone()
+            t = t.to(torch.float32 if spec.fp32 else torch_dtype, copy=True).contiguous()
             tensors[spec.hf] = t
             weight_map[spec.hf] = file
             total_bytes += t.numel() * t.element_size()

@@ -59,6 +59,15 @@ def test_config_48b_parsed_by_transformers(tmp_path):
     assert (hf.kv_lora_rank, hf.q_lora_rank, hf.qk_nope_head_dim, hf.qk_rope_head_dim, hf.v_head_dim) == (512, None, 128, 64, 128)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (163584, 163586, 163839)
     assert hf.tie_word_embeddings is False and hf.max_position_embeddings == 1048576
+    # transformers' own 48B model (meta device) has exactly our tensors once its runtime names are undone
+    from transformers import KimiLinearForCausalLM
+
+    with torch.device("meta"):
+        state = KimiLinearForCausalLM(hf).state_dict()
+    canonical = canonical_hf_names(state)
+    specs = {s.hf: s.shape for s in hf_tensor_specs(cfg)}
+    assert set(canonical) == set(specs)
+    assert not [k for k, t in canonical.items() if tuple(t.shape) != specs[k]]
     # and back: the same model config
     back = model_config_from_hf_config(d)
     assert {k: v for k, v in back.to_dict().items() if k not in ("name", "extra")} == {
@@ -128,6 +137,13 @@ def test_round_trip_bit_exact_through_clis(checkpoint, tmp_path):
         assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "hf" / "model.safetensors").exists()  # one file below --max-shard-size
     assert (tmp_path / "back" / "run.json").exists()
+    # pretrain.py --config SAVE/run.json --load SAVE accepts it (same model config)
+    from train.checkpoint import check_model_config, read_meta, resolve
+    from train.config import load_run_config
+
+    path = resolve(tmp_path / "back")
+    assert path.name == "iter_0000000" and read_meta(path)["step"] == 0
+    check_model_config(read_meta(path)["model"], load_run_config(str(tmp_path / "back" / "run.json")).model, path)
     fx.ensure_parallel()
     back = load_model_for_inference(tmp_path / "back").state_dict()
     assert back.keys() >= original.keys()
