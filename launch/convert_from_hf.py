@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + *.safetensors)")
     parser.add_argument("--save", required=True, help="checkpoint save folder to write")
     parser.add_argument("--name", default=None, help="model name stored in the config (default: the folder name)")
+    parser.add_argument("--allow-group-routing-mismatch", action="store_true",
+                        help="import even if grouped top-k routing differs between transformers and megatron")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -39,7 +41,10 @@ def main(argv=None) -> int:
     from train.checkpoint import CheckpointError
 
     try:
-        path = import_hf_folder(args.hf, args.save, name=args.name, progress=not args.no_progress)
+        path = import_hf_folder(
+            args.hf, args.save, name=args.name, progress=not args.no_progress,
+            allow_group_routing_mismatch=args.allow_group_routing_mismatch,
+        )
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

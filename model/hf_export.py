@@ -89,7 +89,9 @@ def export_state_dict(
     specs = hf_tensor_specs(config)
     missing = sorted({s.ours for s in specs} - set(state))
     if missing:
-        raise HFConversionError(f"the model has no tensor(s) {missing[:5]} needed for the export ({len(missing)} missing)")
+        raise HFConversionError(
+            f"the model has no tensor(s) {missing[:5]} needed for the export ({len(missing)} missing)"
+        )
     from safetensors.torch import save_file
 
     torch_dtype = DTYPES[dtype]
@@ -192,7 +194,9 @@ class HFFolder:
             try:
                 handle = safe_open(str(self.folder / file), framework="pt")
             except Exception as err:  # noqa: BLE001 - re-raised with the file name
-                raise HFConversionError(f"cannot read {self.folder / file} ({type(err).__name__}: {err}); the file is corrupt or truncated") from None
+                raise HFConversionError(
+                    f"cannot read {self.folder / file} ({type(err).__name__}: {err}); the file is corrupt or truncated"
+                ) from None
             self._handles[file] = handle
             for name in handle.keys():
                 self.locations[name] = file
@@ -240,7 +244,13 @@ def _tensor(value) -> torch.Tensor:
     return value() if callable(value) else value
 
 
-def import_hf_folder(hf_dir: str | Path, save: str | Path, name: str | None = None, progress: bool = True) -> Path:
+def import_hf_folder(
+    hf_dir: str | Path,
+    save: str | Path,
+    name: str | None = None,
+    progress: bool = True,
+    allow_group_routing_mismatch: bool = False,
+) -> Path:
     """HF folder -> checkpoint ``save/iter_0000000`` (+ ``save/run.json`` for ``pretrain.py --config``)."""
     from megatron.core import parallel_state
 
@@ -251,7 +261,10 @@ def import_hf_folder(hf_dir: str | Path, save: str | Path, name: str | None = No
     from .model import build_model
 
     folder = HFFolder(hf_dir)
-    config = model_config_from_hf_config(folder.config, name=name or Path(hf_dir).resolve().name)
+    config = model_config_from_hf_config(
+        folder.config, name=name or Path(hf_dir).resolve().name,
+        allow_group_routing_mismatch=allow_group_routing_mismatch,
+    )
     if not parallel_state.model_parallel_is_initialized():
         pstate.initialize(pstate.ParallelDims())
     if tp.tp_size() != 1:

@@ -14,6 +14,23 @@ Both directions use what is defined here:
 
 HF/ours semantics that cannot be expressed in the other format raise ``HFConversionError`` naming the
 field (GDN layers, a bounded KDA gate, q-LoRA, grouped routing that differs, ...).
+
+Semantics checked against transformers 5.24 ``modeling_kimi_linear.py`` (and held by the parity
+tests, fp32 logits within 1e-4):
+
+- KDA: q/k/v short convs + SiLU (v included), L2-normalised q/k (eps 1e-6), gate
+  ``-exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)`` without a lower bound, beta = sigmoid(b_proj),
+  gated output RMSNorm with eps = ``rms_norm_eps``; ``A_log`` is ``[1, 1, H, 1]`` there, ``[H]`` here.
+- MLA: NoPE, scale ``(nope + rope)^-0.5``; transformers builds ``kv_a_layernorm`` with eps 1e-6
+  whatever the config says (vLLM uses ``rms_norm_eps``): our ``kv_norm_eps`` must be 1e-6 to export.
+- MoE: sigmoid scores in fp32, top-k over ``score + e_score_correction_bias`` (our router's
+  ``expert_bias``), unbiased weights renormalised (+1e-20) and scaled by ``routed_scaling_factor``,
+  plus the shared expert: the same in both. Group-limited top-k differs: transformers ranks groups
+  by the sum of their top-2 scores, megatron by the sum of their top-(k / topk_group): identical
+  only when ``num_expert_group == 1`` (the released model) or ``k / topk_group == 2``; otherwise
+  both directions refuse unless ``allow_group_routing_mismatch`` is given.
+- transformers never resets KDA state or attention at document boundaries inside a row: only
+  single-document rows compare (our ``cu_seqlens`` packing has no HF counterpart).
 """
 
 from __future__ import annotations
@@ -74,19 +91,24 @@ def check_exportable(cfg: ModelConfig, allow_group_routing_mismatch: bool = Fals
         )
     if not cfg.moe_renormalize and cfg.num_experts_per_token > 1:
         raise HFConversionError("moe_renormalize=False is not supported by our MoE; nothing to export")
-    if cfg.num_expert_group > 1 and "moe" in cfg.ffn_types:
-        per_group = cfg.num_experts_per_token // cfg.topk_group
-        if per_group != 2 and not allow_group_routing_mismatch:
-            raise HFConversionError(
-                f"num_expert_group={cfg.num_expert_group}, topk_group={cfg.topk_group}: megatron ranks expert "
-                f"groups by the sum of their top-{per_group} (= num_experts_per_token/topk_group) scores, "
-                f"transformers by the sum of their top-2; the exported model would route differently. "
-                f"Pass --allow-group-routing-mismatch to export anyway"
-            )
+    check_group_routing(cfg, allow_group_routing_mismatch)
     if "mla" in types and abs(cfg.kv_norm_eps - HF_KV_NORM_EPS) > 0:
         raise HFConversionError(
             f"kv_norm_eps={cfg.kv_norm_eps}: transformers' kv_a_layernorm always uses eps={HF_KV_NORM_EPS}"
         )
+
+
+def check_group_routing(cfg: ModelConfig, allow_mismatch: bool = False) -> None:
+    """Refuse grouped top-k settings for which megatron and transformers choose different experts."""
+    if cfg.num_expert_group > 1 and "moe" in cfg.ffn_types:
+        per_group = cfg.num_experts_per_token // cfg.topk_group
+        if per_group != 2 and not allow_mismatch:
+            raise HFConversionError(
+                f"num_expert_group={cfg.num_expert_group}, topk_group={cfg.topk_group}: megatron ranks expert "
+                f"groups by the sum of their top-{per_group} (= num_experts_per_token/topk_group) scores, "
+                f"transformers by the sum of their top-2; the two models would route differently. "
+                f"Pass --allow-group-routing-mismatch to convert anyway"
+            )
 
 
 def hf_config_from_model_config(
@@ -160,7 +182,9 @@ def _get(d: dict, *names, default=None):
     return default
 
 
-def model_config_from_hf_config(d: dict, name: str = "hf-import") -> ModelConfig:
+def model_config_from_hf_config(
+    d: dict, name: str = "hf-import", allow_group_routing_mismatch: bool = False
+) -> ModelConfig:
     """Our ModelConfig for an HF ``config.json`` dict; HFConversionError names what does not fit."""
     if d.get("model_type") not in (None, "kimi_linear"):
         raise HFConversionError(f"config.json model_type={d.get('model_type')!r}: expected 'kimi_linear'")
@@ -185,7 +209,9 @@ def model_config_from_hf_config(d: dict, name: str = "hf-import") -> ModelConfig
     layer_types = d.get("layer_types")
     if layer_types is None:
         if "kda_layers" not in lac or "full_attn_layers" not in lac:
-            raise HFConversionError("config.json has neither layer_types nor linear_attn_config.kda_layers/full_attn_layers")
+            raise HFConversionError(
+                "config.json has neither layer_types nor linear_attn_config.kda_layers/full_attn_layers"
+            )
         layer_types = [None] * layers
         for i in lac["full_attn_layers"]:
             layer_types[i - 1] = "full_attention"
@@ -196,7 +222,9 @@ def model_config_from_hf_config(d: dict, name: str = "hf-import") -> ModelConfig
     symbols = {"linear_attention": "K", "full_attention": "A"}
     bad = sorted({str(t) for t in layer_types if t not in symbols})
     if bad:
-        raise HFConversionError(f"config.json layer types {bad} are not supported (only linear_attention, full_attention)")
+        raise HFConversionError(
+            f"config.json layer types {bad} are not supported (only linear_attention, full_attention)"
+        )
     pattern = "".join(symbols[t] for t in layer_types)
 
     mlp_types = d.get("mlp_layer_types")
@@ -232,7 +260,9 @@ def model_config_from_hf_config(d: dict, name: str = "hf-import") -> ModelConfig
         initializer_range=float(_get(d, "initializer_range", default=0.02)),
         kda_num_heads=int(_get(lac, "num_heads", default=_get(d, "linear_num_heads", default=32))),
         kda_head_dim=int(_get(lac, "head_dim", default=_get(d, "linear_head_dim", default=128))),
-        short_conv_kernel=int(_get(lac, "short_conv_kernel_size", default=_get(d, "linear_conv_kernel_dim", default=4))),
+        short_conv_kernel=int(
+            _get(lac, "short_conv_kernel_size", default=_get(d, "linear_conv_kernel_dim", default=4))
+        ),
         kda_gate_lower_bound=None,
         num_attention_heads=heads,
         kv_lora_rank=int(d["kv_lora_rank"]),
@@ -259,6 +289,7 @@ def model_config_from_hf_config(d: dict, name: str = "hf-import") -> ModelConfig
         cfg.validate()
     except ConfigError as err:
         raise HFConversionError(f"config.json does not give a valid model: {err}") from None
+    check_group_routing(cfg, allow_group_routing_mismatch)
     return cfg
 
 
@@ -293,11 +324,12 @@ def hf_tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
             ]
         elif mixer == "mla":
             nh, qk, rank = cfg.num_attention_heads, cfg.qk_head_dim, cfg.kv_lora_rank
+            kv_a, kv_b = rank + cfg.qk_rope_head_dim, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)
             specs += [
                 HFTensor(a + "q_proj.weight", (nh * qk, h), m + "q_proj.weight"),
-                HFTensor(a + "kv_a_proj_with_mqa.weight", (rank + cfg.qk_rope_head_dim, h), m + "kv_a_proj_with_mqa.weight"),
+                HFTensor(a + "kv_a_proj_with_mqa.weight", (kv_a, h), m + "kv_a_proj_with_mqa.weight"),
                 HFTensor(a + "kv_a_layernorm.weight", (rank,), m + "kv_a_layernorm.weight"),
-                HFTensor(a + "kv_b_proj.weight", (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), rank), m + "kv_b_proj.weight"),
+                HFTensor(a + "kv_b_proj.weight", (kv_b, rank), m + "kv_b_proj.weight"),
                 HFTensor(a + "o_proj.weight", (h, nh * cfg.v_head_dim), m + "o_proj.weight"),
             ]
         else:
@@ -362,7 +394,9 @@ def ours_from_hf_tensors(specs: list[HFTensor], tensors: list[torch.Tensor], our
     parts = [t.reshape(spec.shape) for spec, t in zip(specs, tensors)]
     full = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     if full.numel() != math.prod(our_shape):
-        raise HFConversionError(f"{specs[0].ours}: HF tensors give {full.numel()} values, our model has shape {tuple(our_shape)}")
+        raise HFConversionError(
+            f"{specs[0].ours}: HF tensors give {full.numel()} values, our model has shape {tuple(our_shape)}"
+        )
     return full.reshape(our_shape)
 
 
@@ -377,7 +411,9 @@ def group_by_ours(specs: list[HFTensor]) -> dict[str, list[HFTensor]]:
 
 
 # ---------------------------------------------------------------------------- runtime names
-_FORGET = re.compile(r"^(model\.layers\.\d+\.self_attn\.)forget_gate\.(f_a_proj\.weight|f_b_proj\.weight|dt_bias|A_log)$")
+_FORGET = re.compile(
+    r"^(model\.layers\.\d+\.self_attn\.)forget_gate\.(f_a_proj\.weight|f_b_proj\.weight|dt_bias|A_log)$"
+)
 _CONV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)conv1d\.weight$")
 _MOE_MLP = re.compile(r"^(model\.layers\.\d+\.)mlp\.(gate\.weight|gate\.e_score_correction_bias|shared_experts\..*)$")
 _DENSE_BSM = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.((gate|up|down)_proj\.weight)$")
