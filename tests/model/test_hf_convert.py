@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import hf_fixtures as fx
-from model.hf_names import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_fixtures beside this file, packaged or not
+import hf_fixtures as fx  # noqa: E402
+from model.hf_names import (  # noqa: E402
     HFConversionError,
     canonical_hf_names,
     hf_config_from_model_config,
