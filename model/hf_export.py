@@ -87,7 +87,7 @@ def export_state_dict(
         raise HFConversionError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}")
     check_exportable(config, allow_group_routing_mismatch)
     specs = hf_tensor_specs(config)
-    missing = sorted({s.ours for s in specs} - set(state))
+    missing = sorted({s.ours for s in specs if s.ours} - set(state))
     if missing:
         raise HFConversionError(
             f"the model has no tensor(s) {missing[:5]} needed for the export ({len(missing)} missing)"
@@ -109,7 +109,7 @@ def export_state_dict(
     for file, shard in zip(names, shards):
         tensors = {}
         for spec in shard:
-            t = hf_tensor_from_ours(spec, state[spec.ours])
+            t = hf_tensor_from_ours(spec, state.get(spec.ours))
             t = t.to(torch.float32 if spec.fp32 else torch_dtype, copy=True).contiguous()
             tensors[spec.hf] = t
             weight_map[spec.hf] = file
@@ -217,7 +217,7 @@ def load_hf_weights_into(model, config: ModelConfig, folder: HFFolder, progress:
     specs = hf_tensor_specs(config)
     groups = group_by_ours(specs)
     state = model.state_dict()
-    missing = [s.hf for s in specs if s.hf not in tensors]
+    missing = [s.hf for s in specs if s.ours and s.hf not in tensors]
     if missing:
         raise HFConversionError(
             f"{folder.folder} lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:5]}"

@@ -57,7 +57,8 @@ class HFConversionError(ConfigError):
 class HFTensor:
     """One tensor of the HF checkpoint.
 
-    ``ours`` is our state-dict name; ``part = (index, count)`` when our tensor is the concatenation
+    ``ours`` is our state-dict name ("" for the zero-width shared expert transformers builds when the
+    model has none: written as an empty tensor, never read back); ``part = (index, count)`` when our tensor is the concatenation
     (along dim 0) of ``count`` HF tensors; ``fp32`` marks tensors exported in float32 whatever the
     requested dtype (``A_log``, ``dt_bias``, router weight and bias: transformers keeps them fp32).
     """
@@ -355,6 +356,13 @@ def hf_tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
                 shared = inter * cfg.num_shared_experts
                 specs += _swiglu(b + "shared_experts.", ("gate_proj", "up_proj", "down_proj"),
                                  f + "shared_experts.", h, shared)
+            else:  # transformers always builds the shared expert; zero-width adds nothing
+                s = b + "shared_experts."
+                specs += [
+                    HFTensor(s + "gate_proj.weight", (0, h), ""),
+                    HFTensor(s + "up_proj.weight", (0, h), ""),
+                    HFTensor(s + "down_proj.weight", (h, 0), ""),
+                ]
     specs += [
         HFTensor("model.norm.weight", (h,), "final_norm.weight"),
         HFTensor("lm_head.weight", (v, h), "output_layer.weight"),
@@ -373,6 +381,8 @@ def _swiglu(hf_prefix: str, names: tuple, our_prefix: str, hidden: int, inter: i
 
 def hf_tensor_from_ours(spec: HFTensor, ours: torch.Tensor) -> torch.Tensor:
     """The HF tensor ``spec`` cut out of our (full, TP=1) tensor."""
+    if not spec.ours:
+        return torch.zeros(spec.shape)
     t = ours.detach()
     if spec.part is not None:
         index, count = spec.part
@@ -404,6 +414,8 @@ def group_by_ours(specs: list[HFTensor]) -> dict[str, list[HFTensor]]:
     """Our name -> its HF tensors, parts in order."""
     groups: dict[str, list[HFTensor]] = {}
     for spec in specs:
+        if not spec.ours:
+            continue
         groups.setdefault(spec.ours, []).append(spec)
     for name, group in groups.items():
         group.sort(key=lambda s: s.part[0] if s.part else 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_fixtures beside this file, packaged or not
@@ -35,11 +36,12 @@ def _hf_logits(model, tokens):
         return model(tokens, use_cache=False).logits
 
 
-def test_export_matches_transformers(tmp_path):
+@pytest.mark.parametrize("shared", [1, 0], ids=["shared-expert", "no-shared-expert"])
+def test_export_matches_transformers(tmp_path, shared):
     from model.hf_export import export_model
 
     fx.ensure_parallel()
-    ours = fx.build(fx.small_config(), seed=3)
+    ours = fx.build(fx.small_config(num_shared_experts=shared), seed=3)
     # small shards: the folder is loaded through model.safetensors.index.json
     export_model(ours, tmp_path / "hf", dtype="float32", max_shard_size="100KB", progress=False)
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
