@@ -134,8 +134,7 @@ def hf_config_from_model_config(
         "initializer_range": cfg.initializer_range,
         "tie_word_embeddings": False,
         "model_max_length": model_max_length,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
+        "rope_theta": 10000.0,  # unused (NoPE); no rope_scaling key: transformers 5 warns on it
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_attention_heads,
         "head_dim": cfg.hidden_size // cfg.num_attention_heads,
