@@ -9,7 +9,7 @@ import triton
 
 from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay, l2norm
 from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
-from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel
+from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
 
 CHUNK = 64
@@ -56,9 +56,10 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     Qg, Kg = (torch.empty(NC, H, 64, K, **f32) for _ in range(2))
     h = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if want_ht else None
-    kda_fwd_intra_kernel[(NC, H)](q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, Qg, Kg, cu, info,
-                                  H=H, K=K, V=V, BK=BK, BD=min(BD, BK), BV=BV, PREC=prec,
-                                  num_warps=8, num_stages=1)
+    kda_fwd_intra_kernel[(NC, H)](q, k, g, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(BD, BK),
+                                  PREC=prec, num_warps=8, num_stages=1)
+    kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
+                               BK=BK, BV=BV, PREC=prec, num_warps=8, num_stages=1)
     BVs = min(BV, BV_SEQ)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,

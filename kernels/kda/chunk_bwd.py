@@ -166,7 +166,6 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
     b_Ga = tl.load(Gc + (cbase + r64)[:, None] * K + dd[None, :], mask=dm, other=0.)
     b_qa = tl.load(q + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
     b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
-    causal = r16[:, None] >= r16[None, :]
     carry = tl.zeros([BD], dtype=tl.float32)
     for bb in tl.static_range(4):
         b = 3 - bb
@@ -201,15 +200,23 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
             dk_c = dk_c * tl.exp(b_gm[None, :] - b_G)
             b_dk += dk_c
             b_dG -= b_k * dk_c
-        # diagonal block, exact elementwise decay
-        d_off = (cbase + rows)[:, None] * 64 + (b * 16 + r16)[None, :]
-        dA_d = tl.load(dAqk + d_off)
-        dB_d = tl.load(dBkk + d_off)
-        ex = tl.exp(tl.where(causal[:, :, None], b_G[:, None, :] - b_G[None, :, :], float('-inf')))
-        kx = b_k[None, :, :] * ex
-        dq_d = tl.sum(dA_d[:, :, None] * kx, axis=1)
-        dkr_d = tl.sum(dB_d[:, :, None] * kx, axis=1)
-        dkc_d = tl.sum((dA_d[:, :, None] * b_q[:, None, :] + dB_d[:, :, None] * b_k[:, None, :]) * ex, axis=0)
+        # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
+        dq_d = tl.zeros([16, BD], dtype=tl.float32)
+        dkr_d = tl.zeros([16, BD], dtype=tl.float32)
+        dkc_d = tl.zeros([16, BD], dtype=tl.float32)
+        for c in range(16):
+            row_c = b * 16 + c
+            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
+                           other=0.).to(tl.float32)
+            b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
+            dA_c = tl.load(dAqk + (cbase + rows) * 64 + row_c)
+            dB_c = tl.load(dBkk + (cbase + rows) * 64 + row_c)
+            e = tl.exp(tl.where((r16 >= c)[:, None], b_G - b_gc[None, :], float('-inf')))
+            ek = e * b_kc[None, :]
+            dq_d += dA_c[:, None] * ek
+            dkr_d += dB_c[:, None] * ek
+            col = tl.sum((dA_c[:, None] * b_q + dB_c[:, None] * b_k) * e, axis=0)
+            dkc_d = tl.where((r16 == c)[:, None], col[None, :], dkc_d)
         b_dq += dq_d
         b_dk += dkr_d + dkc_d
         b_dG += b_q * dq_d + b_k * (dkr_d - dkc_d)

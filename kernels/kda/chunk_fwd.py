@@ -53,9 +53,9 @@ def _beta_rows(beta, bos, L, H: tl.constexpr, i_h, i: tl.constexpr):
 
 
 @triton.jit
-def kda_fwd_intra_kernel(q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, chunk_info,
-                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                         BD: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def kda_fwd_intra_kernel(q, k, g, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                         PREC: tl.constexpr):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
@@ -73,9 +73,8 @@ def kda_fwd_intra_kernel(q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, Qg, Kg, cu_
     tl.store(Gc + (cbase + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
     tl.debug_barrier()
 
-    # 2) gated products, one 16-row block at a time, Dk in BD-wide slices
+    # 2) gated products, one 16-row block at a time (off-diagonal blocks in BD-wide Dk slices)
     c64 = tl.arange(0, 64)
-    causal = r16[:, None] >= r16[None, :]
     for i in tl.static_range(4):
         rows = i * 16 + r16
         acc_qk = tl.zeros([16, 64], dtype=tl.float32)
@@ -101,18 +100,44 @@ def kda_fwd_intra_kernel(q, k, v, g, beta, Gc, Aqk, Bkk, Ainv, W, U, Qg, Kg, cu_
                 e_row = tl.exp(b_Gi - b_gn[None, :])
                 acc_qk += tl.dot(b_qi * e_row, tl.trans(b_kref), input_precision=PREC)
                 acc_kk += tl.dot(b_ki * e_row, tl.trans(b_kref), input_precision=PREC)
-            # diagonal block, exact: exp(G_r - G_c) for r >= c only
-            ex = tl.exp(tl.where(causal[:, :, None], b_Gi[:, None, :] - b_Gi[None, :, :], float('-inf')))
-            kx = b_ki[None, :, :] * ex
-            dg_qk += tl.sum(b_qi[:, None, :] * kx, axis=2)
-            dg_kk += tl.sum(b_ki[:, None, :] * kx, axis=2)
+        # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
+        m_i = (rows < L)[:, None] & (dk[None, :] < K)
+        tok_i = ((bos + rows) * H + i_h)[:, None] * K + dk[None, :]
+        b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
+        b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
+        b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
+        for c in range(16):
+            row_c = i * 16 + c
+            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
+                           other=0.).to(tl.float32)
+            b_gc = tl.load(Gc + (cbase + row_c) * K + dk, mask=dk < K, other=0.)
+            e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
+            sel = r16[None, :] == c
+            dg_qk = tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], dg_qk)
+            dg_kk = tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], dg_kk)
         off = (cbase + rows)[:, None] * 64
         outside = (c64[None, :] < i * 16) | (c64[None, :] >= i * 16 + 16)
         tl.store(Aqk + off + c64[None, :], acc_qk, mask=outside)
         tl.store(Bkk + off + c64[None, :], acc_kk, mask=outside)
         tl.store(Aqk + off + i * 16 + r16[None, :], dg_qk)
         tl.store(Bkk + off + i * 16 + r16[None, :], tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
-    tl.debug_barrier()
+
+
+@triton.jit
+def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, chunk_info,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, PREC: tl.constexpr):
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    c64 = tl.arange(0, 64)
+    r16 = tl.arange(0, 16)
+    valid = r64 < L
+    tok = (bos + r64) * H + i_h
+    cbase = (i_c * H + i_h) * 64
+    dk = tl.arange(0, BK)
+    m_k = valid[:, None] & (dk[None, :] < K)
 
     # 3) (I + A)^-1 with A = diag(beta) B_kk (strictly lower): the four 16x16 diagonal blocks
     #    are inverted together by forward substitution (15 steps on a [4, 16, 16] batch),
