@@ -44,7 +44,7 @@ class DecoderLayer(MegatronModule):
 
 
 class KimiLinearModel(MegatronModule):
-    """Call with token ids ``[B, S]`` (and ``cu_seqlens`` for packed documents).
+    """Call with token ids ``[B, S]`` (a tensor or nested lists; ``cu_seqlens`` for packed documents).
 
     Returns logits ``[B, S, vocab]`` (gathered over TP) or, given ``labels``, the per-token loss
     ``[B, S]`` computed with megatron's vocab-parallel cross entropy.
@@ -72,6 +72,8 @@ class KimiLinearModel(MegatronModule):
         cu_seqlens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if not torch.is_tensor(tokens):  # lists of token ids (the README snippet)
+            tokens = torch.tensor(tokens, dtype=torch.long, device=self.embedding.weight.device)
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
         batch, seq = tokens.shape

@@ -29,8 +29,8 @@ class TrainConfig:
     seq_length: int = 128
     reset_at_document_boundaries: bool = True
     # batch
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
     # optimisation
     train_iters: int = 200
     optimizer: str = "adamw"

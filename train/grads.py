@@ -48,12 +48,12 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     """L2 norm of the full model's gradient: TP-split parameters counted once per shard,
     replicated ones once in total."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    squares = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        if getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
-            squares += param.grad.detach().double().pow(2).sum().cpu()
+    grads = [
+        p.grad.detach() for p in model.parameters()
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    ]
+    norms = torch._foreach_norm(grads) if grads else []
+    squares = torch.stack([n.double() for n in norms]).pow(2).sum().cpu() if grads else torch.zeros((), dtype=torch.float64)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -66,7 +66,5 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     norm = global_grad_norm(model)
     if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
         scale = max_norm / (float(norm) + 1e-6)
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(scale)
+        torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
     return float(norm)

@@ -75,6 +75,7 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
 
 def evaluate(model, loader, iters: int, device) -> float:
     model.eval()
+    loader.reset()  # the same validation batches at every evaluation
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for _ in range(iters):

@@ -38,5 +38,5 @@ def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
         lr=train.lr,
         betas=(train.adam_beta1, train.adam_beta2),
         eps=train.adam_eps,
-        foreach=False,
+        foreach=True,
     )

@@ -56,7 +56,7 @@ def test_readme_snippet_and_checkpoint_errors(tmp_path):
     # the three lines of the README
     from model import load_model
     model = load_model(str(tmp_path / "d"))
-    logits = model(torch.tensor([[1, 2, 3, 4]]))
+    logits = model([[1, 2, 3, 4]])
     assert logits.shape == (1, 4, 8192) and torch.isfinite(logits).all()
 
     # a config that does not match the checkpoint names the differing field
