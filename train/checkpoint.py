@@ -1,9 +1,10 @@
-"""Checkpoints: megatron-core dist_checkpointing for the model (reshardable across TP/PP/EP), a
-per-rank file for the optimizer, and ``meta.json`` (configs, step, data-loader position).
+"""Checkpoints: megatron-core dist_checkpointing for the model and the optimizer state (both
+reshardable across TP/PP/EP/DP: each optimizer tensor is described like its parameter), and
+``meta.json`` (configs, step, data-loader position).
 
 Layout::
 
-    SAVE/iter_0000200/{model/, optimizer/rank_00000.pt, meta.json}
+    SAVE/iter_0000200/{model/, optimizer/, meta.json}
     SAVE/latest                     # "200": the newest complete checkpoint
 
 A checkpoint is written to ``iter_0000200.tmp`` and renamed when every rank has finished, so a
@@ -69,9 +70,10 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
         (tmp / "model").mkdir(parents=True)
         (tmp / "optimizer").mkdir()
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer" / f"rank_{_rank():05d}.pt")
+    model_state = model.sharded_state_dict()
+    dist_checkpointing.save(model_state, str(tmp / "model"))
+    if optimizer is not None and optimizer.state:
+        dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
     _barrier()
     if _rank() == 0:
         (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
@@ -149,11 +151,66 @@ def load_model_state(model, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def load_optimizer_state(optimizer, path: Path) -> bool:
-    file = path / "optimizer" / f"rank_{_rank():05d}.pt"
-    if not file.exists():
+def _optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_sharded_state(model, optimizer) -> dict:
+    """The optimizer's per-parameter tensors as sharded tensors shaped like their parameters
+    (so they reshard with the model); scalar step counters are restored from the step number."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        optim_state_to_sharding_state,
+    )
+
+    id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), _optimizer_params(optimizer))
+    state = optimizer.state_dict()
+    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+    return {"state": state["state"]}
+
+
+def materialize_optimizer_state(optimizer) -> None:
+    """Create every state tensor (one optimizer step with zero gradients and zero learning rate
+    and weight decay changes no parameter), so a checkpoint has a template to load into."""
+    if optimizer.state:
+        return
+    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
+    grads = {}
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = 0.0, 0.0
+        for p in group["params"]:
+            grads[p] = p.grad
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, (lr, wd) in zip(optimizer.param_groups, saved):
+        group["lr"], group["weight_decay"] = lr, wd
+        for p in group["params"]:
+            p.grad = grads[p]
+
+
+def load_optimizer_state(model, optimizer, path: Path, step: int) -> bool:
+    """Load (and reshard) the optimizer state saved in ``path``; False if it has none."""
+    folder = path / "optimizer"
+    if not folder.exists() or not any(folder.iterdir()):
         return False
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+    materialize_optimizer_state(optimizer)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        loaded = dist_checkpointing.load(optimizer_sharded_state(model, optimizer), str(folder))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        raise CheckpointError(
+            f"could not read the optimizer state in {folder} ({type(err).__name__}: {detail}); the "
+            f"checkpoint is corrupt or was written by another optimizer"
+        ) from None
+    params = _optimizer_params(optimizer)
+    for index, tensors in loaded["state"].items():
+        target = optimizer.state[params[index]]
+        for key, value in tensors.items():
+            target[key].copy_(value)
+        if "step" in target:
+            target["step"].fill_(float(step))
     return True
 
 

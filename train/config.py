@@ -45,7 +45,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast compute with fp32 master weights
+    max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # parallel layout
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1

@@ -1,4 +1,14 @@
-"""Gradient reduction across data-parallel ranks and a tensor-parallel-aware global norm/clip."""
+"""Gradient synchronisation and clipping for every parallel layout.
+
+After backward each rank holds the gradient of its own micro-batches and its own shards:
+- replicated weights that saw only this rank's tokens under sequence parallelism (norms, router,
+  low-rank down-projections) are summed over the TP group;
+- dense parameters are averaged over the data-parallel group (with context parallelism folded in);
+- expert parameters (megatron marks them ``allreduce=False``) over the expert-data-parallel group,
+  the ranks that hold the same experts.
+The global norm counts every shard once: TP/ETP-split parameters on every rank, replicated ones on
+rank 0 of their group, summed over TP, EP and PP.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +18,21 @@ from megatron.core import parallel_state
 from torch import nn
 
 
-def all_reduce_data_parallel(model: nn.Module) -> None:
-    """Average gradients over the data-parallel group, one flat buffer per dtype."""
-    world = parallel_state.get_data_parallel_world_size()
-    if world == 1:
+def is_expert(param: nn.Parameter) -> bool:
+    return not getattr(param, "allreduce", True)
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group, average_over: int = 1) -> None:
+    if not grads:
         return
-    group = parallel_state.get_data_parallel_group()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
         by_dtype.setdefault(g.dtype, []).append(g)
     for same in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in same])
         dist.all_reduce(flat, group=group)
-        flat /= world
+        if average_over > 1:
+            flat /= average_over
         offset = 0
         for g in same:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -29,36 +40,60 @@ def all_reduce_data_parallel(model: nn.Module) -> None:
 
 
 def all_reduce_sequence_parallel(model: nn.Module) -> None:
-    """Sum over TP ranks the gradients of replicated weights that saw only this rank's tokens
-    (norms, router, low-rank down-projections under sequence parallelism)."""
+    """Sum over TP ranks the gradients of replicated weights that saw only this rank's tokens."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return
     grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    _all_reduce_flat(grads, parallel_state.get_tensor_model_parallel_group())
+
+
+def all_reduce_data_parallel(model: nn.Module) -> None:
+    """Average dense gradients over DP(xCP) ranks and expert gradients over expert-DP ranks."""
+    dense = [p.grad for p in model.parameters() if p.grad is not None and not is_expert(p)]
+    experts = [p.grad for p in model.parameters() if p.grad is not None and is_expert(p)]
+    dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    if dp > 1:
+        _all_reduce_flat(dense, parallel_state.get_data_parallel_group(with_context_parallel=True), dp)
+    if experts:
+        # An expert's gradient already sums the tokens that all ranks of its EP group sent it, so
+        # summing over the expert-DP ranks covers every DP rank once: divide by DP, like the
+        # dense average (average over expert-DP, then scale by expert-DP / DP).
+        edp = parallel_state.get_expert_data_parallel_world_size()
+        if edp > 1:
+            _all_reduce_flat(experts, parallel_state.get_expert_data_parallel_group(), edp)
+        if dp != edp:
+            torch._foreach_mul_(experts, edp / dp)
 
 
 def global_grad_norm(model: nn.Module) -> torch.Tensor:
-    """L2 norm of the full model's gradient: TP-split parameters counted once per shard,
-    replicated ones once in total."""
+    """L2 norm of the full model's gradient (each shard counted once), fp64 on the CPU."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    grads = [
-        p.grad.detach() for p in model.parameters()
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-    ]
-    norms = torch._foreach_norm(grads) if grads else []
-    squares = torch.stack([n.double() for n in norms]).pow(2).sum().cpu() if grads else torch.zeros((), dtype=torch.float64)
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    dense, experts = [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        split = getattr(p, "tensor_model_parallel", False)
+        if is_expert(p):
+            if split or etp_rank == 0:
+                experts.append(p.grad.detach())
+        elif split or tp_rank == 0:
+            dense.append(p.grad.detach())
+
+    def squares(grads):
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum().cpu()
+
+    dense_sq, expert_sq = squares(dense), squares(experts)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(dense_sq, group=parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_expert_tensor_and_model_parallel_world_size() > 1:
+        dist.all_reduce(expert_sq, group=parallel_state.get_expert_tensor_and_model_parallel_group())
+    total = dense_sq + expert_sq
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(squares, group=parallel_state.get_pipeline_model_parallel_group())
-    return squares.sqrt()
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total.sqrt()
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:

@@ -3,8 +3,10 @@ averaging, clipping, LR schedule, MoE expert-bias update, progress lines and che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -19,6 +21,25 @@ from train.config import RunConfig
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.optim import build_optimizer
 from train.schedule import learning_rate
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (SLURM preemption, scancel, requeue) set a flag; the loop saves at the next
+    step boundary and returns, so the process exits 0 and the job can be requeued."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def log(message: str) -> None:
@@ -118,7 +139,8 @@ def train(run: RunConfig) -> list[float]:
         meta = ckpt.read_meta(path)
         ckpt.check_model_config(meta["model"], run.model, path)
         ckpt.load_model_state(model, path)
-        ckpt.load_optimizer_state(optimizer, path)
+        start_step = int(meta["step"])
+        ckpt.load_optimizer_state(model, optimizer, path, start_step)
         if "data" in meta:
             train_loader.load_state_dict(meta["data"])
         start_step = int(meta["step"])
@@ -131,6 +153,11 @@ def train(run: RunConfig) -> list[float]:
     if metrics_file:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
+    skipped_steps = nonfinite_in_a_row = 0
+    stop = StopRequested()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else contextlib.nullcontext()
+    )
     run_start = time.time()
     model.train()
     for step in range(start_step, t.train_iters):
@@ -147,22 +174,40 @@ def train(run: RunConfig) -> list[float]:
             dist.all_reduce(total_tokens, group=parallel_state.get_data_parallel_group())
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in micro:
-            per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+            with autocast:  # bf16 compute, fp32 master weights; A_log/dt_bias math stays fp32
+                per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
             s, _ = masked_mean(per_token.float(), batch["loss_mask"])
             # scale so that the DP average of the summed micro-batch grads is the global token mean
             (s * dp / total_tokens.to(s.dtype)).backward()
             loss_sum += s.detach().double().cpu()
         all_reduce_sequence_parallel(model)
         all_reduce_data_parallel(model)
-        _update_expert_bias(model, tconfig)
-        grad_norm = clip_gradients(model, t.clip_grad)
-        optimizer.step()
         if dp > 1:
             dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
         loss = float(loss_sum / total_tokens.cpu())
+        grad_norm = clip_gradients(model, t.clip_grad)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            _update_expert_bias(model, tconfig)
+            optimizer.step()
+            nonfinite_in_a_row = 0
+        else:  # skip the update, keep the weights; stop after too many in a row
+            optimizer.zero_grad(set_to_none=True)
+            from megatron.core.distributed.finalize_model_grads import reset_model_temporary_tensors
+
+            reset_model_temporary_tensors(tconfig, [model])
+            skipped_steps += 1
+            nonfinite_in_a_row += 1
+            log(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped "
+                f"({nonfinite_in_a_row} in a row, {skipped_steps} in total)")
+            if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                last = ckpt.latest_step(t.save) if t.save else None
+                raise FloatingPointError(
+                    f"{nonfinite_in_a_row} consecutive steps with non-finite loss or gradients (last at step "
+                    f"{step + 1}); stopping. The last good checkpoint is "
+                    f"{ckpt.iteration_dir(t.save, last) if last is not None else 'none'}; lower train.lr, "
+                    f"check the data, or raise train.max_nonfinite_steps"
+                )
         losses.append(loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss}; lower train.lr or check the data")
         elapsed = time.time() - step_start
         done = step + 1
         if done % t.log_interval == 0 or done == t.train_iters:
@@ -176,6 +221,9 @@ def train(run: RunConfig) -> list[float]:
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             log(f"step {done:6d} | validation loss {evaluate(model, valid_loader, t.eval_iters, device):.4f}")
         exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
+        if stop.any_rank() and done < t.train_iters:
+            log(f"stop signal received: saving at step {done} and exiting")
+            exiting = True
         if t.save and (done % t.save_interval == 0 or done == t.train_iters or exiting):
             meta = {**run.to_dict(), "data": train_loader.state_dict()}
             path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)

@@ -1,0 +1,50 @@
+"""Worker for test_parallel_training.py: the same 10 training steps under different layouts.
+
+init:   one process builds the model and saves it as a step-0 checkpoint.
+train:  torchrun with the layout given as TP EP; every layout loads that checkpoint (megatron
+        reshards it), trains on the same global batches, and rank 0 writes the loss curve.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_config(workdir: Path, tp: int, ep: int):
+    from tests.helpers.small_models import mixed_config
+    from train.config import RunConfig, TrainConfig
+
+    train = TrainConfig(
+        data_cache_dir=str(ROOT / "cache" / "data"), seq_length=64, micro_batch_size=2, global_batch_size=8,
+        train_iters=10, lr=5e-3, lr_warmup_iters=2, log_interval=100, seed=3,
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, load=str(workdir / "init"),
+    )
+    return RunConfig(model=mixed_config(vocab_size=8192), train=train)
+
+
+def main(mode: str, workdir: Path, tp: int, ep: int) -> None:
+    import torch.distributed as dist
+
+    if mode == "init":
+        from model.model import build_model
+        from parallel import state
+        from train import checkpoint as ckpt
+
+        run = run_config(workdir, 1, 1)
+        state.initialize(state.ParallelDims(), seed=3)
+        model = build_model(run.model)
+        ckpt.save_checkpoint(workdir / "init", 0, model, None, run.to_dict())
+    else:
+        from train.loop import train
+
+        losses = train(run_config(workdir, tp, ep))
+        if dist.get_rank() == 0:
+            (workdir / f"losses_tp{tp}_ep{ep}_n{dist.get_world_size()}.json").write_text(json.dumps(losses))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
