@@ -61,6 +61,10 @@ class MultiLatentAttention(MegatronModule):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.kv_norm_eps, self.sequence_parallel)
         self.kv_b_proj = tp.column(self.kv_lora_rank, heads * (self.nope + self.v_dim), tconfig, std)
         self.o_proj = tp.row(heads * self.v_dim, hidden, tconfig, std)
+        # QK-Clip (train/muon.py): when set, training forwards keep the running max over micro-batches
+        # of each local head's largest logit q.k * scale (document-causal) in max_logits [local_heads]
+        self.record_max_logits = False
+        self.max_logits = None
 
     def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
         """hidden: [T, 1, hidden] ([T/TP, 1, hidden] under sequence parallelism) -> same shape."""
@@ -72,5 +76,21 @@ class MultiLatentAttention(MegatronModule):
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0].view(t, self.local_heads, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(t, self.local_heads, self.rope)], dim=-1)
+        if self.record_max_logits and self.training:
+            self._record_max_logits(q, k, packed)
         out = document_causal_attention(q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
+
+    @torch.no_grad()
+    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, packed: PackedSequence) -> None:
+        s = packed.seq_length
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        best = torch.full((self.local_heads,), float("-inf"), device=q.device)
+        for i in range(packed.batch_size):
+            ids = packed.document_ids[i]
+            mask = (ids[:, None] == ids[None, :]) & causal
+            qi, ki = q[i * s:(i + 1) * s].float(), k[i * s:(i + 1) * s].float()
+            for h in range(self.local_heads):  # one head at a time: S x S memory
+                logits = (qi[:, h] @ ki[:, h].T) * self.scale
+                best[h] = torch.maximum(best[h], logits.masked_fill(~mask, float("-inf")).max())
+        self.max_logits = best if self.max_logits is None else torch.maximum(self.max_logits, best)
