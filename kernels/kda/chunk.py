@@ -63,7 +63,10 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     BVs = min(BV, BV_SEQ)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
-                                                  STORE_HT=want_ht, PREC=prec, num_warps=4, num_stages=2)
+                                                  STORE_HT=want_ht, PREC=prec,
+                                                  # Dk=256 with 2 stages needs 312 KiB of shared memory
+                                                  num_warps=4 if BK <= 128 else 8,
+                                                  num_stages=2 if BK <= 128 else 1)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](Qg, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
                                                   BV=BV, PREC=prec, num_warps=4, num_stages=2)

@@ -9,6 +9,7 @@ from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens, ru
 CASES = {
     "basic_T150": (dict(B=2, T=150, H=2, Dk=32, Dv=16), None),
     "dk_ne_dv": (dict(B=1, T=100, H=2, Dk=16, Dv=32), None),
+    "dk256": (dict(B=1, T=70, H=1, Dk=256, Dv=32), None),
     "softplus_gate_strong": (dict(B=1, T=130, H=2, Dk=16, Dv=16, gate_kind="softplus"), None),
     "bounded_gate": (dict(B=1, T=96, H=2, Dk=16, Dv=16, gate_kind="bounded"), None),
     "log_decay_to_-20": (dict(B=1, T=140, H=2, Dk=16, Dv=16, decay=(0.0, 20.0)), None),
