@@ -71,6 +71,9 @@ def megatron_config(
         use_cpu_initialization=True,
         perform_initialization=initialize_weights,
         gradient_accumulation_fusion=False,
+        # our loss functions return token sums; pipeline schedules must not rescale them
+        calculate_per_token_loss=True,
+        pipeline_dtype=params_dtype,
         **moe_fields,
     )
 

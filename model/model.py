@@ -43,28 +43,60 @@ class DecoderLayer(MegatronModule):
         return hidden + out
 
 
+class LayerStack(nn.ModuleDict):
+    """The decoder layers of this pipeline stage, keyed by their global index (so checkpoints and
+    HF names are the same at every pipeline layout). Indexing and iteration give the layers."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(str(index))
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+def stage_layers(num_layers: int, stages: int, stage: int) -> range:
+    """Contiguous layers of pipeline stage ``stage``; earlier stages take the remainder."""
+    if num_layers < stages:
+        raise ValueError(f"num_layers={num_layers} cannot be split over {stages} pipeline stages")
+    base, extra = divmod(num_layers, stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
 class KimiLinearModel(MegatronModule):
     """Call with token ids ``[B, S]`` (a tensor or nested lists; ``cu_seqlens`` for packed documents).
 
     Returns logits ``[B, S, vocab]`` (gathered over TP) or, given ``labels``, the per-token loss
-    ``[B, S]`` computed with megatron's vocab-parallel cross entropy.
+    ``[B, S]`` computed with megatron's vocab-parallel cross entropy. A pipeline stage holds
+    ``layer_range`` only; the first has the embedding, the last the final norm and LM head, and a
+    later stage takes its input from ``set_input_tensor`` (megatron's pipeline schedules).
     """
 
-    def __init__(self, config: ModelConfig, tconfig=None):
+    def __init__(self, config: ModelConfig, tconfig=None, pre_process: bool = True, post_process: bool = True,
+                 layer_range: range | None = None):
         tconfig = tconfig or megatron_config(config)
         super().__init__(config=tconfig)
         config.validate(tensor_parallel_size=tp.tp_size())
         check_renormalize(config)
         self.model_config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.input_tensor = None
         std = config.initializer_range
         self.sequence_parallel = bool(tconfig.sequence_parallel)
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, init_method=tp.normal_init(std), config=tconfig,
-            reduce_scatter_embeddings=self.sequence_parallel,
-        )
-        self.layers = nn.ModuleList(DecoderLayer(config, tconfig, i) for i in range(config.num_layers))
-        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.sequence_parallel)
-        self.output_layer = tp.column(config.hidden_size, config.vocab_size, tconfig, std)
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, init_method=tp.normal_init(std), config=tconfig,
+                reduce_scatter_embeddings=self.sequence_parallel,
+            )
+        layer_range = layer_range if layer_range is not None else range(config.num_layers)
+        self.layers = LayerStack({str(i): DecoderLayer(config, tconfig, i) for i in layer_range})
+        if post_process:
+            self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.sequence_parallel)
+            self.output_layer = tp.column(config.hidden_size, config.vocab_size, tconfig, std)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand a non-first stage its input activations here."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
     def forward(
         self,
@@ -83,11 +115,16 @@ class KimiLinearModel(MegatronModule):
                 f"sequence parallelism splits the {packed.num_tokens} tokens of a micro-batch over "
                 f"{tp.tp_size()} TP ranks; make micro_batch_size x seq_length divisible by it"
             )
-        # [B*S, 1, hidden]; with SP megatron's embedding takes [b, s] and reduce-scatters [s, b, h]
-        ids = tokens.reshape(1, -1) if self.sequence_parallel else tokens.reshape(-1, 1)
-        hidden = self.embedding(ids)
+        if self.pre_process:
+            # [B*S, 1, hidden]; with SP megatron's embedding takes [b, s] and reduce-scatters [s, b, h]
+            ids = tokens.reshape(1, -1) if self.sequence_parallel else tokens.reshape(-1, 1)
+            hidden = self.embedding(ids)
+        else:
+            hidden = self.input_tensor
         for layer in self.layers:
             hidden = layer(hidden, packed)
+        if not self.post_process:
+            return hidden
         hidden = self.final_norm(hidden)
         logits = self.output_layer(hidden)[0]  # [B*S, 1, vocab / TP]
         if labels is not None:
@@ -106,12 +143,17 @@ def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **me
     Sequence parallelism defaults to on whenever TP > 1 and the model has MoE layers: megatron's
     MoE layer refuses to train with TP but without SP.
     """
+    from megatron.core import parallel_state
+
     size = tp.tp_size()
     if sequence_parallel is None:
         sequence_parallel = size > 1 and "moe" in config.ffn_types
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
     tconfig = megatron_config(config, tensor_parallel=size, sequence_parallel=sequence_parallel and size > 1,
-                              **megatron_kwargs)
-    return KimiLinearModel(config, tconfig)
+                              pipeline_parallel=stages, **megatron_kwargs)
+    return KimiLinearModel(config, tconfig, pre_process=stage == 0, post_process=stage == stages - 1,
+                           layer_range=stage_layers(config.num_layers, stages, stage))
 
 
 def count_parameters(model: nn.Module) -> int:

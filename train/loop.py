@@ -21,6 +21,7 @@ from train.config import RunConfig
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.optim import build_optimizer
 from train.schedule import learning_rate
+from train.step import forward_backward
 
 
 class StopRequested:
@@ -64,11 +65,6 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = mask.to(loss.dtype)
-    return (loss * mask).sum(), mask.sum()
-
-
 def build_data(run: RunConfig, dims: state.ParallelDims):
     from data import build_pretraining_loaders, ensure_default_dataset
 
@@ -94,16 +90,12 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
     )
 
 
-def evaluate(model, loader, iters: int, device) -> float:
+def evaluate(model, loader, iters: int, device, autocast=None) -> float:
     model.eval()
     loader.reset()  # the same validation batches at every evaluation
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for _ in range(iters):
-            batch = _to_device(next(loader), device)
-            loss = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
-            s, n = masked_mean(loss.float(), batch["loss_mask"])
-            total += torch.stack([s.double().cpu(), n.double().cpu()])
+    batches = [_to_device(next(loader), device) for _ in range(iters)]
+    loss_sum = forward_backward(model, batches, torch.ones(()), autocast, forward_only=True)
+    total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu()])
     if dist.is_initialized():
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     model.train()
@@ -124,8 +116,8 @@ def train(run: RunConfig) -> list[float]:
         seed=t.seed,
     )
     run.validate(dims.world_size)
-    if dims.pipeline > 1 or dims.context > 1:
-        raise NotImplementedError("pipeline and context parallelism are not wired into this loop yet")
+    if dims.context > 1:
+        raise NotImplementedError("context parallelism is not wired into this loop yet")
     device = state.device()
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
     tconfig = model.config
@@ -172,14 +164,9 @@ def train(run: RunConfig) -> list[float]:
         total_tokens = local_tokens.clone().double()
         if dp > 1:
             dist.all_reduce(total_tokens, group=parallel_state.get_data_parallel_group())
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in micro:
-            with autocast:  # bf16 compute, fp32 master weights; A_log/dt_bias math stays fp32
-                per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
-            s, _ = masked_mean(per_token.float(), batch["loss_mask"])
-            # scale so that the DP average of the summed micro-batch grads is the global token mean
-            (s * dp / total_tokens.to(s.dtype)).backward()
-            loss_sum += s.detach().double().cpu()
+        # scale so that the DP average of the summed micro-batch grads is the global token mean;
+        # autocast: bf16 compute with fp32 master weights (A_log/dt_bias math stays fp32)
+        loss_sum = forward_backward(model, micro, dp / total_tokens, autocast)
         all_reduce_sequence_parallel(model)
         all_reduce_data_parallel(model)
         if dp > 1:
@@ -219,7 +206,8 @@ def train(run: RunConfig) -> list[float]:
                 f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                     "tokens_per_s": tokens_per_step / elapsed}) + "\n")
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
-            log(f"step {done:6d} | validation loss {evaluate(model, valid_loader, t.eval_iters, device):.4f}")
+            valid = evaluate(model, valid_loader, t.eval_iters, device, autocast)
+            log(f"step {done:6d} | validation loss {valid:.4f}")
         exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
         if stop.any_rank() and done < t.train_iters:
             log(f"stop signal received: saving at step {done} and exiting")

@@ -1,7 +1,7 @@
 """Worker for test_parallel_training.py: the same 10 training steps under different layouts.
 
 init:   one process builds the model and saves it as a step-0 checkpoint.
-train:  torchrun with the layout given as TP EP; every layout loads that checkpoint (megatron
+train:  torchrun with the layout given as TP EP PP; every layout loads that checkpoint (megatron
         reshards it), trains on the same global batches, and rank 0 writes the loss curve.
 """
 
@@ -12,19 +12,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_config(workdir: Path, tp: int, ep: int):
+def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, **changes):
     from tests.helpers.small_models import mixed_config
     from train.config import RunConfig, TrainConfig
 
     train = TrainConfig(
         data_cache_dir=str(ROOT / "cache" / "data"), seq_length=64, micro_batch_size=2, global_batch_size=8,
         train_iters=10, lr=5e-3, lr_warmup_iters=2, log_interval=100, seed=3,
-        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, load=str(workdir / "init"),
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+        load=str(workdir / "init"),
     )
+    for key, value in changes.items():
+        setattr(train, key, value)
     return RunConfig(model=mixed_config(vocab_size=8192), train=train)
 
 
-def main(mode: str, workdir: Path, tp: int, ep: int) -> None:
+def main(mode: str, workdir: Path, tp: int, ep: int, pp: int) -> None:
     import torch.distributed as dist
 
     if mode == "init":
@@ -36,15 +39,26 @@ def main(mode: str, workdir: Path, tp: int, ep: int) -> None:
         state.initialize(state.ParallelDims(), seed=3)
         model = build_model(run.model)
         ckpt.save_checkpoint(workdir / "init", 0, model, None, run.to_dict())
+    elif mode == "save-half":  # train 5 of the 10 steps and save (model, optimizer, data position)
+        from train.loop import train
+
+        train(run_config(workdir, tp, ep, pp, exit_interval=5, save=str(workdir / "resharded")))
+    elif mode == "resume":  # continue that checkpoint at this layout
+        from train.loop import train
+
+        losses = train(run_config(workdir, tp, ep, pp, load="", save=str(workdir / "resharded")))
+        if dist.get_rank() == 0:
+            (workdir / f"resumed_tp{tp}_pp{pp}.json").write_text(json.dumps(losses))
     else:
         from train.loop import train
 
-        losses = train(run_config(workdir, tp, ep))
+        losses = train(run_config(workdir, tp, ep, pp))
         if dist.get_rank() == 0:
-            (workdir / f"losses_tp{tp}_ep{ep}_n{dist.get_world_size()}.json").write_text(json.dumps(losses))
+            name = f"losses_tp{tp}_ep{ep}_pp{pp}_n{dist.get_world_size()}.json"
+            (workdir / name).write_text(json.dumps(losses))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], Path(sys.argv[2]), *(int(x) for x in sys.argv[3:6]))

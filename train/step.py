@@ -1,0 +1,77 @@
+"""Forward and backward over the micro-batches of one step, with or without pipeline stages.
+
+The loss of a micro-batch is the sum of its masked per-token losses times ``scale`` (so that after
+the data-parallel average the gradient is that of the global token mean). Without pipeline
+parallelism the micro-batches run one after another (gradient accumulation); with it, megatron's
+schedules (1F1B) run them, every stage reading the same micro-batches for their ``cu_seqlens``.
+Returns the summed (unscaled) token loss of this data-parallel rank, on every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_token.float() * mask.to(torch.float32)).sum()
+
+
+def forward_backward(model, micro_batches: list[dict], scale: torch.Tensor, autocast=None,
+                     forward_only: bool = False) -> torch.Tensor:
+    autocast = autocast or contextlib.nullcontext()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return _sequential(model, micro_batches, scale, autocast, forward_only)
+    return _pipelined(model, micro_batches, scale, autocast, forward_only)
+
+
+def _sequential(model, micro_batches, scale, autocast, forward_only) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for batch in micro_batches:
+        with autocast, (torch.no_grad() if forward_only else contextlib.nullcontext()):
+            per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+            loss = masked_sum(per_token, batch["loss_mask"])
+        if not forward_only:
+            (loss * scale.to(loss.dtype)).backward()
+        total += loss.detach().double().cpu()
+    return total
+
+
+def _pipelined(model, micro_batches, scale, autocast, forward_only) -> torch.Tensor:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from parallel import cpu_compat
+
+    cpu_compat.enable_device_rewrite()  # the schedules allocate with device="cuda"
+
+    def forward_step(data_iterator, stage_model):
+        batch = next(data_iterator)
+        with autocast:
+            output = stage_model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+
+        def loss_func(per_token):
+            loss = masked_sum(per_token, batch["loss_mask"])
+            tokens = batch["loss_mask"].sum().to(torch.int)
+            return loss * scale.to(loss.dtype), tokens, {"loss_sum": loss.detach()}
+
+        return output, loss_func
+
+    first = micro_batches[0]["tokens"]
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=first.numel(),  # the packed stream [B*S, 1, hidden] travels between stages
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage():
+        for item in results:
+            total += item["loss_sum"].double().cpu()
+    dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total
