@@ -175,6 +175,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.distributed
 def test_muon_tp2_matches_tp1_under_torchrun(tmp_path):
     from tests.helpers.distributed import torchrun
 
