@@ -1,13 +1,15 @@
 """chunk_kda: Triton chunkwise KDA on CUDA tensors (forward + backward), PyTorch reference on CPU.
 
-The L2 norm of q/k, the scale and the gate activation are applied here with PyTorch ops
-(autograd carries their gradients); the Triton autograd.Function takes the normalised,
-scaled q, normalised k, v, the per-channel log-decay g (fp32), beta and the initial state.
+The L2 norm of q/k and the scale go through a fused Triton row kernel (l2norm.py), the gate
+activation through PyTorch ops (autograd carries their gradients); the chunk
+autograd.Function takes the normalised, scaled q, normalised k, v, the per-channel
+log-decay g (fp32), beta and the initial state.
 """
 import torch
 import triton
 
-from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay, l2norm
+from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay
+from kernels.kda.l2norm import l2norm_scale
 from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
 from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
@@ -147,9 +149,10 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    if use_qk_l2norm:
-        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
-    q = q * scale
+    if use_qk_l2norm:   # fused Triton row kernels (forward and backward)
+        q, k = l2norm_scale(q, scale), l2norm_scale(k, 1.0)
+    else:
+        q = q * scale
     glog = kda_log_decay(g, gate, torch.float32)
     if glog.dim() == 3:
         glog = glog.unsqueeze(-1).expand(B, T, H, K)

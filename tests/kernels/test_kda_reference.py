@@ -16,6 +16,7 @@ CASES = {
     "near_zero_decay": (dict(B=1, T=140, H=2, Dk=16, Dv=16, decay=(0.0, 1e-4)), None),
     "varlen": (dict(B=1, T=160, H=2, Dk=16, Dv=16), [1, 70, 3, 64, 22]),
     "varlen_softplus_gate": (dict(B=1, T=160, H=2, Dk=16, Dv=16, gate_kind="softplus"), [65, 1, 94]),
+    "varlen_empty_docs": (dict(B=1, T=80, H=2, Dk=16, Dv=16), [10, 0, 70, 0]),
     "gdn_scalar_gate": (dict(B=2, T=80, H=2, Dk=16, Dv=16, scalar_gate=True, decay=(0.0, 3.0)), None),
     "gdn_scalar_raw_gate": (dict(B=1, T=80, H=2, Dk=16, Dv=16, scalar_gate=True, gate_kind="softplus"), None),
 }

@@ -156,3 +156,22 @@ def test_chunk_kda_int64_addressing():
                                            beta[:, sl].cpu().float(), output_final_state=True)
     assert rel_rms(o[:, sl], o_ref) < TOL_BF16
     assert rel_rms(s[1:], s_ref) < TOL_BF16
+
+
+@pytest.mark.parametrize("D", [16, 100, 128])
+def test_l2norm_scale_kernel(D):
+    """The fused L2-norm row kernel (forward and backward) against autograd on fp64 PyTorch ops."""
+    from kernels.kda.l2norm import l2norm_scale
+    gen = torch.Generator().manual_seed(D)
+    x = torch.randn(3, 37, 2, D, generator=gen, dtype=torch.float64)
+    x[0, 0, 0] = 0.0    # a zero row: output 0, finite gradient
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    yr = xr * torch.rsqrt((xr * xr).sum(-1, keepdim=True) + 1e-6) * 0.3
+    yr.backward(dy)
+    xt = x.float().to(DEVICE).requires_grad_(True)
+    yt = l2norm_scale(xt, 0.3)
+    yt.backward(dy.float().to(DEVICE))
+    assert yt.dtype == torch.float32
+    assert_close("y", yt, yr, 1e-6)
+    assert_close("dx", xt.grad, xr.grad, 1e-6)
