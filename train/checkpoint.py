@@ -75,6 +75,7 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
     if optimizer is not None and optimizer.state:
         dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
     _barrier()
+    _fault_injection_pause(step)
     if _rank() == 0:
         (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
         if final.exists():
@@ -88,6 +89,16 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
                 shutil.rmtree(path, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fault_injection_pause(step: int) -> None:
+    """Tests kill a run in the middle of a save: KIMI_LINEAR_PAUSE_BEFORE_COMMIT=STEP:SECONDS
+    sleeps after the tensors of checkpoint STEP are written and before it is committed."""
+    spec = os.environ.get("KIMI_LINEAR_PAUSE_BEFORE_COMMIT", "")
+    if spec and int(spec.split(":")[0]) == step:
+        import time
+
+        time.sleep(float(spec.split(":")[1]))
 
 
 def read_meta(path: str | Path) -> dict:

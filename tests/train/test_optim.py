@@ -275,6 +275,7 @@ def test_muon_trains_the_mixed_model(mixed_model):
 
 
 # ----------------------------------------------------------------------------- QK-Clip
+@torch.no_grad()
 def _reference_max_logits(layer, x: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
     """Per-head max of q.k*scale in float64 straight from the weights (one sample, document-causal)."""
     x = x.double()

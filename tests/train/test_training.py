@@ -86,3 +86,64 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     (tmp_path / "e" / "latest").write_text("3\n")  # even a marker pointing at it is not trusted
     assert ckpt.latest_step(tmp_path / "e") == 2
     assert ckpt.load_model_for_inference(tmp_path / "e") is not None
+
+
+def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
+    """SIGKILL while checkpoint 2 is being written: checkpoint 1 stays the newest complete one,
+    loads, and a restarted run resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    save = tmp_path / "k"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KIMI_LINEAR_PAUSE_BEFORE_COMMIT": "2:60"}
+    cmd = [sys.executable, "launch/pretrain.py", "--config", "tiny", "--train-iters", "3", "--save-interval", "1",
+           "--save", str(save), "--set", f"train.data_cache_dir={ROOT / 'cache' / 'data'}",
+           "--seq-length", "32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (save / "iter_0000002.tmp" / "model" / ".metadata").exists():
+            assert proc.poll() is None and time.time() < deadline, "training ended before the second save"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert ckpt.latest_step(save) == 1
+    assert ckpt.load_model_for_inference(save) is not None
+    env.pop("KIMI_LINEAR_PAUSE_BEFORE_COMMIT")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and ckpt.latest_step(save) == 3
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    """SLURM preemption: SIGTERM makes the loop save at the next step boundary and exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    save = tmp_path / "s"
+    cmd = [sys.executable, "launch/pretrain.py", "--config", "tiny", "--train-iters", "100000", "--save", str(save),
+           "--set", f"train.data_cache_dir={ROOT / 'cache' / 'data'}", "--seq-length", "32",
+           "--save-interval", "100000", "--log-interval", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step      3/"):
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop signal received" in out
+    step = ckpt.latest_step(save)
+    assert step is not None and 3 <= step < 100000
