@@ -262,8 +262,9 @@ class MetricsLogger:
     when enabled, to Weights & Biases.
 
     W&B is optional (``pip install wandb`` / the ``wandb`` extra), imported lazily; if it is missing a
-    one-line notice is printed and only the JSONL file is written. It is used when ``wandb_project``
-    is non-empty and ``wandb_mode`` is not "disabled". Mode: ``wandb_mode`` if given, else
+    one-line notice is printed and only the JSONL file is written. It is used when there is a
+    ``run_dir`` (its files go to ``run_dir/wandb``), ``wandb_project`` is non-empty and ``wandb_mode``
+    is not "disabled". Mode: ``wandb_mode`` if given, else
     ``$WANDB_MODE``, else "offline" (sync later with ``wandb sync``); "online" uploads. Runs of a SLURM
     array are grouped by ``$SLURM_ARRAY_JOB_ID`` (named ``<job>_<task>``); ``config`` (the run
     config as a dict) is stored with the run. Create it on one rank only (``enabled``).
@@ -276,7 +277,7 @@ class MetricsLogger:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb = None
-        if enabled and wandb_project and wandb_mode != "disabled":
+        if enabled and run_dir and wandb_project and wandb_mode != "disabled":
             self.wandb = self._init_wandb(run_dir, config, wandb_project, wandb_mode, wandb_entity, run_name)
 
     @staticmethod
@@ -293,9 +294,8 @@ class MetricsLogger:
         kwargs = dict(project=project, mode=mode, config=config or {}, group=group, name=run_name or None)
         if entity:
             kwargs["entity"] = entity
-        if run_dir:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            kwargs["dir"] = str(run_dir)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["dir"] = str(run_dir)
         return wandb.init(**kwargs)
 
     def log(self, step: int, metrics: dict) -> None:

@@ -155,5 +155,6 @@ def test_wandb_online_when_configured_and_disabled(tmp_path, monkeypatch):
     MetricsLogger(tmp_path, {}, wandb_project="p", wandb_mode="offline", wandb_entity="me", run_name="r")
     MetricsLogger(tmp_path, {}, wandb_project="p", wandb_mode="disabled")
     MetricsLogger(tmp_path, {}, wandb_project="")
+    MetricsLogger(None, {}, wandb_project="p")  # no run directory: JSONL and W&B both off
     assert [r.kwargs["mode"] for r in runs] == ["online", "offline"]
     assert runs[0].kwargs["group"] is None and runs[1].kwargs["entity"] == "me" and runs[1].kwargs["name"] == "r"

@@ -345,3 +345,31 @@ def test_qk_clip_records_and_clips_mla_heads(mixed_model):
     torch.testing.assert_close(kvv[over][:, :16].double(), kvb[over][:, :16].double() * gamma.sqrt()[:, None, None])
     assert torch.equal(kvv[over][:, 16:], kvb[over][:, 16:])  # value rows untouched
     set_max_logit_recording(mixed_model, False)
+
+
+def test_training_loop_with_muon_resumes_exactly(tmp_path):
+    """build_optimizer(optimizer="muon") in the real loop: the loss falls, and the Muon momentum and
+    AdamW moments survive a checkpoint (2 + 2 steps == 4 steps, bitwise on CPU)."""
+    from pathlib import Path
+
+    from train.config import load_run_config
+    from train.loop import train
+
+    def run(**changes):
+        r = load_run_config("tiny")
+        r.model = r.model.replace(name="t", hidden_size=64, num_layers=2, layer_pattern="KA", kda_num_heads=2,
+                                  kda_head_dim=16, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16,
+                                  qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, num_experts=4,
+                                  num_experts_per_token=2, moe_intermediate_size=32)
+        values = dict(data_cache_dir=str(Path(__file__).resolve().parents[2] / "cache" / "data"), seq_length=32,
+                      micro_batch_size=2, global_batch_size=2, lr_warmup_iters=1, log_interval=100,
+                      optimizer="muon", lr=0.02, train_iters=4)
+        for key, value in {**values, **changes}.items():
+            setattr(r.train, key, value)
+        return r
+
+    straight = train(run(save=str(tmp_path / "a")))
+    first = train(run(exit_interval=2, save=str(tmp_path / "b")))
+    resumed = train(run(save=str(tmp_path / "b")))
+    assert first + resumed == straight
+    assert straight[-1] < straight[0]
