@@ -9,6 +9,7 @@ Inside the model a micro-batch ``[B, S]`` travels as one packed stream ``[B*S, 1
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -36,11 +37,20 @@ class DecoderLayer(MegatronModule):
         self.post_mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, sp)
         self.ffn = dense_mlp(tconfig) if self.ffn_type == "dense" else moe_layer(tconfig, layer_idx + 1)
 
-    def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
+    recompute = False  # activation recompute: keep only the layer input, redo the layer in backward
+
+    def _block(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
         hidden = hidden + self.mixer(self.input_norm(hidden), packed)
         out = self.ffn(self.post_mixer_norm(hidden))
         out = out[0] if isinstance(out, tuple) else out
         return hidden + out
+
+    def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # re-running the router in backward counts its tokens twice; the expert-bias update
+            # uses only the sign of (mean load - load), which doubling does not change
+            return torch.utils.checkpoint.checkpoint(self._block, hidden, packed, use_reentrant=False)
+        return self._block(hidden, packed)
 
 
 class LayerStack(nn.ModuleDict):

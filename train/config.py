@@ -30,7 +30,8 @@ class TrainConfig:
     reset_at_document_boundaries: bool = True
     # batch
     micro_batch_size: int = 2
-    global_batch_size: int = 4
+    global_batch_size: int = 4  # in sequences
+    global_batch_tokens: int = 0  # if set: the global batch in tokens (global_batch_size = this / seq_length)
     # optimisation
     train_iters: int = 200
     optimizer: str = "adamw"
@@ -46,6 +47,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = False  # bf16 autocast compute with fp32 master weights
+    recompute_layers: str = ""  # activation recompute: "" none, "all", or layer indices "0,3,5"
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # parallel layout
     tensor_model_parallel_size: int = 1
@@ -65,6 +67,13 @@ class TrainConfig:
     run_dir: str = ""
 
     def validate(self) -> "TrainConfig":
+        if self.global_batch_tokens:
+            if self.global_batch_tokens % self.seq_length:
+                raise ConfigError(
+                    f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                    f"train.seq_length={self.seq_length}"
+                )
+            self.global_batch_size = self.global_batch_tokens // self.seq_length
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")

@@ -43,6 +43,15 @@ class StopRequested:
         return bool(flag.item())
 
 
+def set_recompute(model, spec: str) -> None:
+    """``"all"`` or comma-separated global layer indices get activation recompute."""
+    if not spec:
+        return
+    wanted = None if spec == "all" else {int(x) for x in spec.split(",") if x.strip()}
+    for index, layer in model.layers.items():
+        layer.recompute = wanted is None or int(index) in wanted
+
+
 def log(message: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
@@ -121,6 +130,7 @@ def train(run: RunConfig) -> list[float]:
     device = state.device()
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
     tconfig = model.config
+    set_recompute(model, t.recompute_layers)
     optimizer = build_optimizer(model, t)
     train_loader, valid_loader = build_data(run, dims)
 

@@ -19,7 +19,8 @@ Parameters that are not hidden matrices use AdamW inside the same optimizer obje
 
 Tensor parallelism. ``NS5`` of a shard is not the shard of ``NS5`` of the matrix, so every
 TP-split matrix (megatron attributes ``tensor_model_parallel``/``partition_dim``) is all-gathered
-over its TP group along ``partition_dim`` (one coalesced all-gather per group and step), every rank
+over its TP group along ``partition_dim`` (coalesced all-gathers in buckets of ``BUCKET_NUMEL``
+gathered elements), every rank
 orthogonalises the full matrix (identical work, identical result) and keeps its own slice. Routed
 experts use megatron's expert-tensor-parallel group, everything else the TP group. Expert
 parallelism needs no communication: each rank owns whole experts, each expert's matrices are
@@ -53,6 +54,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 # Newton-Schulz iterations of at most this many matrices are batched into one bmm chain
 NS_BATCH = 32
+# gathered elements alive at once (per all-gather bucket): bounds the optimizer's transient memory
+BUCKET_NUMEL = 128 * 2**20
 
 
 # ----------------------------------------------------------------------------- the math
@@ -144,6 +147,20 @@ def _process_group(kind: str):
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def _buckets(index: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive runs of ``index`` whose sizes add up to at most ``limit`` (at least one each)."""
+    out, current, total = [], [], 0
+    for i, size in zip(index, sizes):
+        if current and total + size > limit:
+            out.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size
+    if current:
+        out.append(current)
+    return out
+
+
 def _all_gather_coalesced(tensors: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
     """Every rank's version of each tensor (same shapes on all ranks), one collective in total."""
     world = dist.get_world_size(group)
@@ -195,51 +212,46 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group) -> None:
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        params, directions = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            g = p.grad.float() if p.grad.dtype != p.dtype else p.grad
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(g.to(buf.dtype))
-            directions.append(g.add(buf, alpha=mu) if group["nesterov"] else buf.clone())
-            params.append(p)
+        params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        # gather the TP-split directions, one collective per process group
-        shards: list[list[torch.Tensor]] = [[d] for d in directions]
-        ranks, worlds = [0] * len(params), [1] * len(params)
-        by_group: dict[str, list[int]] = {}
+        grads = [p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype) for p in params]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        directions = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else [b.clone() for b in bufs]
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        # buckets of parameters sharing a process group (replicated ones: no group), bounded in size
+        # so that the gathered full matrices of one bucket at a time are alive
+        by_kind: dict[str | None, list[int]] = {}
         for i, p in enumerate(params):
             spec = self.specs.get(p, MatrixSpec())
-            if spec.partition_dim is not None:
-                by_group.setdefault(spec.group, []).append(i)
-        for kind, index in by_group.items():
-            pg = _process_group(kind)
-            if pg is None or dist.get_world_size(pg) == 1:
-                continue
-            gathered = _all_gather_coalesced([directions[i] for i in index], pg)
-            rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-            for i, every in zip(index, gathered):
-                shards[i], ranks[i], worlds[i] = every, rank, world
-        # orthogonalise all full matrices (batched by shape), then keep the local slices
-        matrices, owners = [], []
-        for i, p in enumerate(params):
-            full = full_matrices(shards[i], self.specs.get(p, MatrixSpec()))
-            matrices.extend(full)
-            owners.append(len(full))
-        updates = orthogonalize(matrices, group["ns_steps"], self.ns_dtype)
-        offset = 0
-        for i, p in enumerate(params):
-            mine = updates[offset:offset + owners[i]]
-            offset += owners[i]
-            update = local_update(mine, self.specs.get(p, MatrixSpec()), ranks[i], worlds[i])
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(update.to(p.dtype), alpha=-lr)
+            by_kind.setdefault(spec.group if spec.partition_dim is not None else None, []).append(i)
+        for kind, index in by_kind.items():
+            pg = _process_group(kind) if kind is not None else None
+            world = dist.get_world_size(pg) if pg is not None else 1
+            rank = dist.get_rank(pg) if pg is not None else 0
+            for bucket in _buckets(index, [directions[i].numel() for i in index], BUCKET_NUMEL // world):
+                if world > 1:
+                    shards = _all_gather_coalesced([directions[i] for i in bucket], pg)
+                else:
+                    shards = [[directions[i]] for i in bucket]
+                specs = [self.specs.get(params[i], MatrixSpec()) for i in bucket]
+                matrices, counts = [], []
+                for every, spec in zip(shards, specs):
+                    full = full_matrices(every, spec)
+                    matrices.extend(full)
+                    counts.append(len(full))
+                updates = orthogonalize(matrices, group["ns_steps"], self.ns_dtype)
+                offset = 0
+                for i, spec, n in zip(bucket, specs, counts):
+                    update = local_update(updates[offset:offset + n], spec, rank, world)
+                    offset += n
+                    params[i].add_(update.to(params[i].dtype), alpha=-lr)
 
     def _adamw_step(self, group) -> None:
         beta1, beta2 = group["betas"]
