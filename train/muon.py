@@ -19,9 +19,9 @@ Parameters that are not hidden matrices use AdamW inside the same optimizer obje
 
 Tensor parallelism. ``NS5`` of a shard is not the shard of ``NS5`` of the matrix, so every
 TP-split matrix (megatron attributes ``tensor_model_parallel``/``partition_dim``) is all-gathered
-over its TP group along ``partition_dim`` (coalesced all-gathers in buckets of ``BUCKET_NUMEL``
-gathered elements), every rank
-orthogonalises the full matrix (identical work, identical result) and keeps its own slice. Routed
+over its TP group along ``partition_dim`` (coalesced all-gathers in buckets of at most
+``BUCKET_NUMEL`` gathered elements), every rank orthogonalises the full matrix (identical work,
+identical result) and keeps its own slice. Routed
 experts use megatron's expert-tensor-parallel group, everything else the TP group. Expert
 parallelism needs no communication: each rank owns whole experts, each expert's matrices are
 orthogonalised separately (batched by shape).

@@ -136,8 +136,10 @@ WORKER = textwrap.dedent(
     from parallel import state
     state.initialize(state.ParallelDims(tensor=2))
     from megatron.core import tensor_parallel
+    import train.muon
     from train.muon import MatrixSpec, Muon
 
+    train.muon.BUCKET_NUMEL = 800  # several all-gather buckets
     rank = dist.get_rank()
     torch.manual_seed(0)
     layout = [((16, 12), 0, 1, "tp"), ((12, 16), 1, 1, "tp"), ((32, 12), 0, 2, "tp"), ((32, 12), 0, 2, "expert_tp"),
