@@ -1,9 +1,10 @@
 """chunk_kda: Triton chunkwise KDA on CUDA tensors (forward + backward), PyTorch reference on CPU.
 
-The L2 norm of q/k and the scale go through a fused Triton row kernel (l2norm.py), the gate
-activation through PyTorch ops (autograd carries their gradients); the chunk
-autograd.Function takes the normalised, scaled q, normalised k, v, the per-channel
-log-decay g (fp32), beta and the initial state.
+The L2 norm of q/k and the scale go through a fused Triton row kernel (l2norm.py). The
+per-channel gate activation (softplus or bounded form) is fused into the cumsum of the
+forward intra kernel and its backward into the backward intra kernel; the scalar (GDN)
+gate goes through PyTorch ops. The chunk autograd.Function takes the normalised, scaled q,
+normalised k, v, g (raw gate or log-decay), beta, the initial state and the gate parameters.
 """
 import torch
 import triton
@@ -15,6 +16,7 @@ from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fw
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
 
 CHUNK = 64
+GATE_LOG, GATE_SOFTPLUS, GATE_BOUNDED = 0, 1, 2   # constexpr GATE of the intra kernels
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor):
@@ -44,8 +46,9 @@ BV_SEQ = 32      # V-block of the sequential state passes
 BD = 32          # Dk slice of the 3-D diagonal-block products
 
 
-def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
-    """q, k, v, g, beta in token layout [T, H, D]; returns o, final state and saved buffers."""
+def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
+    """q, k, v, g, beta in token layout [T, H, D]; gate = (mode, A_log, dt_bias, lower_bound)
+    with mode 0 when g already is the log-decay. Returns o, final state and saved buffers."""
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -58,8 +61,10 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     Qg, Kg = (torch.empty(NC, H, 64, K, **f32) for _ in range(2))
     h = torch.empty(NC, H, K, V, **f32)
     ht = torch.empty(N, H, K, V, **f32) if want_ht else None
-    kda_fwd_intra_kernel[(NC, H)](q, k, g, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(BD, BK),
-                                  PREC=prec, num_warps=8, num_stages=1)
+    mode, A_log, dt_bias, lower = gate
+    kda_fwd_intra_kernel[(NC, H)](q, k, g, A_log, dt_bias, lower, Gc, Aqk, Bkk, cu, info, H=H, K=K,
+                                  BK=BK, BD=min(BD, BK), GATE=mode, PREC=prec, num_warps=8,
+                                  num_stages=1)
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
                                BK=BK, BV=BV, PREC=prec, num_warps=8, num_stages=1)
     BVs = min(BV, BV_SEQ)
@@ -75,7 +80,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht):
     return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h, Qg, Kg)
 
 
-def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
+def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, gate):
     Gc, Aqk, Bkk, Ainv, W, Vn, h, Qg, Kg = saved
     T, H, K = q.shape
     V = v.shape[-1]
@@ -100,37 +105,48 @@ def kda_chunk_bwd(q, k, v, beta, saved, h0, dht, do, cu, info, offsets, NC):
     dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
     dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
     dg = torch.empty(T, H, K, **f32)
+    mode, A_log, dt_bias, lower = gate
     BDi = min(BD, BK)
+    d_bias_p = dA_p = None
+    if mode != 0:   # per-chunk partial sums of the gate-parameter gradients
+        d_bias_p, dA_p = (torch.empty(NC, H, K, **f32) for _ in range(2))
     kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BDi))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
-                                                        dq, dk, dg, cu, info, H=H, K=K, BD=BDi,
-                                                        PREC=prec, num_warps=8, num_stages=1)
-    return dq, dk, dv, dg, dbeta, dh0
+                                                        dq, dk, dg, g, A_log, dt_bias, lower,
+                                                        d_bias_p, dA_p, cu, info, H=H, K=K, BD=BDi,
+                                                        GATE=mode, PREC=prec, num_warps=8, num_stages=1)
+    d_A = d_bias = None
+    if mode != 0:
+        d_A, d_bias = dA_p.sum((0, 2)), d_bias_p.sum(0).reshape(-1)
+    return dq, dk, dv, dg, dbeta, dh0, d_A, d_bias
 
 
 class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu, want_ht):
+    def forward(ctx, q, k, v, g, beta, h0, A_log, dt_bias, cu, want_ht, gate_mode, lower_bound):
         T = q.shape[0] * q.shape[1]
         B = q.shape[0]
         flat = lambda x: x.reshape(T, *x.shape[2:]).contiguous()
         qf, kf, vf, gf, bf = map(flat, (q, k, v, g, beta))
         info, offsets, NC = _chunk_tables(cu)
         h0c = h0.contiguous() if h0 is not None else None
-        o, ht, saved = kda_chunk_fwd(qf, kf, vf, gf, bf, h0c, cu, info, offsets, NC, want_ht)
-        ctx.save_for_backward(qf, kf, vf, bf, h0c, cu, info, offsets, *saved)
-        ctx.NC, ctx.B = NC, B
+        gate = (gate_mode, A_log, dt_bias, lower_bound)
+        o, ht, saved = kda_chunk_fwd(qf, kf, vf, gf, bf, h0c, cu, info, offsets, NC, want_ht, gate)
+        ctx.save_for_backward(qf, kf, vf, gf, bf, h0c, A_log, dt_bias, cu, info, offsets, *saved)
+        ctx.NC, ctx.B, ctx.gate_mode, ctx.lower_bound = NC, B, gate_mode, lower_bound
         return o.view(B, -1, *o.shape[1:]), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        qf, kf, vf, bf, h0, cu, info, offsets, *saved = ctx.saved_tensors
+        qf, kf, vf, gf, bf, h0, A_log, dt_bias, cu, info, offsets, *saved = ctx.saved_tensors
         B = ctx.B
         dof = do.reshape(-1, *do.shape[2:]).contiguous()
         dht = dht.contiguous() if dht is not None else None
-        dq, dk, dv, dg, dbeta, dh0 = kda_chunk_bwd(qf, kf, vf, bf, saved, h0, dht, dof, cu, info,
-                                                   offsets, ctx.NC)
+        gate = (ctx.gate_mode, A_log, dt_bias, ctx.lower_bound)
+        dq, dk, dv, dg, dbeta, dh0, d_A, d_bias = kda_chunk_bwd(qf, kf, vf, gf, bf, saved, h0, dht, dof, cu,
+                                                                info, offsets, ctx.NC, gate)
         unflat = lambda x: x.view(B, -1, *x.shape[1:])
-        return unflat(dq), unflat(dk), unflat(dv), unflat(dg), unflat(dbeta).to(bf.dtype), dh0, None, None
+        return (unflat(dq), unflat(dk), unflat(dv), unflat(dg).to(gf.dtype), unflat(dbeta).to(bf.dtype),
+                dh0, d_A, d_bias, None, None, None, None)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -153,13 +169,20 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         q, k = l2norm_scale(q, scale), l2norm_scale(k, 1.0)
     else:
         q = q * scale
-    glog = kda_log_decay(g, gate, torch.float32)
-    if glog.dim() == 3:
-        glog = glog.unsqueeze(-1).expand(B, T, H, K)
+    A_log = dt_bias = None
+    mode, lower = GATE_LOG, 0.0
+    if gate is not None and g.dim() == 4:   # gate activation fused into the cumsum kernel
+        A_log, dt_bias, lb = gate
+        A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
+        mode, lower = (GATE_SOFTPLUS, 0.0) if lb is None else (GATE_BOUNDED, float(lb))
+    else:                                   # log-decay given, or scalar (GDN) gate via PyTorch
+        g = kda_log_decay(g, gate, torch.float32)
+        if g.dim() == 3:
+            g = g.unsqueeze(-1).expand(B, T, H, K)
     if cu_seqlens is None:
         cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
     else:
         cu = cu_seqlens.to(torch.int32)
     h0 = initial_state.float() if initial_state is not None else None
-    o, ht = ChunkKDAFunction.apply(q, k, v, glog, beta, h0, cu, output_final_state)
+    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, A_log, dt_bias, cu, output_final_state, mode, lower)
     return o, ht

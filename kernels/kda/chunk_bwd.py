@@ -17,7 +17,7 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import _chunk_coords
+from kernels.kda.chunk_fwd import _chunk_coords, gate_backward
 
 
 @triton.jit
@@ -150,8 +150,10 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
 
 
 @triton.jit
-def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_seqlens, chunk_info,
-                         H: tl.constexpr, K: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, A_log, dt_bias,
+                         lower_bound, d_bias_p, dA_p, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr,
+                         PREC: tl.constexpr):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
@@ -167,6 +169,8 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
     b_qa = tl.load(q + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
     b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
     carry = tl.zeros([BD], dtype=tl.float32)
+    acc_bias = tl.zeros([BD], dtype=tl.float32)
+    acc_A = tl.zeros([BD], dtype=tl.float32)
     for bb in tl.static_range(4):
         b = 3 - bb
         rows = b * 16 + r16
@@ -225,4 +229,13 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
         carry += tl.sum(b_dG, axis=0)
         tl.store(dq + tok_off, b_dq, mask=m_rows)
         tl.store(dk + tok_off, b_dk, mask=m_rows)
+        if GATE != 0:   # back through the fused gate; per-chunk partial sums for the parameters
+            b_graw = tl.load(g + tok_off, mask=m_rows, other=0.).to(tl.float32)
+            b_dg, dA_el = gate_backward(b_dg, b_graw, A_log, dt_bias, lower_bound, i_h, dd, K, GATE)
+            b_dg = tl.where(m_rows, b_dg, 0.)
+            acc_bias += tl.sum(b_dg, axis=0)
+            acc_A += tl.sum(tl.where(m_rows, dA_el, 0.), axis=0)
         tl.store(dg + tok_off, b_dg, mask=m_rows)
+    if GATE != 0:
+        tl.store(d_bias_p + (i_c * H + i_h) * K + dd, acc_bias, mask=dd < K)
+        tl.store(dA_p + (i_c * H + i_h) * K + dd, acc_A, mask=dd < K)

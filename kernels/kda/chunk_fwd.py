@@ -33,6 +33,41 @@ def _chunk_coords(cu_seqlens, chunk_info, i_c):
 
 
 @triton.jit
+def softplus(z):
+    """log(1 + e^z) with PyTorch's threshold 20; for e^-|z| < 1e-2 a 3-term series replaces
+    log(1 + t), which in fp32 loses the low bits of small t (no log1p in tl)."""
+    t = tl.exp(-tl.abs(z))
+    small = t * (1. - t * (0.5 - t / 3.))
+    sp = tl.maximum(z, 0.) + tl.where(t < 1e-2, small, tl.log(1. + t))
+    return tl.where(z > 20., z, sp)
+
+
+@triton.jit
+def gate_log_decay(x, A_log, dt_bias, lower_bound, i_h, dk, K: tl.constexpr, GATE: tl.constexpr):
+    """GATE 1: -exp(A_log[h]) softplus(x + dt_bias) (threshold 20); GATE 2:
+    lower_bound * sigmoid(exp(A_log[h]) (x + dt_bias)). x: [rows, BK] raw gate."""
+    a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    z = x + tl.load(dt_bias + i_h * K + dk, mask=dk < K, other=0.).to(tl.float32)[None, :]
+    if GATE == 1:
+        return -a * softplus(z)
+    else:
+        return lower_bound * tl.sigmoid(a * z)
+
+
+@triton.jit
+def gate_backward(dglog, x, A_log, dt_bias, lower_bound, i_h, dk, K: tl.constexpr, GATE: tl.constexpr):
+    """(d raw gate, per-element d A_log) from d log-decay; see gate_log_decay."""
+    a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    z = x + tl.load(dt_bias + i_h * K + dk, mask=dk < K, other=0.).to(tl.float32)[None, :]
+    if GATE == 1:
+        return -a * tl.sigmoid(z) * dglog, -a * softplus(z) * dglog
+    else:
+        s = tl.sigmoid(a * z)
+        ds = lower_bound * s * (1. - s) * dglog
+        return ds * a, ds * a * z
+
+
+@triton.jit
 def _tile(ptr, cbase, i: tl.constexpr, j: tl.constexpr):
     """16x16 tile (block row i, block column j) of a per-chunk [64, 64] matrix."""
     r16 = tl.arange(0, 16)
@@ -53,9 +88,9 @@ def _beta_rows(beta, bos, L, H: tl.constexpr, i_h, i: tl.constexpr):
 
 
 @triton.jit
-def kda_fwd_intra_kernel(q, k, g, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
+def kda_fwd_intra_kernel(q, k, g, A_log, dt_bias, lower_bound, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                         PREC: tl.constexpr):
+                         GATE: tl.constexpr, PREC: tl.constexpr):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
@@ -69,6 +104,8 @@ def kda_fwd_intra_kernel(q, k, g, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     dk = tl.arange(0, BK)
     m_k = valid[:, None] & (dk[None, :] < K)
     b_g = tl.load(g + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+    if GATE != 0:   # g is the raw gate projection: compute the log-decay here (fp32)
+        b_g = tl.where(m_k, gate_log_decay(b_g, A_log, dt_bias, lower_bound, i_h, dk, K, GATE), 0.)
     b_G = tl.cumsum(b_g, axis=0)
     tl.store(Gc + (cbase + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
     tl.debug_barrier()

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
+from kernels.kda.chunk_fwd import softplus
 from kernels.kda.naive import _check_args, recurrent_kda_reference
 
 GATE_NONE, GATE_SOFTPLUS, GATE_BOUNDED = 0, 1, 2
@@ -54,7 +55,7 @@ def kda_fused_recurrent_kernel(q, k, v, g, beta, o, h0, ht, A_log, dt_bias, cu_s
             b_g = tl.load(g + row * K + dk, mask=m_k, other=0.).to(tl.float32)
         if GATE == 1:    # -exp(A_log) * softplus(g + dt_bias), softplus threshold 20
             x = b_g + b_bias
-            b_g = -b_a * tl.where(x > 20., x, tl.log(1. + tl.exp(tl.minimum(x, 20.))))
+            b_g = -b_a * softplus(x)
         elif GATE == 2:  # lower_bound * sigmoid(exp(A_log) * (g + dt_bias))
             b_g = lower_bound * tl.sigmoid(b_a * (b_g + b_bias))
         if L2NORM:
