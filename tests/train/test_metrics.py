@@ -6,7 +6,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics
 
