@@ -143,7 +143,7 @@ def kda_fwd_intra_kernel(q, k, g, A_log, dt_bias, lower_bound, Gc, Aqk, Bkk, cu_
         b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
         b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
         b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-        for c in range(16):
+        for c in tl.static_range(16):
             row_c = i * 16 + c
             b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
                            other=0.).to(tl.float32)
