@@ -29,7 +29,9 @@ def attn_flops(B, T, H, D):
     return B * H * 2 * T * T * D
 
 
-def make_inputs(B, T, H, D, device="cuda"):
+def make_inputs(B, T, H, D, device="cuda", raw_gate=False):
+    """raw_gate=False: g is the fp32 log-decay; True: g is the raw (bf16) gate projection and
+    (A_log, dt_bias) are returned for the in-kernel gate."""
     gen = torch.Generator(device=device).manual_seed(0)
     bf = dict(device=device, dtype=torch.bfloat16)
     q = torch.randn(B, T, H, D, generator=gen, **bf)
@@ -38,9 +40,13 @@ def make_inputs(B, T, H, D, device="cuda"):
     # log-decay like the model's gate: -exp(A_log) * softplus(raw + dt_bias), fp32
     raw = torch.randn(B, T, H, D, generator=gen, device=device)
     A = torch.log(torch.empty(H, device=device).uniform_(1, 16, generator=gen))
-    g = -A.exp()[:, None] * torch.nn.functional.softplus(raw - 4.0)
+    dt_bias = torch.full((H * D,), -4.0, device=device)
+    g = -A.exp()[:, None] * torch.nn.functional.softplus(raw + dt_bias.view(H, D))
     beta = torch.rand(B, T, H, generator=gen, **bf)
-    return [x.requires_grad_() for x in (q, k, v, g, beta)]
+    if raw_gate:
+        g = raw.to(torch.bfloat16)
+    tensors = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    return tensors, (A.requires_grad_(), dt_bias.requires_grad_())
 
 
 def bench(fn, rep=200):
@@ -99,6 +105,9 @@ def main():
     ap.add_argument("--shapes", default="8x4096,1x32768,2x65536")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--gate", choices=["log", "raw"], default="log",
+                    help="log: g is the precomputed fp32 log-decay; raw: bf16 gate projection, "
+                         "activation inside the op (ours: fused into the cumsum; FLA: use_gate_in_kernel)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kda_bench.json"))
     args = ap.parse_args()
     H, D = args.heads, args.dim
@@ -109,20 +118,23 @@ def main():
     except Exception as exc:  # pragma: no cover
         fla_chunk_kda, fla_version = None, f"unavailable ({exc})"
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               fla=fla_version)
+               fla=fla_version, gate=args.gate)
     print(env)
     rows = []
     for shape in args.shapes.split(","):
         B, T = map(int, shape.split("x"))
-        q, k, v, g, beta = make_inputs(B, T, H, D)
+        (q, k, v, g, beta), (A_log, dt_bias) = make_inputs(B, T, H, D, raw_gate=args.gate == "raw")
+        gate = (A_log, dt_bias, None) if args.gate == "raw" else None
+        fla_gate = dict(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias) if gate else {}
         ops = {
-            "ours": lambda q, k, v, g, beta: chunk_kda(q, k, v, g, beta)[0],
+            "ours": lambda q, k, v, g, beta: chunk_kda(q, k, v, g, beta, gate=gate)[0],
             "sdpa_flash": lambda q, k, v, g, beta: torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
         }
         if fla_chunk_kda is not None:
             ops["fla"] = lambda q, k, v, g, beta: fla_chunk_kda(q, k, v, g, beta,
-                                                                use_qk_l2norm_in_kernel=True)[0]
+                                                                use_qk_l2norm_in_kernel=True,
+                                                                **fla_gate)[0]
         for name, op in ops.items():
             inputs = [q, k, v] if name == "sdpa_flash" else [q, k, v, g, beta]
             call = (lambda op: (lambda *a: op(*a, g, beta)))(op) if name == "sdpa_flash" else op
