@@ -34,7 +34,7 @@ class TrainConfig:
     global_batch_tokens: int = 0  # if set: the global batch in tokens (global_batch_size = this / seq_length)
     # optimisation
     train_iters: int = 200
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices + AdamW for the rest)
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_schedule: str = "wsd"  # wsd | cosine | constant
@@ -45,6 +45,10 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    qk_clip_tau: float = 100.0  # MuonClip's QK-Clip threshold for MLA (Muon only); 0 = off
     seed: int = 1234
     bf16: bool = False  # bf16 autocast compute with fp32 master weights
     recompute_layers: str = ""  # activation recompute: "" none, "all", or layer indices "0,3,5"
@@ -65,6 +69,12 @@ class TrainConfig:
     eval_interval: int = 0
     eval_iters: int = 4
     run_dir: str = ""
+    metrics_interval: int = 10  # MoE load balance and KDA gate statistics every N steps; 0 = never
+    peak_flops_per_gpu: float = 0.0  # for MFU; 0 = detect from the GPU name
+    wandb_project: str = ""  # empty: no Weights & Biases (metrics.jsonl only)
+    wandb_mode: str = ""  # empty: $WANDB_MODE, else offline
+    wandb_entity: str = ""
+    wandb_run_name: str = ""
 
     def validate(self) -> "TrainConfig":
         if self.global_batch_tokens:
@@ -77,6 +87,8 @@ class TrainConfig:
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer={self.optimizer!r}: use adamw or muon")
         if self.lr_schedule not in ("wsd", "cosine", "constant"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: use wsd, cosine or constant")
         if self.data_weights and len(self.data_weights) != len(self.data_prefixes):

@@ -19,7 +19,10 @@ from parallel import state
 from train import checkpoint as ckpt
 from train.config import RunConfig
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
-from train.optim import build_optimizer
+from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
+from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics
+from train.muon import qk_clip, set_max_logit_recording
+from train.optim import build_optimizer, qk_clip_enabled
 from train.schedule import learning_rate
 from train.step import forward_backward
 
@@ -50,6 +53,14 @@ def set_recompute(model, spec: str) -> None:
     wanted = None if spec == "all" else {int(x) for x in spec.split(",") if x.strip()}
     for index, layer in model.layers.items():
         layer.recompute = wanted is None or int(index) in wanted
+
+
+def _memory_text() -> str:
+    if torch.cuda.is_available():
+        return f"mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    import psutil
+
+    return f"rss {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
 
 
 def log(message: str) -> None:
@@ -151,9 +162,12 @@ def train(run: RunConfig) -> list[float]:
     dp = dims.data
     accumulation = t.global_batch_size // (t.micro_batch_size * dp)
     tokens_per_step = t.global_batch_size * t.seq_length
-    metrics_file = Path(t.run_dir) / "metrics.jsonl" if t.run_dir and dist.get_rank() == 0 else None
-    if metrics_file:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    clipping = qk_clip_enabled(t)
+    set_max_logit_recording(model, clipping)
+    gates = GateMonitor(model)
+    peak = t.peak_flops_per_gpu or peak_flops_per_gpu()
+    logger = MetricsLogger(t.run_dir, run.to_dict(), wandb_project=t.wandb_project, wandb_mode=t.wandb_mode,
+                           wandb_entity=t.wandb_entity, run_name=t.wandb_run_name, enabled=dist.get_rank() == 0)
     losses: list[float] = []
     skipped_steps = nonfinite_in_a_row = 0
     stop = StopRequested()
@@ -169,6 +183,9 @@ def train(run: RunConfig) -> list[float]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        detailed = t.metrics_interval > 0 and (step + 1) % t.metrics_interval == 0
+        if detailed:
+            gates.arm()
         micro = [_to_device(next(train_loader), device) for _ in range(accumulation)]
         local_tokens = sum(m["loss_mask"].sum() for m in micro)
         total_tokens = local_tokens.clone().double()
@@ -179,13 +196,20 @@ def train(run: RunConfig) -> list[float]:
         loss_sum = forward_backward(model, micro, dp / total_tokens, autocast)
         all_reduce_sequence_parallel(model)
         all_reduce_data_parallel(model)
+        # detailed statistics read the router counters before the expert-bias update clears them
+        extra = {**moe_load_metrics(model), **gates.collect(), **kda_decay_at_zero_input(model)} if detailed else {}
+        flops = model_flops_per_step(run.model, cu_seqlens_list=[m["cu_seqlens"].cpu() for m in micro])["total"]
+        sums = torch.tensor([float(loss_sum), float(flops)], dtype=torch.float64)
         if dp > 1:
-            dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        loss_sum, flops = sums[0], float(sums[1])
         loss = float(loss_sum / total_tokens.cpu())
         grad_norm = clip_gradients(model, t.clip_grad)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             _update_expert_bias(model, tconfig)
             optimizer.step()
+            if clipping:
+                extra.update({f"qk_clip/{k}": v for k, v in qk_clip(model, t.qk_clip_tau).items()})
             nonfinite_in_a_row = 0
         else:  # skip the update, keep the weights; stop after too many in a row
             optimizer.zero_grad(set_to_none=True)
@@ -207,14 +231,18 @@ def train(run: RunConfig) -> list[float]:
         losses.append(loss)
         elapsed = time.time() - step_start
         done = step + 1
+        # ``flops``: the model FLOPs of the whole global batch (summed over DP), shared by all GPUs
+        tflops_per_gpu = flops / max(elapsed, 1e-9) / dist.get_world_size() / 1e12
+        step_mfu = mfu(flops, elapsed, dist.get_world_size(), peak)
         if done % t.log_interval == 0 or done == t.train_iters:
             eta = (time.time() - run_start) / (done - start_step) * (t.train_iters - done)
             log(f"step {done:6d}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                f"{tokens_per_step / elapsed:,.0f} tokens/s | ETA {eta:,.0f}s")
-        if metrics_file:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                    "tokens_per_s": tokens_per_step / elapsed}) + "\n")
+                f"{tokens_per_step / elapsed:,.0f} tokens/s | {tflops_per_gpu:.2f} TFLOP/s/GPU"
+                + (f" | MFU {100 * step_mfu:.1f}%" if step_mfu is not None else "")
+                + f" | {_memory_text()} | ETA {eta:,.0f}s")
+        logger.log(done, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
+                          "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
+                          "skipped_steps": skipped_steps, **memory_metrics(), **extra})
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             valid = evaluate(model, valid_loader, t.eval_iters, device, autocast)
             log(f"step {done:6d} | validation loss {valid:.4f}")
@@ -229,4 +257,5 @@ def train(run: RunConfig) -> list[float]:
         if exiting:
             log(f"exit interval reached at step {done}")
             break
+    logger.close()
     return losses

@@ -102,12 +102,14 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path):
     cmd = [sys.executable, "launch/pretrain.py", "--config", "tiny", "--train-iters", "3", "--save-interval", "1",
            "--save", str(save), "--set", f"train.data_cache_dir={ROOT / 'cache' / 'data'}",
            "--seq-length", "32"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not (save / "iter_0000002.tmp" / "model" / ".metadata").exists():
-            assert proc.poll() is None and time.time() < deadline, "training ended before the second save"
+            assert proc.poll() is None and time.time() < deadline, (
+                "training ended before the second save:\n" + (tmp_path / "stderr.txt").read_text()[-3000:]
+            )
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
