@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
+from model.config import ConfigError
 from train.config import RunConfig
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
@@ -137,7 +138,10 @@ def train(run: RunConfig) -> list[float]:
     )
     run.validate(dims.world_size)
     if dims.context > 1:
-        raise NotImplementedError("context parallelism is not wired into this loop yet")
+        raise ConfigError(
+            "--context-parallel-size > 1: context parallelism (KDA state passing, MLA all-gather) is not "
+            "available in this version; use tensor/pipeline/data parallelism"
+        )
     device = state.device()
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
     tconfig = model.config
@@ -250,7 +254,9 @@ def train(run: RunConfig) -> list[float]:
         if stop.any_rank() and done < t.train_iters:
             log(f"stop signal received: saving at step {done} and exiting")
             exiting = True
-        if t.save and (done % t.save_interval == 0 or done == t.train_iters or exiting):
+        # no periodic save in the middle of a non-finite streak: the newest checkpoint stays the last good step
+        periodic = (done % t.save_interval == 0 or done == t.train_iters) and nonfinite_in_a_row == 0
+        if t.save and (periodic or exiting):
             meta = {**run.to_dict(), "data": train_loader.state_dict()}
             path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
             log(f"saved checkpoint {path}")

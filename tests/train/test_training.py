@@ -171,3 +171,39 @@ def test_activation_recompute_gives_the_same_gradients():
     plain, recomputed = grads(False), grads(True)
     for name in plain:
         assert torch.allclose(plain[name], recomputed[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    """A NaN step is skipped (weights unchanged, counted); K in a row stop the run with a clear
+    error naming the last good checkpoint, which stays loadable."""
+    import math
+
+    import train.loop as loop
+
+    real = loop.forward_backward
+    bad_steps = set()
+    calls = {"n": 0}
+
+    def flaky(model, micro, scale, autocast=None, forward_only=False):
+        calls["n"] += 1
+        total = real(model, micro, scale, autocast, forward_only)
+        return total * float("nan") if calls["n"] in bad_steps else total
+
+    monkeypatch.setattr(loop, "forward_backward", flaky)
+    bad_steps.update({2})
+    run = small_run(tmp_path, train_iters=4, save=str(tmp_path / "n1"), save_interval=1, run_dir=str(tmp_path / "n1"))
+    losses = loop.train(run)
+    assert math.isnan(losses[1]) and all(math.isfinite(x) for x in losses[2:])
+    import json
+
+    records = [json.loads(x) for x in (tmp_path / "n1" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 1
+
+    calls["n"] = 0
+    bad_steps.clear()
+    bad_steps.update({2, 3, 4, 5, 6})
+    run = small_run(tmp_path, train_iters=8, save=str(tmp_path / "n2"), save_interval=1, max_nonfinite_steps=3)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .* last good checkpoint is .*iter_0000001"):
+        loop.train(run)
+    assert ckpt.latest_step(tmp_path / "n2") == 1
+    assert ckpt.load_model_for_inference(tmp_path / "n2") is not None
