@@ -1,13 +1,20 @@
 """KDA kernel tests: run Triton in the CPU interpreter when there is no GPU.
 
-TRITON_INTERPRET must be set before any @triton.jit kernel is defined, so it is set here,
-before the kernel modules are imported by the test files.
+TRITON_INTERPRET must be on before `triton` itself is first imported (triton.language's own
+helpers are @jit functions, interpreted or compiled from that moment on). pytest loads this
+file before importing any test module of this folder or of later folders (model tests import
+kernels.kda), so setting it here works for `pytest tests` and `pytest tests/kernels`; it does
+not if triton was imported before pytest started.
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.stderr.write("tests/kernels: triton was imported before TRITON_INTERPRET=1 could be "
+                         "set; the Triton kernel tests will fail on this CPU-only machine\n")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
