@@ -69,11 +69,14 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
         (tmp / "optimizer").mkdir()
+        (tmp / "rng").mkdir()
     _barrier()
     model_state = model.sharded_state_dict()
     dist_checkpointing.save(model_state, str(tmp / "model"))
     if optimizer is not None and optimizer.state:
         dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     _fault_injection_pause(step)
     if _rank() == 0:
@@ -160,6 +163,42 @@ def load_model_state(model, path: Path) -> None:
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def rng_state() -> dict:
+    """Every generator a step may draw from (this rank's): Python, NumPy, torch CPU and CUDA, and
+    megatron's model-parallel RNG tracker."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_rng_state(path: Path) -> bool:
+    """Restore this rank's generators (False when the checkpoint has none for this rank, e.g. it
+    was written with another number of ranks; training does not depend on them bitwise then)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    file = path / "rng" / f"rank_{_rank():05d}.pt"
+    if not file.exists():
+        return False
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def _optimizer_params(optimizer):

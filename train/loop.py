@@ -158,6 +158,7 @@ def train(run: RunConfig) -> list[float]:
         ckpt.load_model_state(model, path)
         start_step = int(meta["step"])
         ckpt.load_optimizer_state(model, optimizer, path, start_step)
+        ckpt.load_rng_state(path)
         if "data" in meta:
             train_loader.load_state_dict(meta["data"])
         start_step = int(meta["step"])
