@@ -11,7 +11,6 @@ import triton
 
 from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay
 from kernels.kda.l2norm import l2norm_scale
-from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
 from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
 

@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
 from kernels.kda.chunk_fwd import softplus
 from kernels.kda.naive import _check_args, recurrent_kda_reference
 

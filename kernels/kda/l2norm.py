@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kda import _interpreter  # noqa: F401  (patches Triton only under TRITON_INTERPRET=1)
 
 EPS = 1e-6
 
