@@ -31,6 +31,7 @@ FLAG_FIELDS = {
     "seed": int,
     "tensor_model_parallel_size": int,
     "pipeline_model_parallel_size": int,
+    "virtual_pipeline_model_parallel_size": int,
     "expert_model_parallel_size": int,
     "context_parallel_size": int,
     "log_interval": int,

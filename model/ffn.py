@@ -73,6 +73,9 @@ def megatron_config(
         gradient_accumulation_fusion=False,
         # our loss functions return token sums; pipeline schedules must not rescale them
         calculate_per_token_loss=True,
+        # gloo does not group batched isend/irecv, so two same-shaped tensors between one pair of
+        # ranks (interleaved PP=2) can be matched in the wrong order; send them one by one there
+        batch_p2p_comm=torch.cuda.is_available(),
         pipeline_dtype=params_dtype,
         **moe_fields,
     )

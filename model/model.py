@@ -91,6 +91,9 @@ class KimiLinearModel(MegatronModule):
         self.model_config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's interleaved schedule
         std = config.initializer_range
         self.sequence_parallel = bool(tconfig.sequence_parallel)
         if pre_process:
@@ -147,8 +150,42 @@ class KimiLinearModel(MegatronModule):
         return tp.sharded_state_dict_with_axes(self, prefix, {}, sharded_offsets, metadata)
 
 
-def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **megatron_kwargs) -> KimiLinearModel:
-    """Build the model for the current parallel state (call parallel.state.initialize first).
+class ModelChunks(nn.Module):
+    """The model chunks of one pipeline rank under virtual pipeline stages (interleaved 1F1B).
+
+    Chunk c of rank r is virtual stage ``c * PP + r``. Parameters, ``layers`` and the sharded state
+    dict span all chunks; layer keys are global, so checkpoints are the same as without chunks.
+    """
+
+    def __init__(self, chunks: list[KimiLinearModel]):
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+        self.config = chunks[0].config
+        self.model_config = chunks[0].model_config
+
+    @property
+    def layers(self) -> dict:
+        return {index: layer for chunk in self.chunks for index, layer in chunk.layers.items()}
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        merged = {}
+        for chunk in self.chunks:
+            merged.update(chunk.sharded_state_dict(prefix, sharded_offsets, metadata))
+        return merged
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        missing, unexpected = [], set(state_dict)
+        for chunk in self.chunks:
+            own = set(chunk.state_dict())
+            result = chunk.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+            missing += list(result.missing_keys)
+            unexpected -= own
+        return torch.nn.modules.module._IncompatibleKeys(missing, sorted(unexpected))
+
+
+def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **megatron_kwargs):
+    """Build this rank's model for the current parallel state (call parallel.state.initialize first):
+    a KimiLinearModel, or ModelChunks under virtual pipeline stages.
 
     Sequence parallelism defaults to on whenever TP > 1 and the model has MoE layers: megatron's
     MoE layer refuses to train with TP but without SP.
@@ -159,11 +196,20 @@ def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **me
     if sequence_parallel is None:
         sequence_parallel = size > 1 and "moe" in config.ffn_types
     stages = parallel_state.get_pipeline_model_parallel_world_size()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     tconfig = megatron_config(config, tensor_parallel=size, sequence_parallel=sequence_parallel and size > 1,
                               pipeline_parallel=stages, **megatron_kwargs)
-    return KimiLinearModel(config, tconfig, pre_process=stage == 0, post_process=stage == stages - 1,
-                           layer_range=stage_layers(config.num_layers, stages, stage))
+    if virtual > 1:
+        tconfig.virtual_pipeline_model_parallel_size = virtual
+    chunks = []
+    for chunk in range(virtual):
+        stage = chunk * stages + rank
+        model = KimiLinearModel(config, tconfig, pre_process=stage == 0, post_process=stage == stages * virtual - 1,
+                                layer_range=stage_layers(config.num_layers, stages * virtual, stage))
+        model.vp_stage = chunk if virtual > 1 else None
+        chunks.append(model)
+    return chunks[0] if virtual == 1 else ModelChunks(chunks)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -52,6 +52,10 @@ class ParallelDims:
                 f"--expert-model-parallel-size={self.expert} must divide data x context parallel size "
                 f"= {self.data * self.context}"
             )
+        if self.virtual_pipeline and self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise ParallelConfigError(
+                "--virtual-pipeline-model-parallel-size > 1 needs --pipeline-model-parallel-size > 1"
+            )
         if self.sequence_parallel and self.tensor == 1:
             raise ParallelConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         return self

@@ -56,6 +56,7 @@ class TrainConfig:
     # parallel layout
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
@@ -121,6 +122,19 @@ class RunConfig:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size "
                 f"({t.micro_batch_size}) x data-parallel size ({dp})"
+            )
+        pp, vpp = t.pipeline_model_parallel_size, t.virtual_pipeline_model_parallel_size
+        stages = pp * max(vpp, 1)
+        if self.model.num_layers < stages:
+            raise ConfigError(
+                f"model.num_layers={self.model.num_layers} is fewer than the {stages} pipeline stages "
+                f"(pipeline {pp} x virtual {vpp}); every stage needs at least one layer"
+            )
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        if vpp > 1 and micro_batches % pp:
+            raise ConfigError(
+                f"interleaved pipeline (virtual stages) needs the micro-batches per step ({micro_batches} = "
+                f"global_batch_size / (micro_batch_size x DP)) to be a multiple of the pipeline size ({pp})"
             )
         return self
 

@@ -130,6 +130,7 @@ def train(run: RunConfig) -> list[float]:
         state.ParallelDims(
             tensor=t.tensor_model_parallel_size,
             pipeline=t.pipeline_model_parallel_size,
+            virtual_pipeline=t.virtual_pipeline_model_parallel_size if t.virtual_pipeline_model_parallel_size > 1 else None,
             expert=t.expert_model_parallel_size,
             context=t.context_parallel_size,
             sequence_parallel=t.sequence_parallel,

@@ -59,19 +59,20 @@ def _pipelined(model, micro_batches, scale, autocast, forward_only) -> torch.Ten
 
         return output, loss_func
 
+    chunks = list(model.chunks) if hasattr(model, "chunks") else [model]
     first = micro_batches[0]["tokens"]
     results = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=[model],
+        # every model chunk walks the same micro-batches (it needs their cu_seqlens)
+        data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+        model=chunks,
         num_microbatches=len(micro_batches),
         seq_length=first.numel(),  # the packed stream [B*S, 1, hidden] travels between stages
         micro_batch_size=1,
         forward_only=forward_only,
     )
     total = torch.zeros((), dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage():
-        for item in results:
-            total += item["loss_sum"].double().cpu()
+    for item in results or []:  # loss dicts exist only on the rank holding the last (virtual) stage
+        total += item["loss_sum"].double().cpu()
     dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return total

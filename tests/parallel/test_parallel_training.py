@@ -53,3 +53,13 @@ def test_checkpoint_saved_at_tp2_pp2_resumes_at_tp1_pp1(workdir):
     assert len(resumed) == 5
     diffs = [abs(a - b) for a, b in zip(resumed, reference[5:])]
     assert max(diffs) < TOLERANCE, diffs
+
+
+@pytest.mark.distributed
+def test_interleaved_virtual_pipeline_matches_single_process(workdir):
+    """PP2 with 2 virtual stages per rank (4 chunks of one layer, interleaved 1F1B)."""
+    torchrun(WORKER, 2, "train", workdir, 1, 1, 2, 2, timeout=600)
+    reference = curve(workdir, 1, 1, 1, 1)
+    losses = json.loads((workdir / "losses_tp1_ep1_pp2_vpp2_n2.json").read_text())
+    diffs = [abs(a - b) for a, b in zip(losses, reference)]
+    assert len(losses) == 10 and max(diffs) < TOLERANCE, diffs

@@ -1,7 +1,7 @@
 """Worker for test_parallel_training.py: the same 10 training steps under different layouts.
 
 init:   one process builds the model and saves it as a step-0 checkpoint.
-train:  torchrun with the layout given as TP EP PP; every layout loads that checkpoint (megatron
+train:  torchrun with the layout given as TP EP PP [VPP]; every layout loads that checkpoint (megatron
         reshards it), trains on the same global batches, and rank 0 writes the loss curve.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, **changes):
+def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, **changes):
     from tests.helpers.small_models import mixed_config
     from train.config import RunConfig, TrainConfig
 
@@ -20,6 +20,7 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, **changes):
         data_cache_dir=str(ROOT / "cache" / "data"), seq_length=64, micro_batch_size=2, global_batch_size=8,
         train_iters=10, lr=5e-3, lr_warmup_iters=2, log_interval=100, seed=3,
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         load=str(workdir / "init"),
     )
     for key, value in changes.items():
@@ -27,7 +28,7 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, **changes):
     return RunConfig(model=mixed_config(vocab_size=8192), train=train)
 
 
-def main(mode: str, workdir: Path, tp: int, ep: int, pp: int) -> None:
+def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1) -> None:
     import torch.distributed as dist
 
     if mode == "init":
@@ -52,13 +53,14 @@ def main(mode: str, workdir: Path, tp: int, ep: int, pp: int) -> None:
     else:
         from train.loop import train
 
-        losses = train(run_config(workdir, tp, ep, pp))
+        losses = train(run_config(workdir, tp, ep, pp, vpp))
         if dist.get_rank() == 0:
-            name = f"losses_tp{tp}_ep{ep}_pp{pp}_n{dist.get_world_size()}.json"
+            suffix = f"_vpp{vpp}" if vpp > 1 else ""
+            name = f"losses_tp{tp}_ep{ep}_pp{pp}{suffix}_n{dist.get_world_size()}.json"
             (workdir / name).write_text(json.dumps(losses))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), *(int(x) for x in sys.argv[3:6]))
+    main(sys.argv[1], Path(sys.argv[2]), *(int(x) for x in sys.argv[3:]))
