@@ -255,9 +255,12 @@ def load_optimizer_state(model, optimizer, path: Path, step: int) -> bool:
             f"checkpoint is corrupt or was written by another optimizer"
         ) from None
     params = _optimizer_params(optimizer)
+    restore_extra = getattr(optimizer, "load_tensor", None)  # e.g. fp32 master weights
     for index, tensors in loaded["state"].items():
         target = optimizer.state[params[index]]
         for key, value in tensors.items():
+            if restore_extra is not None and restore_extra(params[index], key, value):
+                continue
             target[key].copy_(value)
         if "step" in target:
             target["step"].fill_(float(step))

@@ -50,7 +50,7 @@ class TrainConfig:
     muon_ns_steps: int = 5
     qk_clip_tau: float = 100.0  # MuonClip's QK-Clip threshold for MLA (Muon only); 0 = off
     seed: int = 1234
-    bf16: bool = False  # bf16 autocast compute with fp32 master weights
+    bf16: bool = False  # bf16 weights and compute, fp32 master weights and optimizer state
     recompute_layers: str = ""  # activation recompute: "" none, "all", or layer indices "0,3,5"
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # parallel layout

@@ -83,6 +83,7 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     def squares(grads):
         if not grads:
             return torch.zeros((), dtype=torch.float64)
+        grads = [g.float() if g.dtype != torch.float32 else g for g in grads]  # bf16 norms lose digits
         return torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum().cpu()
 
     dense_sq, expert_sq = squares(dense), squares(experts)

@@ -3,7 +3,6 @@ averaging, clipping, LR schedule, MoE expert-bias update, progress lines and che
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -24,6 +23,7 @@ from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
 from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
+from train.precision import MasterWeights, to_bf16
 from train.schedule import learning_rate
 from train.step import forward_backward
 
@@ -111,11 +111,11 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
     )
 
 
-def evaluate(model, loader, iters: int, device, autocast=None) -> float:
+def evaluate(model, loader, iters: int, device) -> float:
     model.eval()
     loader.reset()  # the same validation batches at every evaluation
     batches = [_to_device(next(loader), device) for _ in range(iters)]
-    loss_sum = forward_backward(model, batches, torch.ones(()), autocast, forward_only=True)
+    loss_sum = forward_backward(model, batches, torch.ones(()), forward_only=True)
     total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu()])
     if dist.is_initialized():
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
@@ -147,7 +147,12 @@ def train(run: RunConfig) -> list[float]:
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
     tconfig = model.config
     set_recompute(model, t.recompute_layers)
+    if t.bf16:  # bf16 weights and compute, fp32 master weights in the optimizer
+        to_bf16(model)
+        tconfig.pipeline_dtype = torch.bfloat16  # activations sent between pipeline stages
     optimizer = build_optimizer(model, t)
+    if t.bf16:
+        optimizer = MasterWeights(optimizer)
     train_loader, valid_loader = build_data(run, dims)
 
     start_step = 0
@@ -157,6 +162,8 @@ def train(run: RunConfig) -> list[float]:
         meta = ckpt.read_meta(path)
         ckpt.check_model_config(meta["model"], run.model, path)
         ckpt.load_model_state(model, path)
+        if isinstance(optimizer, MasterWeights):
+            optimizer.sync_masters_from_model()
         start_step = int(meta["step"])
         ckpt.load_optimizer_state(model, optimizer, path, start_step)
         ckpt.load_rng_state(path)
@@ -177,9 +184,6 @@ def train(run: RunConfig) -> list[float]:
     losses: list[float] = []
     skipped_steps = nonfinite_in_a_row = 0
     stop = StopRequested()
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else contextlib.nullcontext()
-    )
     run_start = time.time()
     model.train()
     for step in range(start_step, t.train_iters):
@@ -197,9 +201,8 @@ def train(run: RunConfig) -> list[float]:
         total_tokens = local_tokens.clone().double()
         if dp > 1:
             dist.all_reduce(total_tokens, group=parallel_state.get_data_parallel_group())
-        # scale so that the DP average of the summed micro-batch grads is the global token mean;
-        # autocast: bf16 compute with fp32 master weights (A_log/dt_bias math stays fp32)
-        loss_sum = forward_backward(model, micro, dp / total_tokens, autocast)
+        # scale so that the DP average of the summed micro-batch grads is the global token mean
+        loss_sum = forward_backward(model, micro, dp / total_tokens)
         all_reduce_sequence_parallel(model)
         all_reduce_data_parallel(model)
         # detailed statistics read the router counters before the expert-bias update clears them
@@ -250,7 +253,7 @@ def train(run: RunConfig) -> list[float]:
                           "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
                           "skipped_steps": skipped_steps, **memory_metrics(), **extra})
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
-            valid = evaluate(model, valid_loader, t.eval_iters, device, autocast)
+            valid = evaluate(model, valid_loader, t.eval_iters, device)
             log(f"step {done:6d} | validation loss {valid:.4f}")
         exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
         if stop.any_rank() and done < t.train_iters:

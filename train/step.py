@@ -20,18 +20,16 @@ def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token.float() * mask.to(torch.float32)).sum()
 
 
-def forward_backward(model, micro_batches: list[dict], scale: torch.Tensor, autocast=None,
-                     forward_only: bool = False) -> torch.Tensor:
-    autocast = autocast or contextlib.nullcontext()
+def forward_backward(model, micro_batches: list[dict], scale: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return _sequential(model, micro_batches, scale, autocast, forward_only)
-    return _pipelined(model, micro_batches, scale, autocast, forward_only)
+        return _sequential(model, micro_batches, scale, forward_only)
+    return _pipelined(model, micro_batches, scale, forward_only)
 
 
-def _sequential(model, micro_batches, scale, autocast, forward_only) -> torch.Tensor:
+def _sequential(model, micro_batches, scale, forward_only) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
-        with autocast, (torch.no_grad() if forward_only else contextlib.nullcontext()):
+        with torch.no_grad() if forward_only else contextlib.nullcontext():
             per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
             loss = masked_sum(per_token, batch["loss_mask"])
         if not forward_only:
@@ -40,7 +38,7 @@ def _sequential(model, micro_batches, scale, autocast, forward_only) -> torch.Te
     return total
 
 
-def _pipelined(model, micro_batches, scale, autocast, forward_only) -> torch.Tensor:
+def _pipelined(model, micro_batches, scale, forward_only) -> torch.Tensor:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from parallel import cpu_compat
@@ -49,8 +47,7 @@ def _pipelined(model, micro_batches, scale, autocast, forward_only) -> torch.Ten
 
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
-        with autocast:
-            output = stage_model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+        output = stage_model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
 
         def loss_func(per_token):
             loss = masked_sum(per_token, batch["loss_mask"])
