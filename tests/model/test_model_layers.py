@@ -224,3 +224,20 @@ def test_model_forward_shapes_and_block_structure(model):
         manual = (model.final_norm(h).squeeze(1) @ model.output_layer.weight.T).view(2, 50, -1)
     assert logits.shape == (2, 50, config.vocab_size)
     assert rel(logits, manual) < 1e-6
+
+
+def test_group_limited_top_k_picks_experts_from_the_chosen_groups():
+    """num_expert_group=2, topk_group=1: every token's experts come from one group of 4."""
+    from model.model import build_model
+    from parallel import state
+
+    state.initialize(state.ParallelDims(), seed=4)
+    config = mixed_config(num_experts=8, num_experts_per_token=2, num_expert_group=2, topk_group=1)
+    model = build_model(config)
+    router = model.layers[3].ffn.router
+    x = torch.randn(200, 1, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, routing_map = router(x)
+    groups = routing_map.view(200, 2, 4).any(-1)  # [tokens, groups]: which groups were used
+    assert (groups.sum(-1) == 1).all()
+    assert groups[:, 0].any() and groups[:, 1].any()  # both groups are used across tokens
