@@ -73,7 +73,11 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
     _barrier()
     model_state = model.sharded_state_dict()
     dist_checkpointing.save(model_state, str(tmp / "model"))
-    if optimizer is not None and optimizer.state:
+    if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):  # megatron's optimizer
+        from train.distributed_optimizer import state_for_save
+
+        dist_checkpointing.save(state_for_save(model, optimizer), str(tmp / "optimizer"))
+    elif optimizer is not None and optimizer.state:
         dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
@@ -243,6 +247,21 @@ def load_optimizer_state(model, optimizer, path: Path, step: int) -> bool:
     folder = path / "optimizer"
     if not folder.exists() or not any(folder.iterdir()):
         return False
+    if hasattr(optimizer, "sharded_state_dict"):  # megatron's distributed optimizer
+        from train.distributed_optimizer import restore_supported
+
+        if not restore_supported():
+            print(
+                "warning: megatron-core 0.19.2 cannot restore its distributed-optimizer state without "
+                "Apex or Transformer Engine; resuming with the saved weights, data position and RNG, "
+                "and fresh Adam moments",
+                flush=True,
+            )
+            return False
+        from train.distributed_optimizer import load
+
+        load(model, optimizer, folder, step)
+        return True
     materialize_optimizer_state(optimizer)
     from torch.distributed.checkpoint.api import CheckpointException
 

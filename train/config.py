@@ -51,6 +51,7 @@ class TrainConfig:
     qk_clip_tau: float = 100.0  # MuonClip's QK-Clip threshold for MLA (Muon only); 0 = off
     seed: int = 1234
     bf16: bool = False  # bf16 weights and compute, fp32 master weights and optimizer state
+    distributed_optimizer: bool = False  # megatron DDP + ZeRO-1 optimizer (AdamW; state sharded over DP)
     recompute_layers: str = ""  # activation recompute: "" none, "all", or layer indices "0,3,5"
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # parallel layout

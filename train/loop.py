@@ -24,6 +24,7 @@ from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, m
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
 from train.precision import MasterWeights, to_bf16
+from train import distributed_optimizer
 from train.schedule import learning_rate
 from train.step import forward_backward
 
@@ -150,9 +151,12 @@ def train(run: RunConfig) -> list[float]:
     if t.bf16:  # bf16 weights and compute, fp32 master weights in the optimizer
         to_bf16(model)
         tconfig.pipeline_dtype = torch.bfloat16  # activations sent between pipeline stages
-    optimizer = build_optimizer(model, t)
-    if t.bf16:
-        optimizer = MasterWeights(optimizer)
+    if t.distributed_optimizer:  # megatron DDP + ZeRO-1 distributed optimizer (AdamW)
+        runner, optimizer = distributed_optimizer.wrap(model, t)
+    else:
+        runner, optimizer = model, build_optimizer(model, t)
+        if t.bf16:
+            optimizer = MasterWeights(optimizer)
     train_loader, valid_loader = build_data(run, dims)
 
     start_step = 0
@@ -164,6 +168,8 @@ def train(run: RunConfig) -> list[float]:
         ckpt.load_model_state(model, path)
         if isinstance(optimizer, MasterWeights):
             optimizer.sync_masters_from_model()
+        elif t.distributed_optimizer:
+            optimizer.reload_model_params()  # its fp32 main weights were copied before the load
         start_step = int(meta["step"])
         ckpt.load_optimizer_state(model, optimizer, path, start_step)
         ckpt.load_rng_state(path)
@@ -190,9 +196,13 @@ def train(run: RunConfig) -> list[float]:
         step_start = time.time()
         lr = learning_rate(step, peak=t.lr, minimum=t.min_lr, warmup=t.lr_warmup_iters, total=t.train_iters,
                            schedule=t.lr_schedule, decay_fraction=t.lr_decay_fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        if t.distributed_optimizer:
+            distributed_optimizer.set_lr_and_wd(optimizer, lr, t.weight_decay)
+            distributed_optimizer.zero_grad(runner, optimizer)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
         detailed = t.metrics_interval > 0 and (step + 1) % t.metrics_interval == 0
         if detailed:
             gates.arm()
@@ -201,10 +211,12 @@ def train(run: RunConfig) -> list[float]:
         total_tokens = local_tokens.clone().double()
         if dp > 1:
             dist.all_reduce(total_tokens, group=parallel_state.get_data_parallel_group())
-        # scale so that the DP average of the summed micro-batch grads is the global token mean
-        loss_sum = forward_backward(model, micro, dp / total_tokens)
-        all_reduce_sequence_parallel(model)
-        all_reduce_data_parallel(model)
+        # scale so that the gradients after the DP reduction are those of the global token mean
+        # (our reduction averages over DP; megatron's DDP with per-token losses sums)
+        loss_sum = forward_backward(runner, micro, (1 if t.distributed_optimizer else dp) / total_tokens)
+        if not t.distributed_optimizer:
+            all_reduce_sequence_parallel(model)
+            all_reduce_data_parallel(model)
         # detailed statistics read the router counters before the expert-bias update clears them
         extra = {**moe_load_metrics(model), **gates.collect(), **kda_decay_at_zero_input(model)} if detailed else {}
         flops = model_flops_per_step(run.model, cu_seqlens_list=[m["cu_seqlens"].cpu() for m in micro])["total"]
@@ -213,8 +225,19 @@ def train(run: RunConfig) -> list[float]:
             dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
         loss_sum, flops = sums[0], float(sums[1])
         loss = float(loss_sum / total_tokens.cpu())
-        grad_norm = clip_gradients(model, t.clip_grad)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if t.distributed_optimizer:
+            if math.isfinite(loss):  # megatron reduces, clips and steps; it also moves the expert bias
+                _, grad_norm = distributed_optimizer.finish_step(runner, optimizer)
+            else:
+                grad_norm = float("nan")
+            from megatron.core.distributed.finalize_model_grads import reset_model_temporary_tensors
+
+            reset_model_temporary_tensors(tconfig, [model])
+        else:
+            grad_norm = clip_gradients(model, t.clip_grad)
+        if t.distributed_optimizer and math.isfinite(loss) and math.isfinite(grad_norm):
+            nonfinite_in_a_row = 0
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
             _update_expert_bias(model, tconfig)
             optimizer.step()
             if clipping:

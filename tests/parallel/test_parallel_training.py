@@ -63,3 +63,15 @@ def test_interleaved_virtual_pipeline_matches_single_process(workdir):
     losses = json.loads((workdir / "losses_tp1_ep1_pp2_vpp2_n2.json").read_text())
     diffs = [abs(a - b) for a, b in zip(losses, reference)]
     assert len(losses) == 10 and max(diffs) < TOLERANCE, diffs
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("nproc,tp,ep", [(2, 1, 1), (4, 2, 2)], ids=["dp2", "tp2-ep2-dp2"])
+def test_megatron_distributed_optimizer_matches_single_process(workdir, nproc, tp, ep):
+    """megatron-core DDP + distributed (ZeRO-1) Adam against our single-process AdamW run."""
+    torchrun(WORKER, nproc, "train", workdir, tp, ep, 1, 1, 1, timeout=600)
+    reference = curve(workdir, 1, 1, 1, 1)
+    losses = json.loads((workdir / f"losses_tp{tp}_ep{ep}_pp1_zero_n{nproc}.json").read_text())
+    diffs = [abs(a - b) for a, b in zip(losses, reference)]
+    assert len(losses) == 10 and max(diffs) < TOLERANCE, diffs
+

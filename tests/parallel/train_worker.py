@@ -1,7 +1,8 @@
 """Worker for test_parallel_training.py: the same 10 training steps under different layouts.
 
 init:   one process builds the model and saves it as a step-0 checkpoint.
-train:  torchrun with the layout given as TP EP PP [VPP]; every layout loads that checkpoint (megatron
+train:  torchrun with the layout given as TP EP PP [VPP [ZERO]] (ZERO=1: megatron's distributed
+        optimizer); every layout loads that checkpoint (megatron
         reshards it), trains on the same global batches, and rank 0 writes the loss curve.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, **changes):
+def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, zero: int = 0, **changes):
     from tests.helpers.small_models import mixed_config
     from train.config import RunConfig, TrainConfig
 
@@ -20,7 +21,7 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, **cha
         data_cache_dir=str(ROOT / "cache" / "data"), seq_length=64, micro_batch_size=2, global_batch_size=8,
         train_iters=10, lr=5e-3, lr_warmup_iters=2, log_interval=100, seed=3,
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=vpp, distributed_optimizer=bool(zero),
         load=str(workdir / "init"),
     )
     for key, value in changes.items():
@@ -28,7 +29,7 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, **cha
     return RunConfig(model=mixed_config(vocab_size=8192), train=train)
 
 
-def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1) -> None:
+def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1, zero: int = 0) -> None:
     import torch.distributed as dist
 
     if mode == "init":
@@ -43,19 +44,21 @@ def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1) -> N
     elif mode == "save-half":  # train 5 of the 10 steps and save (model, optimizer, data position)
         from train.loop import train
 
-        train(run_config(workdir, tp, ep, pp, exit_interval=5, save=str(workdir / "resharded")))
+        name = "resharded_zero" if zero else "resharded"
+        train(run_config(workdir, tp, ep, pp, vpp, zero, exit_interval=5, save=str(workdir / name)))
     elif mode == "resume":  # continue that checkpoint at this layout
         from train.loop import train
 
-        losses = train(run_config(workdir, tp, ep, pp, load="", save=str(workdir / "resharded")))
+        name = "resharded_zero" if zero else "resharded"
+        losses = train(run_config(workdir, tp, ep, pp, vpp, zero, load="", save=str(workdir / name)))
         if dist.get_rank() == 0:
-            (workdir / f"resumed_tp{tp}_pp{pp}.json").write_text(json.dumps(losses))
+            (workdir / f"resumed_tp{tp}_pp{pp}{'_zero' if zero else ''}.json").write_text(json.dumps(losses))
     else:
         from train.loop import train
 
-        losses = train(run_config(workdir, tp, ep, pp, vpp))
+        losses = train(run_config(workdir, tp, ep, pp, vpp, zero))
         if dist.get_rank() == 0:
-            suffix = f"_vpp{vpp}" if vpp > 1 else ""
+            suffix = (f"_vpp{vpp}" if vpp > 1 else "") + ("_zero" if zero else "")
             name = f"losses_tp{tp}_ep{ep}_pp{pp}{suffix}_n{dist.get_world_size()}.json"
             (workdir / name).write_text(json.dumps(losses))
     dist.barrier()
