@@ -248,16 +248,6 @@ def load_optimizer_state(model, optimizer, path: Path, step: int) -> bool:
     if not folder.exists() or not any(folder.iterdir()):
         return False
     if hasattr(optimizer, "sharded_state_dict"):  # megatron's distributed optimizer
-        from train.distributed_optimizer import restore_supported
-
-        if not restore_supported():
-            print(
-                "warning: megatron-core 0.19.2 cannot restore its distributed-optimizer state without "
-                "Apex or Transformer Engine; resuming with the saved weights, data position and RNG, "
-                "and fresh Adam moments",
-                flush=True,
-            )
-            return False
         from train.distributed_optimizer import load
 
         load(model, optimizer, folder, step)

@@ -6,9 +6,7 @@ its shard only (memory per rank ~ 1/DP of the optimizer state) and all-gathers t
 weights. ``finalize_model_grads`` also sums the sequence-parallel weights over TP and updates the
 MoE expert bias. The loss is a token sum scaled by 1/(global tokens) (``calculate_per_token_loss``:
 megatron sums, it does not average, over DP). Checkpoints use the optimizer's own sharded state
-dict ("fully_reshardable": loadable at another DP/TP/PP layout). Restoring that state needs
-Apex or Transformer Engine in megatron-core 0.19.2 (``restore_supported``); without them a resumed
-run keeps the weights, data position and RNG and restarts the Adam moments, with a warning.
+dict ("fully_reshardable": loadable at another DP/TP/PP layout).
 """
 
 from __future__ import annotations
@@ -32,11 +30,33 @@ def check(train) -> None:
         raise ConfigError("train.distributed_optimizer=true is not wired for virtual pipeline stages yet")
 
 
+def _tolerate_state_keys_missing_from_checkpoint() -> None:
+    """megatron-core 0.19.2 with torch's Adam (no Apex/TE) keeps a tensor ``step`` per parameter,
+    which the fully-reshardable checkpoint does not store, and then fails copying it back
+    (KeyError 'step'). Missing keys are skipped instead; ``load`` sets the step afterwards."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_tolerant", False):
+        return
+
+    class _MissingIsNone(dict):
+        def __missing__(self, key):
+            return None
+
+    def tolerant(self, model_param, tensors):
+        return original(self, model_param, _MissingIsNone(tensors))
+
+    tolerant._tolerant = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = tolerant
+
+
 def wrap(model, train):
     """(DDP-wrapped model, megatron optimizer). Call after the model is on its device (and in bf16)."""
     from parallel import cpu_compat
 
     check(train)
+    _tolerate_state_keys_missing_from_checkpoint()
     cpu_compat.enable_device_rewrite()  # megatron's optimizer allocates with device="cuda"
     ddp = DistributedDataParallel(
         config=model.config,
@@ -97,30 +117,18 @@ def _materialize_state(optimizer) -> None:
                     state["step"] = torch.zeros((), dtype=torch.float32)
 
 
-def restore_supported() -> bool:
-    """megatron-core 0.19.2 loads distributed-optimizer state only with Apex/TE fused Adam (its
-    torch-Adam path fails on the per-parameter ``step``; seen on CPU with gloo)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    return bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False))
-
-
 def _inner_states(optimizer):
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         yield from sub.optimizer.state.values()
 
 
 def load(model, optimizer, folder, step: int) -> None:
-    """Load (and reshard) the distributed optimizer's state. megatron-core 0.19.2 without Apex/TE
-    needs Adam's per-parameter ``step`` to build the loading template but then fails on it while
-    copying the loaded tensors: drop it for the copy and set it from the checkpoint's step."""
+    """Load (and reshard) the distributed optimizer's state, then set Adam's step counters."""
     from megatron.core import dist_checkpointing
 
     _materialize_state(optimizer)
     template = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=SHARDING)
     loaded = dist_checkpointing.load(template, str(folder))
-    for state in _inner_states(optimizer):
-        state.pop("step", None)
     optimizer.load_state_dict(loaded)
     for state in _inner_states(optimizer):
         state["step"] = torch.tensor(float(step))

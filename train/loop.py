@@ -3,11 +3,9 @@ averaging, clipping, LR schedule, MoE expert-bias update, progress lines and che
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

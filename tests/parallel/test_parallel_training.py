@@ -75,3 +75,15 @@ def test_megatron_distributed_optimizer_matches_single_process(workdir, nproc, t
     diffs = [abs(a - b) for a, b in zip(losses, reference)]
     assert len(losses) == 10 and max(diffs) < TOLERANCE, diffs
 
+
+
+@pytest.mark.distributed
+def test_distributed_optimizer_checkpoint_reshards_tp2_dp2_to_dp2(workdir):
+    """The distributed optimizer's state (fully reshardable), saved by TP2xDP2 at step 5, resumes at
+    DP2 (TP1) and follows the uninterrupted curve."""
+    torchrun(WORKER, 4, "save-half", workdir, 2, 1, 1, 1, 1, timeout=600)
+    torchrun(WORKER, 2, "resume", workdir, 1, 1, 1, 1, 1, timeout=600)
+    reference = curve(workdir, 1, 1, 1, 1)
+    resumed = json.loads((workdir / "resumed_tp1_pp1_zero.json").read_text())
+    diffs = [abs(a - b) for a, b in zip(resumed, reference[5:])]
+    assert len(resumed) == 5 and max(diffs) < TOLERANCE, diffs
