@@ -1,0 +1,23 @@
+"""CPU smoke run of the training-throughput benchmark (the command CI must keep working)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_train_throughput_smoke_on_cpu(tmp_path):
+    out = tmp_path / "throughput.json"
+    cmd = [sys.executable, "benchmarks/train_throughput.py", "--preset", "tiny", "--steps", "3", "--device", "cpu",
+           "--contexts", "64", "--out", str(out), "--data-cache-dir", str(ROOT / "cache" / "data")]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["system"], r["arm"]) for r in rows] == [
+        ("ours", "mla"), ("ours", "gdn-h"), ("ours", "kimi-linear"), ("transformers", "kimi-linear")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert "| ours | kimi-linear | 64 |" in result.stdout
