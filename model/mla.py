@@ -78,7 +78,8 @@ class MultiLatentAttention(MegatronModule):
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(t, self.local_heads, self.rope)], dim=-1)
         if self.record_max_logits and self.training:
             self._record_max_logits(q, k, packed)
-        out = document_causal_attention(q, k, v, packed, self.scale)
+        with torch.profiler.record_function("mla_core_attention"):
+            out = document_causal_attention(q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
 
     @torch.no_grad()

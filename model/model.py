@@ -41,7 +41,8 @@ class DecoderLayer(MegatronModule):
 
     def _block(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
         hidden = hidden + self.mixer(self.input_norm(hidden), packed)
-        out = self.ffn(self.post_mixer_norm(hidden))
+        with torch.profiler.record_function("moe" if self.ffn_type == "moe" else "dense_mlp"):
+            out = self.ffn(self.post_mixer_norm(hidden))
         out = out[0] if isinstance(out, tuple) else out
         return hidden + out
 
