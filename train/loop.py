@@ -55,12 +55,11 @@ def set_recompute(model, spec: str) -> None:
         layer.recompute = wanted is None or int(index) in wanted
 
 
-def _memory_text() -> str:
-    if torch.cuda.is_available():
-        return f"mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-    import psutil
-
-    return f"rss {psutil.Process().memory_info().rss / 2**30:.1f} GiB"
+def _memory_text(memory: dict) -> str:
+    """The progress line's memory field, from ``memory_metrics``."""
+    if "memory/peak_allocated_gib" in memory:
+        return f"mem {memory['memory/peak_allocated_gib']:.1f} GiB"
+    return f"rss {memory.get('memory/rss_gib', 0.0):.1f} GiB"
 
 
 def log(message: str) -> None:
@@ -173,7 +172,6 @@ def train(run: RunConfig) -> list[float]:
         ckpt.load_rng_state(path)
         if "data" in meta:
             train_loader.load_state_dict(meta["data"])
-        start_step = int(meta["step"])
         log(f"resumed from {path} at step {start_step}")
 
     dp = dims.data
@@ -264,15 +262,16 @@ def train(run: RunConfig) -> list[float]:
         # ``flops``: the model FLOPs of the whole global batch (summed over DP), shared by all GPUs
         tflops_per_gpu = flops / max(elapsed, 1e-9) / dist.get_world_size() / 1e12
         step_mfu = mfu(flops, elapsed, dist.get_world_size(), peak)
+        memory = memory_metrics()
         if done % t.log_interval == 0 or done == t.train_iters:
             eta = (time.time() - run_start) / (done - start_step) * (t.train_iters - done)
             log(f"step {done:6d}/{t.train_iters} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
                 f"{tokens_per_step / elapsed:,.0f} tokens/s | {tflops_per_gpu:.2f} TFLOP/s/GPU"
                 + (f" | MFU {100 * step_mfu:.1f}%" if step_mfu is not None else "")
-                + f" | {_memory_text()} | ETA {eta:,.0f}s")
+                + f" | {_memory_text(memory)} | ETA {eta:,.0f}s")
         logger.log(done, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
                           "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
-                          "skipped_steps": skipped_steps, **memory_metrics(), **extra})
+                          "skipped_steps": skipped_steps, **memory, **extra})
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             valid = evaluate(model, valid_loader, t.eval_iters, device)
             log(f"step {done:6d} | validation loss {valid:.4f}")

@@ -30,15 +30,14 @@ SEQ = 80  # crosses the 64-token chunk boundary of both KDA implementations
 
 def small_config(**changes) -> ModelConfig:
     """KDA and MLA layers, a dense first layer, MoE after it (8 experts, top-2, one shared)."""
+    from tests.helpers.small_models import mixed_config
+
     values = dict(
-        name="hf-test", vocab_size=512, hidden_size=64, num_layers=4, layer_pattern="KKAK",
-        kda_num_heads=2, kda_head_dim=16, num_attention_heads=2, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, first_k_dense=1,
-        intermediate_size=96, num_experts=8, num_experts_per_token=2, moe_intermediate_size=32,
-        num_shared_experts=1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        name="hf-test", layer_pattern="KKAK", kda_num_heads=2, num_attention_heads=2, intermediate_size=96,
+        num_experts=8, num_shared_experts=1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     values.update(changes)
-    return ModelConfig(**values).validate()
+    return mixed_config(**values)
 
 
 def ensure_parallel() -> None:
@@ -69,18 +68,22 @@ def build(config: ModelConfig, seed: int = 0, randomize: bool = True):
     return model.eval()
 
 
-def randomize_(model, seed: int = 0) -> None:
+def _perturb_routing_and_norms(model, gen, bias_suffix: str, router_suffix: str) -> None:
     """Nonzero expert biases (they decide the selection), sharper routers, non-unit norm weights."""
-    gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, buf in model.named_buffers():
-            if name.endswith("expert_bias"):
+            if name.endswith(bias_suffix):
                 buf.copy_(torch.randn(buf.shape, generator=gen) * 0.3)
         for name, param in model.named_parameters():
-            if name.endswith("router.weight"):
+            if name.endswith(router_suffix):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
             elif "norm" in name:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Our model with nonzero expert biases, sharper routers and non-unit norm weights."""
+    _perturb_routing_and_norms(model, torch.Generator().manual_seed(seed + 1000), "expert_bias", "router.weight")
 
 
 def tokens(batch: int = 2, seq: int = SEQ, vocab: int = 512, seed: int = 0) -> torch.Tensor:
@@ -122,16 +125,8 @@ def random_hf_model(seed: int = 0):
 
     torch.manual_seed(seed)
     model = KimiLinearForCausalLM(hf_small_config()).eval()
-    gen = torch.Generator().manual_seed(seed + 2000)
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.3)
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-            elif "norm" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    _perturb_routing_and_norms(model, torch.Generator().manual_seed(seed + 2000), "e_score_correction_bias",
+                               "gate.weight")
     return model
 
 
