@@ -3,13 +3,15 @@ path as launch/pretrain.py, side by side with transformers' KimiLinearForCausalL
 
     python benchmarks/train_throughput.py --preset tiny --steps 3 --device cpu          # smoke (CI)
     python benchmarks/train_throughput.py --preset scaling-653m --contexts 4096,16384,32768 \\
-        --tokens-per-step 65536 --steps 8 --bf16 --out $OUT/throughput.json               # one H200
+        --tokens-per-step 32768 --steps 4 --bf16 --out $OUT/throughput.json               # one H200
 
 Each (arm, context) runs ``--steps`` real training steps (forward, backward, optimizer) on packed
 documents with the loader's ``cu_seqlens``; the first step is warm-up and not counted. Reported:
 tokens/s, TFLOP/s per GPU and MFU from the engine's FLOPs counter (peak = the GPU's dense bf16
-spec; on a GPU also the bf16 matmul ceiling measured in this run), and peak memory. Prints a
-markdown table and writes JSON. Not yet: the torch-profiler breakdown of step time by part.
+spec; on a GPU also the bf16 matmul ceiling measured in this run), peak memory, and the share of
+the step's time per part (KDA, MLA core attention, MoE, dense projections, optimizer, other, idle)
+from one more step run under the torch profiler (train/profile.py). Prints markdown tables and
+writes JSON (rewritten after every run, so a killed run keeps what it measured).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def matmul_ceiling_tflops(device) -> float | None:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def run_arm(preset: str, arm: str, context: int, args) -> dict:
-    """Train ``args.steps`` steps of one arm through train.loop.train; averages after step 1."""
+def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, tokens_per_step: int = 0) -> dict:
+    """Train ``args.steps`` steps of one arm through train.loop.train, then one more under the
+    profiler (train/profile.py); speed averages the steps after the first (warm-up)."""
     from model.presets import as_arm, get_preset
     from train.config import RunConfig, TrainConfig
     from train.loop import train
@@ -57,42 +60,72 @@ def run_arm(preset: str, arm: str, context: int, args) -> dict:
     model = as_arm(get_preset(preset), arm)
     if args.vocab_size:
         model = model.replace(vocab_size=args.vocab_size)
-    micro = max(args.tokens_per_step // context, 1)
+    micro = max((tokens_per_step or args.tokens_per_step) // context, 1)
+    steps = args.steps + 1  # the last step is the profiled one
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = TrainConfig(
-            seq_length=context, micro_batch_size=micro, global_batch_size=micro, train_iters=args.steps,
+            seq_length=context, micro_batch_size=micro, global_batch_size=micro, train_iters=steps,
             lr=1e-4, min_lr=1e-5, lr_warmup_iters=1, bf16=args.bf16, log_interval=10**9, metrics_interval=0,
             run_dir=run_dir, data_cache_dir=args.data_cache_dir, data_prefixes=args.data_path or [],
-            recompute_layers="all" if args.recompute else "", optimizer=args.optimizer,
+            recompute_layers="all" if recompute else "", optimizer=args.optimizer, profile_step=steps,
         )
         train(RunConfig(model=model, train=cfg))
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    counted = records[1:] or records
+        profile = json.loads((Path(run_dir) / f"profile_step{steps}.json").read_text())
+    counted = records[1:-1] or records[:1]
     mean = lambda key: sum(r.get(key, 0.0) or 0.0 for r in counted) / len(counted)  # noqa: E731
-    memory = max(r.get("memory/peak_allocated_gib", r.get("memory/peak_rss_gib", 0.0)) for r in counted)
-    row = dict(system="ours", arm=arm, context=context, tokens_per_step=micro * context,
+    memory = max(r.get("memory/peak_allocated_gib", r.get("memory/peak_rss_gib", 0.0)) for r in records)
+    row = dict(system="ours", arm=arm, context=context, tokens_per_step=micro * context, recompute=recompute,
                tokens_per_s=mean("tokens_per_s"), tflops_per_gpu=mean("tflops_per_gpu"),
-               peak_memory_gib=memory, loss=counted[-1]["loss"])
+               peak_memory_gib=memory, loss=counted[-1]["loss"], profile=profile)
     if "mfu" in counted[-1]:
         row["mfu"] = mean("mfu")
     return row
 
 
+def _import_kimi_linear(use_fla: bool):
+    """transformers' Kimi Linear modeling module. transformers picks FLA's kernels at import when
+    ``fla`` imports; with ``use_fla=False`` the import is hidden so it keeps its PyTorch path."""
+    import importlib
+
+    name = "transformers.models.kimi_linear.modeling_kimi_linear"
+    if use_fla or name in sys.modules:
+        return importlib.import_module(name)
+    hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "fla" or k.startswith("fla.")}
+    sys.modules["fla"] = None  # makes ``import fla`` raise ImportError
+    try:
+        return importlib.import_module(name)
+    finally:
+        del sys.modules["fla"]
+        sys.modules.update(hidden)
+
+
 def run_transformers(preset: str, context: int, args, device) -> dict:
     """The setup a user would otherwise pick: transformers' KimiLinearForCausalLM (FLA kernels when
-    importable), same Kimi Linear config, AdamW, same tokens per step (random token ids)."""
+    importable and their backward is usable on this GPU), same Kimi Linear config, AdamW, same
+    tokens per step (random token ids)."""
     import torch
     import transformers
 
+    from kernels.fla_compat import fla_backward_usable
     from model.hf_names import hf_config_from_model_config
     from model.presets import as_arm, get_preset
 
+    try:
+        import fla  # noqa: F401
+
+        use_fla = fla_backward_usable()
+    except ImportError:
+        use_fla = False
+    modeling = _import_kimi_linear(use_fla)
     model_cfg = as_arm(get_preset(preset), "kimi-linear")
     if args.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=args.vocab_size)
     config = transformers.KimiLinearConfig(**hf_config_from_model_config(model_cfg))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = transformers.KimiLinearForCausalLM(config).to(device=device, dtype=dtype).train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = modeling.KimiLinearForCausalLM(config).to(device=device, dtype=dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     micro = max(args.tokens_per_step // context, 1)
     ids = torch.randint(0, model_cfg.vocab_size, (micro, context), device=device)
@@ -108,23 +141,76 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
         times.append(time.perf_counter() - start)
     counted = times[1:] or times
     seconds = sum(counted) / len(counted)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return dict(system="transformers", arm="kimi-linear", context=context, tokens_per_step=micro * context,
-                tokens_per_s=micro * context / seconds, loss=float(loss))
+                tokens_per_s=micro * context / seconds, loss=float(loss), kda_impl="fla" if use_fla else "torch",
+                **({"peak_memory_gib": memory} if memory is not None else {}))
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| system | arm | context | tokens/step | tokens/s | TFLOP/s/GPU | MFU | peak mem GiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def markdown(rows: list[dict], ceiling: float | None) -> str:
+    lines = ["| system | arm | context | tokens/step | tokens/s | TFLOP/s/GPU | MFU | of matmul ceiling | peak mem GiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        label = r["arm"] + (" (recompute)" if r.get("recompute") else "")
+        if r.get("kda_impl"):
+            label += f" (KDA: {r['kda_impl']})"
         if "error" in r:
-            lines.append(f"| {r['system']} | {r['arm']} | {r['context']} | | {r['error']} | | | |")
+            lines.append(f"| {r['system']} | {label} | {r['context']} | {r.get('tokens_per_step', '')} | "
+                         f"{r['error']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         tflops = f"{r['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in r else ""
-        memory = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else ""
-        lines.append(f"| {r['system']} | {r['arm']} | {r['context']} | {r['tokens_per_step']:,} | "
-                     f"{r['tokens_per_s']:,.0f} | {tflops} | {mfu} | {memory} |")
+        of_ceiling = f"{100 * r['tflops_per_gpu'] / ceiling:.1f}%" if ceiling and "tflops_per_gpu" in r else ""
+        memory = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else ""
+        lines.append(f"| {r['system']} | {label} | {r['context']} | {r['tokens_per_step']:,} | "
+                     f"{r['tokens_per_s']:,.0f} | {tflops} | {mfu} | {of_ceiling} | {memory} |")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        parts = list(profiled[0]["profile"]["parts_ms"])
+        lines += ["", "Share of the profiled step's time by part (torch profiler; " + profiled[0]["profile"]["device"]
+                  + " time; idle = the GPU ran nothing):", "",
+                  "| arm | context | step ms | " + " | ".join(parts) + " |",
+                  "| --- | ---: | ---: | " + " | ".join("---:" for _ in parts) + " |"]
+        for r in profiled:
+            p = r["profile"]
+            label = r["arm"] + (" (recompute)" if r.get("recompute") else "")
+            lines.append(f"| {label} | {r['context']} | {p['step_ms']:,.0f} | "
+                         + " | ".join(f"{100 * p['shares'][k]:.1f}%" for k in parts) + " |")
     return "\n".join(lines)
+
+
+ROW_PREFIX = "THROUGHPUT_ROW "
+
+
+def _run_one(spec: dict, args) -> dict:
+    """One measurement in this process (the child side of ``_in_subprocess``)."""
+    import torch
+
+    run_args = argparse.Namespace(**{**vars(args), "steps": spec["steps"]})
+    error_row = {k: spec[k] for k in ("system", "arm", "context")}
+    try:
+        if spec["system"] == "transformers":
+            return run_transformers(args.preset, spec["context"], run_args, torch.device(args.device))
+        return run_arm(args.preset, spec["arm"], spec["context"], run_args, recompute=spec["recompute"],
+                       tokens_per_step=spec["tokens_per_step"])
+    except torch.OutOfMemoryError as exc:  # the allocator's message says how much was in use
+        return dict(error_row, recompute=spec.get("recompute", False), error="out of memory",
+                    detail=str(exc).split("\n")[0][:400])
+
+
+def _in_subprocess(spec: dict, argv: list[str]) -> dict:
+    """Each measurement in a fresh process: nothing (memory, compiled graphs, process groups) leaks
+    from one run into the next, and out-of-memory in one run cannot spoil the following ones."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, *argv, "--one", json.dumps(spec)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [line[len(ROW_PREFIX):] for line in result.stdout.splitlines() if line.startswith(ROW_PREFIX)]
+    if result.returncode != 0 or not rows:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        return {**{k: spec[k] for k in ("system", "arm", "context")}, "error": f"failed (exit {result.returncode})",
+                "detail": " | ".join(tail)[:600]}
+    return json.loads(rows[-1])
 
 
 def main(argv=None) -> int:
@@ -132,21 +218,27 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="scaling-653m")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--contexts", default=None, help="default: 4096,16384,32768 (tiny: 64,128)")
-    parser.add_argument("--tokens-per-step", type=int, default=None, help="default 65536 (tiny: 256)")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--tokens-per-step", type=int, default=None, help="default 32768 (tiny: 256)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run (the first is warm-up), "
+                        "then one profiled step")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation recompute on every layer")
+    parser.add_argument("--longest", default="", metavar="C1,C2,...",
+                        help="also try these contexts (one sequence per step, recompute on) for each arm, in "
+                             "order, until one runs out of memory: the longest context that fits")
+    parser.add_argument("--longest-steps", type=int, default=2, help="timed steps of each --longest run")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--vocab-size", type=int, default=8192, help="0 keeps the preset's vocab")
     parser.add_argument("--data-path", nargs="*", default=None, help="indexed prefixes (default: embedded corpus)")
     parser.add_argument("--data-cache-dir", default=str(ROOT / "cache" / "data"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args(argv)
     tiny = args.preset == "tiny"
     contexts = [int(c) for c in (args.contexts or ("64,128" if tiny else "4096,16384,32768")).split(",")]
-    args.tokens_per_step = args.tokens_per_step or (256 if tiny else 65536)
+    args.tokens_per_step = args.tokens_per_step or (256 if tiny else 32768)
 
     import torch
 
@@ -154,29 +246,41 @@ def main(argv=None) -> int:
         print("error: --device cuda but no GPU is visible; use --device cpu for the smoke run", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if args.one:
+        print(ROW_PREFIX + json.dumps(_run_one(json.loads(args.one), args)), flush=True)
+        return 0
     ceiling = matmul_ceiling_tflops(device)
-    rows = []
-    for context in contexts:
-        for arm in args.arms.split(","):
-            try:
-                rows.append(run_arm(args.preset, arm, context, args))
-            except torch.cuda.OutOfMemoryError:
-                rows.append(dict(system="ours", arm=arm, context=context, error="out of memory"))
-                torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
-        if not args.no_transformers:
-            try:
-                rows.append(run_transformers(args.preset, context, args, device))
-            except torch.cuda.OutOfMemoryError:
-                rows.append(dict(system="transformers", arm="kimi-linear", context=context, error="out of memory"))
-                torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
     env = dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               torch=torch.__version__, matmul_ceiling_tflops=ceiling, preset=args.preset, bf16=args.bf16)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+               torch=torch.__version__, matmul_ceiling_tflops=ceiling, preset=args.preset, bf16=args.bf16,
+               data=args.data_path or "embedded default corpus", vocab_size=args.vocab_size)
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=1))  # partial results survive a kill
+
+    arms = args.arms.split(",")
+    parent_argv = list(argv if argv is not None else sys.argv[1:])
+
+    def measure(system, arm, context, recompute, tokens, steps):
+        return _in_subprocess(dict(system=system, arm=arm, context=context, recompute=recompute,
+                                   tokens_per_step=tokens, steps=steps), parent_argv)
+
+    for context in contexts:
+        for arm in arms:
+            record(measure("ours", arm, context, args.recompute, args.tokens_per_step, args.steps))
+        if not args.no_transformers:
+            record(measure("transformers", "kimi-linear", context, False, args.tokens_per_step, args.steps))
+    for arm in arms if args.longest else ():
+        for context in (int(c) for c in args.longest.split(",")):
+            row = measure("ours", arm, context, True, context, args.longest_steps)
+            record(row)
+            if "error" in row:
+                break
     print(env)
-    print(markdown(rows))
+    print(markdown(rows, ceiling))
     return 0
 
 

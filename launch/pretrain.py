@@ -36,6 +36,7 @@ FLAG_FIELDS = {
     "context_parallel_size": int,
     "log_interval": int,
     "eval_interval": int,
+    "profile_step": int,
     "run_dir": str,
     "tokenizer_dir": str,
 }

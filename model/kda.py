@@ -21,6 +21,7 @@ from . import tp
 from .config import ModelConfig
 from .norms import gated_rms_norm
 from .packed import PackedSequence, causal_depthwise_conv
+from .profiling import profiled
 
 
 def init_decay_parameters(num_heads: int, dt_size: int, generator: torch.Generator | None = None):
@@ -86,15 +87,15 @@ class KimiDeltaAttention(MegatronModule):
         g = raw_gate.view(1, t, self.local_heads, -1)
         if not self.per_channel_decay:
             g = g.squeeze(-1)  # one decay per head: [1, T, H]
-        with torch.profiler.record_function("kda_core"):  # the profile breakdown's "KDA" part
-            out, final_state = chunk_kda(
-                self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, t, self.local_heads),
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-                cu_seqlens=packed.cu_seqlens,
-                use_qk_l2norm=True,
-                gate=(self.A_log, self.dt_bias, self.lower_bound),
-            )
+        out, final_state = profiled(  # the profile breakdown's "KDA" part
+            "kda_core", chunk_kda,
+            self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, t, self.local_heads),
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=packed.cu_seqlens,
+            use_qk_l2norm=True,
+            gate=(self.A_log, self.dt_bias, self.lower_bound),
+        )
         out_gate = self.g_b_proj(self.g_a_proj(x))[0].view(t, self.local_heads, self.head_dim)
         norm_weight = tp.reduce_grad_over_tp(self.o_norm_weight)
         y = gated_rms_norm(out.squeeze(0), out_gate, norm_weight, self.eps)

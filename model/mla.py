@@ -12,6 +12,8 @@ NVIDIA/Megatron-LM#1699).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -20,15 +22,19 @@ from . import tp
 from .config import ModelConfig
 from .norms import RMSNorm
 from .packed import PackedSequence
+from .profiling import profiled
 
 
 def document_causal_attention(q, k, v, packed: PackedSequence, scale: float) -> torch.Tensor:
     """Softmax attention inside each document. q,k: [T, H, Dqk], v: [T, H, Dv] -> [T, H, Dv].
 
-    Samples never attend to each other (every sample start is a document start), so attention runs
-    per sample: one causal SDPA call when every sample is a single document, else with a
-    block-diagonal causal mask built from the document ids.
+    On a GPU in bf16/fp16: flash attention over the packed stream with ``cu_seqlens`` (no mask in
+    memory). Elsewhere (CPU, fp32) per sample, since samples never attend to each other (every sample
+    start is a document start): one causal SDPA call when every sample is a single document, else
+    with a block-diagonal causal mask built from the document ids.
     """
+    if _use_varlen_flash(q):
+        return _varlen_flash_attention(q, k, v, packed, scale)
     b, s = packed.batch_size, packed.seq_length
 
     def per_sample(x):
@@ -43,6 +49,33 @@ def document_causal_attention(q, k, v, packed: PackedSequence, scale: float) -> 
         mask = (ids[:, :, None] == ids[:, None, :]) & causal  # [B, S, S]
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale)
     return out.transpose(1, 2).reshape(b * s, out.shape[1], out.shape[3])
+
+
+def _varlen_attn():
+    """torch's flash-attention entry for packed sequences, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _use_varlen_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _varlen_attn() is not None
+
+
+def _varlen_flash_attention(q, k, v, packed: PackedSequence, scale: float) -> torch.Tensor:
+    varlen_attn = _varlen_attn()
+    dv, width = v.shape[-1], max(q.shape[-1], v.shape[-1])
+    # flash attention takes one head dim for q, k and v: zero-pad the narrower (v: 128 vs 192 here;
+    # zeros in q and k would leave the logits unchanged), slice the output back
+    q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x.contiguous() for x in (q, k, v))
+    # torch <= 2.9 spells causality is_causal=True, later versions window_size=(-1, 0)
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    cu, longest = packed.cu_seqlens, packed.max_document_length
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
+    return out[..., :dv]
 
 
 class MultiLatentAttention(MegatronModule):
@@ -78,8 +111,7 @@ class MultiLatentAttention(MegatronModule):
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(t, self.local_heads, self.rope)], dim=-1)
         if self.record_max_logits and self.training:
             self._record_max_logits(q, k, packed)
-        with torch.profiler.record_function("mla_core_attention"):
-            out = document_causal_attention(q, k, v, packed, self.scale)
+        out = profiled("mla_core_attention", document_causal_attention, q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from .kda import KimiDeltaAttention
 from .mla import MultiLatentAttention
 from .norms import RMSNorm
 from .packed import PackedSequence, pack
+from .profiling import profiled
 
 
 class DecoderLayer(MegatronModule):
@@ -40,9 +41,8 @@ class DecoderLayer(MegatronModule):
     recompute = False  # activation recompute: keep only the layer input, redo the layer in backward
 
     def _block(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
-        hidden = hidden + self.mixer(self.input_norm(hidden), packed)
-        with torch.profiler.record_function("moe" if self.ffn_type == "moe" else "dense_mlp"):
-            out = self.ffn(self.post_mixer_norm(hidden))
+        hidden = hidden + profiled("mixer", self.mixer, self.input_norm(hidden), packed)
+        out = profiled("moe" if self.ffn_type == "moe" else "dense_mlp", self.ffn, self.post_mixer_norm(hidden))
         out = out[0] if isinstance(out, tuple) else out
         return hidden + out
 

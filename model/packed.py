@@ -21,6 +21,7 @@ class PackedSequence:
     position_in_document: torch.Tensor  # int64 [B*S]
     document_ids: torch.Tensor  # int64 [B, S], unique per document in the micro-batch
     single_document_rows: bool  # every sample is one document: plain causal attention suffices
+    max_document_length: int = 0  # longest document (host int, for varlen attention kernels)
 
     @property
     def num_tokens(self) -> int:
@@ -32,7 +33,7 @@ def pack(batch_size: int, seq_length: int, cu_seqlens: torch.Tensor | None, devi
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, total + 1, seq_length, dtype=torch.int32, device=device)
     cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-    _check(cu_seqlens, batch_size, seq_length)
+    lengths = _check(cu_seqlens, batch_size, seq_length)
     starts = torch.zeros(total, dtype=torch.int64, device=device)
     starts[cu_seqlens[:-1].long()] = 1
     document_ids = torch.cumsum(starts, 0) - 1
@@ -45,10 +46,12 @@ def pack(batch_size: int, seq_length: int, cu_seqlens: torch.Tensor | None, devi
         position_in_document=position,
         document_ids=document_ids.view(batch_size, seq_length),
         single_document_rows=cu_seqlens.numel() == batch_size + 1,
+        max_document_length=max(lengths),
     )
 
 
-def _check(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> None:
+def _check(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> list[int]:
+    """Validates ``cu_seqlens`` and returns the document lengths."""
     total = batch_size * seq_length
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor [0, ..., B*S] of document starts")
@@ -60,6 +63,7 @@ def _check(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> None:
     missing = set(range(0, total, seq_length)) - set(values)
     if missing:
         raise ValueError(f"every sample start must be a document start in cu_seqlens; missing {sorted(missing)[:4]}")
+    return [b - a for a, b in zip(values, values[1:])]
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ class TrainConfig:
     eval_iters: int = 4
     run_dir: str = ""
     metrics_interval: int = 10  # MoE load balance and KDA gate statistics every N steps; 0 = never
+    profile_step: int = 0  # profile this step (1-based) and write the time per part (train/profile.py); 0 = off
     peak_flops_per_gpu: float = 0.0  # for MFU; 0 = detect from the GPU name
     wandb_project: str = ""  # empty: no Weights & Biases (metrics.jsonl only)
     wandb_mode: str = ""  # empty: $WANDB_MODE, else offline

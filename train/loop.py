@@ -21,6 +21,7 @@ from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
 from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
+from train.profile import StepProfiler
 from train.precision import MasterWeights, to_bf16
 from train import distributed_optimizer
 from train.schedule import learning_rate
@@ -186,9 +187,11 @@ def train(run: RunConfig) -> list[float]:
     losses: list[float] = []
     skipped_steps = nonfinite_in_a_row = 0
     stop = StopRequested()
+    profiler = StepProfiler(t.profile_step, t.run_dir, write=dist.get_rank() == 0)
     run_start = time.time()
     model.train()
     for step in range(start_step, t.train_iters):
+        profiler.start(step)
         step_start = time.time()
         lr = learning_rate(step, peak=t.lr, minimum=t.min_lr, warmup=t.lr_warmup_iters, total=t.train_iters,
                            schedule=t.lr_schedule, decay_fraction=t.lr_decay_fraction)
@@ -223,19 +226,22 @@ def train(run: RunConfig) -> list[float]:
         loss = float(loss_sum / total_tokens.cpu())
         if t.distributed_optimizer:
             if math.isfinite(loss):  # megatron reduces, clips and steps; it also moves the expert bias
-                _, grad_norm = distributed_optimizer.finish_step(runner, optimizer)
+                with torch.profiler.record_function("optimizer"):
+                    _, grad_norm = distributed_optimizer.finish_step(runner, optimizer)
             else:
                 grad_norm = float("nan")
             from megatron.core.distributed.finalize_model_grads import reset_model_temporary_tensors
 
             reset_model_temporary_tensors(tconfig, [model])
         else:
-            grad_norm = clip_gradients(model, t.clip_grad)
+            with torch.profiler.record_function("optimizer"):
+                grad_norm = clip_gradients(model, t.clip_grad)
         if t.distributed_optimizer and math.isfinite(loss) and math.isfinite(grad_norm):
             nonfinite_in_a_row = 0
         elif math.isfinite(loss) and math.isfinite(grad_norm):
             _update_expert_bias(model, tconfig)
-            optimizer.step()
+            with torch.profiler.record_function("optimizer"):
+                optimizer.step()
             if clipping:
                 extra.update({f"qk_clip/{k}": v for k, v in qk_clip(model, t.qk_clip_tau).items()})
             nonfinite_in_a_row = 0
@@ -258,6 +264,7 @@ def train(run: RunConfig) -> list[float]:
                 )
         losses.append(loss)
         elapsed = time.time() - step_start
+        profiler.stop()  # after the step's clock: reading the trace takes a while
         done = step + 1
         # ``flops``: the model FLOPs of the whole global batch (summed over DP), shared by all GPUs
         tflops_per_gpu = flops / max(elapsed, 1e-9) / dist.get_world_size() / 1e12

@@ -21,3 +21,12 @@ def test_train_throughput_smoke_on_cpu(tmp_path):
         ("ours", "mla"), ("ours", "gdn-h"), ("ours", "kimi-linear"), ("transformers", "kimi-linear")]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert "| ours | kimi-linear | 64 |" in result.stdout
+    # each of our rows carries the profiled step's breakdown; parts follow the layer pattern
+    ours = {r["arm"]: r["profile"]["parts_ms"] for r in rows if r["system"] == "ours"}
+    assert ours["mla"]["KDA"] == 0 and ours["mla"]["MLA core attention"] > 0
+    for arm in ("gdn-h", "kimi-linear"):
+        assert ours[arm]["KDA"] > 0 and ours[arm]["MLA core attention"] > 0
+    for parts in ours.values():
+        assert parts["MoE (router, dispatch, experts)"] > 0 and parts["dense projections"] > 0
+        assert parts["optimizer"] > 0
+    assert "Share of the profiled step's time by part" in result.stdout

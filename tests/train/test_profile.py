@@ -1,0 +1,53 @@
+"""The step-time breakdown: named regions in forward and backward, and attribution to parts."""
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from model.profiling import profiled
+from train.profile import breakdown
+
+
+def two_matmuls(weight):
+    return lambda x: torch.tanh(x @ weight) @ weight
+
+
+def test_profiled_is_a_plain_call_without_profiler():
+    weight = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = profiled("kda_core", two_matmuls(weight), x)
+    assert type(out.grad_fn).__name__ == "MmBackward0"  # no marker nodes in the graph
+    torch.testing.assert_close(out, two_matmuls(weight)(x))
+
+
+def test_backward_kernels_fall_in_the_region_backward_range():
+    weight = torch.randn(192, 192, requires_grad=True)
+    x = torch.randn(256, 192, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        hidden = profiled("mixer", lambda h: profiled("kda_core", two_matmuls(weight), h) * 2, x)
+        out = profiled("moe", two_matmuls(weight), hidden)
+        out.sum().backward()
+    events = prof.events()
+    ranges = {e.name: e for e in events if e.name.split(".")[0] in ("mixer", "kda_core", "moe")}
+    assert set(ranges) == {"mixer", "kda_core", "moe", "mixer.backward", "kda_core.backward", "moe.backward"}
+    # backward order: moe's backward ends before the mixer's starts; kda_core's nests inside mixer's
+    moe_b, mixer_b, core_b = ranges["moe.backward"], ranges["mixer.backward"], ranges["kda_core.backward"]
+    assert moe_b.time_range.end <= mixer_b.time_range.start
+    assert mixer_b.time_range.start <= core_b.time_range.start and core_b.time_range.end <= mixer_b.time_range.end
+    # 2 forward + 4 backward matmuls per two_matmuls call; each one lands in its innermost region
+    mms = [e for e in events if e.name == "aten::mm"]
+    assert len(mms) == 12
+
+    def inside(e, r):
+        return e.thread == r.thread and r.time_range.start <= e.time_range.start < r.time_range.end
+
+    assert sum(inside(e, ranges["kda_core"]) or inside(e, core_b) for e in mms) == 6
+    assert sum(inside(e, ranges["moe"]) or inside(e, moe_b) for e in mms) == 6
+    result = breakdown(events, step_seconds=10.0, on_gpu=False)
+    parts = result["parts_ms"]
+    mm_ms = lambda region, back: sum(  # noqa: E731
+        e.self_cpu_time_total for e in mms if inside(e, ranges[region]) or inside(e, back)) / 1e3
+    assert parts["KDA"] >= mm_ms("kda_core", core_b) > 0
+    assert parts["MoE (router, dispatch, experts)"] >= mm_ms("moe", moe_b) > 0
+    assert parts["dense projections"] > 0  # the "* 2" of the mixer outside its core
+    assert parts["MLA core attention"] == parts["optimizer"] == 0
+    assert abs(sum(result["shares"].values()) - sum(parts.values()) / 1e4) < 1e-9

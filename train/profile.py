@@ -1,0 +1,103 @@
+"""Where a training step's time goes: one step under the torch profiler, split by part.
+
+``train.profile_step = N`` (``--profile-step N``) profiles step N. The model declares named regions
+(model/profiling.py: KDA core, MLA core attention, MoE, the mixers' projections, the dense MLP) in
+forward and backward, and the loop wraps gradient clipping and the optimizer step. Each GPU kernel
+is given to the innermost region around the operator that launched it (on CPU: each operator's own
+CPU time); what falls in no region is "other" (embedding, LM head and loss, norms and residuals,
+gradient sync), and the rest of the step's wall time, when the GPU ran nothing, is "idle".
+
+The result goes to ``<run_dir>/profile_step<N>.json`` and to the console as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from model.profiling import REGIONS
+
+PARTS = ("KDA", "MLA core attention", "MoE (router, dispatch, experts)", "dense projections", "optimizer")
+
+
+def _region_part(name: str) -> str | None:
+    return REGIONS.get(name.removesuffix(".backward"))
+
+
+def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
+    """{part: milliseconds} plus shares of the step, from the profiler's function events."""
+    ranges = defaultdict(list)  # thread -> [(start_us, end_us, part)]
+    for e in events:
+        part = _region_part(e.name)
+        if part is not None:
+            ranges[e.thread].append((e.time_range.start, e.time_range.end, part))
+
+    def part_at(thread, t) -> str:
+        inside = [r for r in ranges.get(thread, ()) if r[0] <= t < r[1]]
+        if not inside:
+            return "other"
+        return max(inside, key=lambda r: (r[0], -r[1]))[2]  # innermost: latest start, then shortest
+
+    busy = defaultdict(float)  # part -> microseconds
+    for e in events:
+        if on_gpu:
+            spent = sum(k.duration for k in e.kernels)
+        else:
+            spent = e.self_cpu_time_total if e.device_type == torch.autograd.DeviceType.CPU else 0.0
+        if spent:
+            busy[part_at(e.thread, e.time_range.start)] += spent
+    step_ms = 1e3 * step_seconds
+    parts = {p: busy.get(p, 0.0) / 1e3 for p in (*PARTS, "other")}
+    parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
+    return dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
+                shares={p: ms / step_ms for p, ms in parts.items()})
+
+
+def format_breakdown(result: dict) -> str:
+    lines = [f"step time by part ({result['device']} time, profiled step {result['step_ms']:.1f} ms):"]
+    for part, ms in result["parts_ms"].items():
+        lines.append(f"  {part:34s} {ms:10.2f} ms {100 * result['shares'][part]:6.1f}%")
+    return "\n".join(lines)
+
+
+class StepProfiler:
+    """Profiles one step of the loop (1-based ``step``; 0 = off) with ``start``/``stop`` around it."""
+
+    def __init__(self, step: int, run_dir: str, write: bool):
+        self.step, self.run_dir, self.write = step, run_dir, write
+        self.on_gpu = torch.cuda.is_available()
+        self.profiler = None
+        self.result = None
+
+    def _sync(self) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize()
+
+    def start(self, step_index: int) -> None:
+        if step_index + 1 != self.step:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.on_gpu:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._sync()
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.start()
+        self.started = time.perf_counter()
+
+    def stop(self) -> dict | None:
+        if self.profiler is None:
+            return None
+        self._sync()
+        seconds = time.perf_counter() - self.started
+        self.profiler.stop()
+        self.result = dict(step=self.step, **breakdown(self.profiler.events(), seconds, self.on_gpu))
+        self.profiler = None
+        if self.write:
+            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.run_dir) / f"profile_step{self.step}.json").write_text(json.dumps(self.result, indent=1))
+            print(format_breakdown(self.result), flush=True)
+        return self.result
