@@ -8,6 +8,8 @@ shared expert, optional group-limited top-k.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -16,6 +18,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .config import ModelConfig
+from .grouped_experts import GroupedExperts
 
 
 def megatron_config(
@@ -87,8 +90,11 @@ def dense_mlp(tconfig: TransformerConfig) -> MLP:
 
 
 def moe_layer(tconfig: TransformerConfig, layer_number: int):
-    """megatron-core MoELayer with local (non-TE) experts and a shared expert."""
+    """megatron-core MoELayer with local (non-TE) experts and a shared expert; the routed experts run
+    as grouped GEMMs (model/grouped_experts.py) with SequentialMLP's parameters."""
     builder = get_moe_module_spec(use_te=False, num_experts=tconfig.num_moe_experts, moe_grouped_gemm=False)
+    experts = builder.keywords["submodules"].experts
+    builder.keywords["submodules"].experts = functools.partial(GroupedExperts, *experts.args, **experts.keywords)
     return builder(config=tconfig, layer_number=layer_number)
 
 

@@ -1,0 +1,64 @@
+"""Routed experts as two grouped GEMMs instead of a Python loop over experts.
+
+megatron-core's ``SequentialMLP`` (the experts it offers without Transformer Engine) runs each local
+expert as its own MLP: per expert a host sync on the token counts, a split, two linear layers and
+the activation, i.e. hundreds of small kernels per MoE layer, launched one by one. On a GPU the
+launches, not the math, then set the pace (docs/benchmarks.md, "Training throughput").
+
+``GroupedExperts`` keeps ``SequentialMLP``'s parameters (``local_experts.{i}.linear_fc1/fc2``), so
+checkpoints, the HF name map, the optimizers' parameter groups and expert parallelism see exactly
+the same model. Only the forward changes: the expert weights are stacked and the permuted tokens go
+through ``torch._grouped_mm`` (one GEMM per projection for all experts, token counts as group
+offsets), with the same SwiGLU and the same routing-probability scaling as megatron's MLP.
+
+Used when it computes the same thing: SwiGLU experts without bias, no expert tensor parallelism,
+no FP8/FP4, probabilities applied after the activation, and a torch with ``_grouped_mm`` (on a GPU:
+bf16). Anything else falls back to ``SequentialMLP.forward``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+
+def grouped_mm_available(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.dtype == torch.bfloat16 if x.is_cuda else x.device.type == "cpu"
+
+
+class GroupedExperts(SequentialMLP):
+    def _grouped_applies(self, x: torch.Tensor) -> bool:
+        c = self.config
+        return (
+            self.num_local_experts > 1
+            and self.tp_group.size() == 1
+            and c.gated_linear_unit
+            and c.activation_func is F.silu
+            and not c.add_bias_linear
+            and not c.moe_apply_probs_on_input
+            and not (c.fp8 or c.fp4)
+            and not c.bias_activation_fusion
+            and not c.use_te_activation_func
+            and c.activation_func_clamp_value is None
+            and c.glu_linear_offset == 0
+            and grouped_mm_available(x)
+        )
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        x = permuted_local_hidden_states
+        if not self._grouped_applies(x):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        # [E, 2F, H] and [E, H, F]; transposed views are the [E, in, out] operands _grouped_mm takes
+        fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
+        fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
+        # group ends in the permuted token order (tokens arrive sorted by local expert)
+        ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
+        hidden = torch._grouped_mm(x, fc1.to(x.dtype).transpose(1, 2), offs=ends)
+        gate, up = torch.chunk(hidden, 2, dim=-1)
+        act = F.silu(gate) * up
+        act = (act * permuted_probs.unsqueeze(-1)).to(act.dtype)  # as megatron's MLP: fp32 product, cast back
+        out = torch._grouped_mm(act, fc2.to(act.dtype).transpose(1, 2), offs=ends)
+        return out, None
