@@ -126,6 +126,8 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = modeling.KimiLinearForCausalLM(config).to(device=device, dtype=dtype).train()
+    if args.recompute:
+        model.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     micro = max(args.tokens_per_step // context, 1)
     ids = torch.randint(0, model_cfg.vocab_size, (micro, context), device=device)
@@ -144,6 +146,7 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return dict(system="transformers", arm="kimi-linear", context=context, tokens_per_step=micro * context,
                 tokens_per_s=micro * context / seconds, loss=float(loss), kda_impl="fla" if use_fla else "torch",
+                recompute=args.recompute,
                 **({"peak_memory_gib": memory} if memory is not None else {}))
 
 
@@ -233,6 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-path", nargs="*", default=None, help="indexed prefixes (default: embedded corpus)")
     parser.add_argument("--data-cache-dir", default=str(ROOT / "cache" / "data"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--transformers-contexts", default="", help="contexts of the transformers runs (default: all)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args(argv)
@@ -271,8 +275,9 @@ def main(argv=None) -> int:
     for context in contexts:
         for arm in arms:
             record(measure("ours", arm, context, args.recompute, args.tokens_per_step, args.steps))
-        if not args.no_transformers:
-            record(measure("transformers", "kimi-linear", context, False, args.tokens_per_step, args.steps))
+        hf_contexts = [int(c) for c in args.transformers_contexts.split(",")] if args.transformers_contexts else contexts
+        if not args.no_transformers and context in hf_contexts:
+            record(measure("transformers", "kimi-linear", context, args.recompute, args.tokens_per_step, args.steps))
     for arm in arms if args.longest else ():
         for context in (int(c) for c in args.longest.split(",")):
             row = measure("ours", arm, context, True, context, args.longest_steps)
