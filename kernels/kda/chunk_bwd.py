@@ -204,23 +204,32 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
             dk_c = dk_c * tl.exp(b_gm[None, :] - b_G)
             b_dk += dk_c
             b_dG -= b_k * dk_c
-        # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
+        # diagonal block, exact, without cross-row reductions: step j is column j for the rows
+        # r >= j (dq, dk row side: exp(G_r - G_j)) and row j for the columns c <= j (dk column
+        # side: exp(G_j - G_c)); one exp per element serves both, all exponents <= 0
         dq_d = tl.zeros([16, BD], dtype=tl.float32)
         dkr_d = tl.zeros([16, BD], dtype=tl.float32)
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
-        for c in tl.static_range(16):
-            row_c = b * 16 + c
-            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
-                           other=0.).to(tl.float32)
-            b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
-            dA_c = tl.load(dAqk + (cbase + rows) * 64 + row_c)
-            dB_c = tl.load(dBkk + (cbase + rows) * 64 + row_c)
-            e = tl.exp(tl.where((r16 >= c)[:, None], b_G - b_gc[None, :], float('-inf')))
-            ek = e * b_kc[None, :]
-            dq_d += dA_c[:, None] * ek
-            dkr_d += dB_c[:, None] * ek
-            col = tl.sum((dA_c[:, None] * b_q + dB_c[:, None] * b_k) * e, axis=0)
-            dkc_d = tl.where((r16 == c)[:, None], col[None, :], dkc_d)
+        for j in tl.static_range(16):
+            row_j = b * 16 + j
+            m_j = (dd < K) & (dd * 0 + row_j < L)
+            tok_j = ((bos + row_j) * H + i_h) * K + dd
+            b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
+            b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
+            b_gj = tl.load(Gc + (cbase + row_j) * K + dd, mask=dd < K, other=0.)
+            dA_col = tl.load(dAqk + (cbase + rows) * 64 + row_j)
+            dB_col = tl.load(dBkk + (cbase + rows) * 64 + row_j)
+            dA_row = tl.load(dAqk + (cbase + row_j) * 64 + rows)
+            dB_row = tl.load(dBkk + (cbase + row_j) * 64 + rows)
+            x = b_G - b_gj[None, :]
+            below = (r16 >= j)[:, None]
+            e = tl.exp(tl.where(below, x, -x))
+            e_lo = tl.where(below, e, 0.)
+            e_hi = tl.where((r16 <= j)[:, None], e, 0.)
+            ek = e_lo * b_kj[None, :]
+            dq_d += dA_col[:, None] * ek
+            dkr_d += dB_col[:, None] * ek
+            dkc_d += (dA_row[:, None] * b_qj[None, :] + dB_row[:, None] * b_kj[None, :]) * e_hi
         b_dq += dq_d
         b_dk += dkr_d + dkc_d
         b_dG += b_q * dq_d + b_k * (dkr_d - dkc_d)

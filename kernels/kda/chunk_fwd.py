@@ -6,9 +6,11 @@ delimited by cu_seqlens). Per-chunk intermediates use a padded chunk layout
 G = G_last, zeros elsewhere, so later kernels need no row masks on them.
 
 Kernels:
-  kda_fwd_intra   per (chunk, head): chunk-local cumsum of the log-decay -> G; gated products
-                  A_qk (j <= r) and B_kk (j < r, beta not folded); (I + diag(beta) B_kk)^-1;
-                  W = Ainv (beta k e^G), U = Ainv (beta v).
+  kda_fwd_cumsum  per (chunk, head): optional gate activation, chunk-local cumsum -> G.
+  kda_fwd_intra   per (chunk, head, 16-row block): gated products A_qk (j <= r) and B_kk
+                  (j < r, beta not folded).
+  kda_fwd_wy      per (chunk, head): (I + diag(beta) B_kk)^-1; W = Ainv (beta k e^G),
+                  U = Ainv (beta v); q e^G and k e^{G_last - G}.
   kda_fwd_h       per (doc, head, V-block): sequential state pass, fp32 state in registers;
                   stores the state entering every chunk and v_new = U - W S.
   kda_fwd_o       per (chunk, head, V-block): o = (q e^G) S + A_qk v_new.
@@ -88,76 +90,86 @@ def _beta_rows(beta, bos, L, H: tl.constexpr, i_h, i: tl.constexpr):
 
 
 @triton.jit
-def kda_fwd_intra_kernel(q, k, g, A_log, dt_bias, lower_bound, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
-                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                         GATE: tl.constexpr, PREC: tl.constexpr):
+def kda_fwd_cumsum_kernel(g, A_log, dt_bias, lower_bound, Gc, cu_seqlens, chunk_info,
+                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr):
+    """Per (chunk, head): optional gate activation, chunk-local inclusive cumsum -> Gc (fp32);
+    padded rows keep G_last."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    dk = tl.arange(0, BK)
+    m_k = (r64 < L)[:, None] & (dk[None, :] < K)
+    b_g = tl.load(g + ((bos + r64) * H + i_h)[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+    if GATE != 0:   # g is the raw gate projection: compute the log-decay here (fp32)
+        b_g = tl.where(m_k, gate_log_decay(b_g, A_log, dt_bias, lower_bound, i_h, dk, K, GATE), 0.)
+    b_G = tl.cumsum(b_g, axis=0)
+    tl.store(Gc + ((i_c * H + i_h) * 64 + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
+
+
+@triton.jit
+def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Per (chunk, head, 16-row block i): rows 16i..16i+15 of A_qk and B_kk (one program per
+    block so that the four blocks of a chunk run in parallel)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64 = tl.arange(0, 64)
     r16 = tl.arange(0, 16)
     valid = r64 < L
     tok = (bos + r64) * H + i_h                      # token-layout row index (int64)
     cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
-
-    # 1) chunk-local inclusive cumsum of the log-decay (fp32); padded rows keep G_last
     dk = tl.arange(0, BK)
-    m_k = valid[:, None] & (dk[None, :] < K)
-    b_g = tl.load(g + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
-    if GATE != 0:   # g is the raw gate projection: compute the log-decay here (fp32)
-        b_g = tl.where(m_k, gate_log_decay(b_g, A_log, dt_bias, lower_bound, i_h, dk, K, GATE), 0.)
-    b_G = tl.cumsum(b_g, axis=0)
-    tl.store(Gc + (cbase + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
-    tl.debug_barrier()
 
-    # 2) gated products, one 16-row block at a time (off-diagonal blocks in BD-wide Dk slices)
+    # gated products of this row block (off-diagonal blocks in BD-wide Dk slices)
     c64 = tl.arange(0, 64)
-    for i in tl.static_range(4):
-        rows = i * 16 + r16
-        acc_qk = tl.zeros([16, 64], dtype=tl.float32)
-        acc_kk = tl.zeros([16, 64], dtype=tl.float32)
-        dg_qk = tl.zeros([16, 16], dtype=tl.float32)
-        dg_kk = tl.zeros([16, 16], dtype=tl.float32)
-        for d0 in tl.static_range(0, BK, BD):
-            dd = d0 + tl.arange(0, BD)
-            dm = dd < K
-            m_i = (rows < L)[:, None] & dm[None, :]
-            b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
-            tok_i = ((bos + rows) * H + i_h)[:, None] * K + dd[None, :]
-            b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
-            b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-            if i > 0:
-                # off-diagonal blocks against columns < 16 i, reference row n = 16 i
-                b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dm, other=0.)
-                b_Ga = tl.load(Gc + (cbase + c64)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
-                b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm[None, :],
-                               other=0.).to(tl.float32)
-                left = (c64 < i * 16)[:, None]
-                b_kref = b_ka * tl.exp(tl.where(left, b_gn[None, :] - b_Ga, float('-inf')))
-                e_row = tl.exp(b_Gi - b_gn[None, :])
-                acc_qk += tl.dot(b_qi * e_row, tl.trans(b_kref), input_precision=PREC)
-                acc_kk += tl.dot(b_ki * e_row, tl.trans(b_kref), input_precision=PREC)
-        # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
-        m_i = (rows < L)[:, None] & (dk[None, :] < K)
-        tok_i = ((bos + rows) * H + i_h)[:, None] * K + dk[None, :]
-        b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
+    rows = i * 16 + r16
+    acc_qk = tl.zeros([16, 64], dtype=tl.float32)
+    acc_kk = tl.zeros([16, 64], dtype=tl.float32)
+    dg_qk = tl.zeros([16, 16], dtype=tl.float32)
+    dg_kk = tl.zeros([16, 16], dtype=tl.float32)
+    for d0 in tl.static_range(0, BK, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = dd < K
+        m_i = (rows < L)[:, None] & dm[None, :]
+        b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
+        tok_i = ((bos + rows) * H + i_h)[:, None] * K + dd[None, :]
         b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
         b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-        for c in tl.static_range(16):
-            row_c = i * 16 + c
-            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
+        if i > 0:   # off-diagonal blocks against columns < 16 i, reference row n = 16 i
+            b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dm, other=0.)
+            b_Ga = tl.load(Gc + (cbase + c64)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
+            b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm[None, :],
                            other=0.).to(tl.float32)
-            b_gc = tl.load(Gc + (cbase + row_c) * K + dk, mask=dk < K, other=0.)
-            e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
-            sel = r16[None, :] == c
-            dg_qk = tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], dg_qk)
-            dg_kk = tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], dg_kk)
-        off = (cbase + rows)[:, None] * 64
-        outside = (c64[None, :] < i * 16) | (c64[None, :] >= i * 16 + 16)
-        tl.store(Aqk + off + c64[None, :], acc_qk, mask=outside)
-        tl.store(Bkk + off + c64[None, :], acc_kk, mask=outside)
-        tl.store(Aqk + off + i * 16 + r16[None, :], dg_qk)
-        tl.store(Bkk + off + i * 16 + r16[None, :], tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
+            left = (c64 < i * 16)[:, None]
+            b_kref = b_ka * tl.exp(tl.where(left, b_gn[None, :] - b_Ga, float('-inf')))
+            e_row = tl.exp(b_Gi - b_gn[None, :])
+            acc_qk += tl.dot(b_qi * e_row, tl.trans(b_kref), input_precision=PREC)
+            acc_kk += tl.dot(b_ki * e_row, tl.trans(b_kref), input_precision=PREC)
+    # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
+    m_i = (rows < L)[:, None] & (dk[None, :] < K)
+    tok_i = ((bos + rows) * H + i_h)[:, None] * K + dk[None, :]
+    b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
+    b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
+    b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
+    for c in tl.static_range(16):
+        row_c = i * 16 + c
+        b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
+                       other=0.).to(tl.float32)
+        b_gc = tl.load(Gc + (cbase + row_c) * K + dk, mask=dk < K, other=0.)
+        e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
+        sel = r16[None, :] == c
+        dg_qk = tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], dg_qk)
+        dg_kk = tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], dg_kk)
+    off = (cbase + rows)[:, None] * 64
+    outside = (c64[None, :] < i * 16) | (c64[None, :] >= i * 16 + 16)
+    tl.store(Aqk + off + c64[None, :], acc_qk, mask=outside)
+    tl.store(Bkk + off + c64[None, :], acc_kk, mask=outside)
+    tl.store(Aqk + off + i * 16 + r16[None, :], dg_qk)
+    tl.store(Bkk + off + i * 16 + r16[None, :], tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
 
 
 @triton.jit
