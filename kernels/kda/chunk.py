@@ -47,7 +47,7 @@ def _meta(K, V, dtype):
 # so that benchmarks/kda_tune.py can sweep it; other head sizes use the same values.
 LAUNCH = {
     "fwd_cumsum": dict(num_warps=4, num_stages=1),
-    "fwd_intra": dict(num_warps=4, num_stages=1),
+    "fwd_intra": dict(num_warps=8, num_stages=1),
     "fwd_wy": dict(num_warps=8, num_stages=1),
     "fwd_h": dict(num_warps=4, num_stages=2, BV=32),
     "fwd_o": dict(num_warps=4, num_stages=2),

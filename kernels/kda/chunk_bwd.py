@@ -171,7 +171,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
     carry = tl.zeros([BD], dtype=tl.float32)
     acc_bias = tl.zeros([BD], dtype=tl.float32)
     acc_A = tl.zeros([BD], dtype=tl.float32)
-    for bb in tl.static_range(4):
+    for bb in range(4):
         b = 3 - bb
         rows = b * 16 + r16
         m_rows = (rows < L)[:, None] & dm
@@ -210,7 +210,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
         dq_d = tl.zeros([16, BD], dtype=tl.float32)
         dkr_d = tl.zeros([16, BD], dtype=tl.float32)
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
-        for j in tl.static_range(16):
+        for j in range(16):
             row_j = b * 16 + j
             m_j = (dd < K) & (dd * 0 + row_j < L)
             tok_j = ((bos + row_j) * H + i_h) * K + dd

@@ -131,7 +131,7 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     acc_kk = tl.zeros([16, 64], dtype=tl.float32)
     dg_qk = tl.zeros([16, 16], dtype=tl.float32)
     dg_kk = tl.zeros([16, 16], dtype=tl.float32)
-    for d0 in tl.static_range(0, BK, BD):
+    for d0 in range(0, BK, BD):
         dd = d0 + tl.arange(0, BD)
         dm = dd < K
         m_i = (rows < L)[:, None] & dm[None, :]
@@ -155,7 +155,7 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
     b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
     b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-    for c in tl.static_range(16):
+    for c in range(16):
         row_c = i * 16 + c
         b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
                        other=0.).to(tl.float32)
