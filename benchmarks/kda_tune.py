@@ -59,7 +59,7 @@ def main():
         (q, k, v, g, beta), _ = make_inputs(B, T, 16, 128)
         do = torch.randn_like(v)
 
-        def fwd_bwd():
+        def fwd_bwd(q=q, k=k, v=v, g=g, beta=beta, do=do):   # bind this shape's tensors
             o, _ = kda_chunk.chunk_kda(q, k, v, g, beta)
             return torch.autograd.grad(o, [q, k, v, g, beta], do)
         data[(B, T)] = fwd_bwd

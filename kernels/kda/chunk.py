@@ -45,15 +45,15 @@ def _meta(K, V, dtype):
 # Launch options per kernel (K = V = 128, bf16 on the H200): num_warps / num_stages, and the
 # V-block (BV) of the state passes / Dk slice (BD) of the backward intra kernel. A plain dict
 # so that benchmarks/kda_tune.py can sweep it; other head sizes use the same values.
-LAUNCH = {
+LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5); state passes at 1x32768
     "fwd_cumsum": dict(num_warps=4, num_stages=1),
-    "fwd_intra": dict(num_warps=8, num_stages=1),
-    "fwd_wy": dict(num_warps=8, num_stages=1),
+    "fwd_intra": dict(num_warps=2, num_stages=1),
+    "fwd_wy": dict(num_warps=4, num_stages=1),
     "fwd_h": dict(num_warps=4, num_stages=2, BV=32),
     "fwd_o": dict(num_warps=4, num_stages=2),
     "bwd_dh": dict(num_warps=8, num_stages=1, BV=32),
     "bwd_chunk": dict(num_warps=8, num_stages=1),
-    "bwd_intra": dict(num_warps=8, num_stages=1, BD=32),
+    "bwd_intra": dict(num_warps=2, num_stages=1, BD=32),
 }
 
 
