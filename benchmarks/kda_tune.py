@@ -21,15 +21,15 @@ from kernels.kda import chunk as kda_chunk  # noqa: E402
 
 W = lambda w, s=1, **kw: dict(num_warps=w, num_stages=s, **kw)
 CANDIDATES = {
-    "fwd_cumsum": [W(2), W(4), W(8)],
-    "fwd_intra": [W(1), W(2), W(4), W(8)],
-    "fwd_wy": [W(2), W(4), W(8)],
-    "fwd_h": [W(4, 2, BV=32), W(4, 1, BV=32), W(4, 3, BV=32), W(8, 2, BV=32), W(4, 2, BV=64),
-              W(8, 2, BV=64)],
-    "fwd_o": [W(4, 2), W(4, 1), W(4, 3), W(8, 2)],
-    "bwd_dh": [W(8, 1, BV=32), W(4, 1, BV=32), W(4, 2, BV=32), W(8, 2, BV=32), W(8, 1, BV=64)],
-    "bwd_chunk": [W(8, 1), W(4, 1), W(4, 2)],
-    "bwd_intra": [W(1, BD=32), W(2, BD=32), W(4, BD=32), W(8, BD=32), W(2, BD=16), W(4, BD=64)],
+    "fwd_cumsum": [W(4), W(8)],
+    "fwd_intra": [W(2), W(4), W(8)],
+    "fwd_wy": [W(4), W(8)],
+    "fwd_h": [W(4, 2, BV=32), W(4, 3, BV=32), W(8, 2, BV=32), W(4, 2, BV=64), W(8, 2, BV=64),
+              W(8, 3, BV=64)],
+    "fwd_o": [W(4, 2), W(4, 3), W(8, 2)],
+    "bwd_dh": [W(8, 1, BV=32), W(8, 2, BV=32), W(4, 2, BV=32), W(8, 2, BV=64), W(4, 2, BV=64)],
+    "bwd_chunk": [W(8, 1), W(8, 2), W(4, 1)],
+    "bwd_intra": [W(2, BD=32), W(4, BD=32), W(8, BD=32), W(4, BD=64), W(8, BD=64)],
 }
 
 

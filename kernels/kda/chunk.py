@@ -30,6 +30,10 @@ def _chunk_tables(cu_seqlens: torch.Tensor):
     return info, offsets.to(torch.int32), int(offsets[-1])
 
 
+def _state_dtype(dtype):
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _meta(K, V, dtype):
     BK = max(16, triton.next_power_of_2(K))
     BV = min(64, max(16, triton.next_power_of_2(V)))
@@ -81,10 +85,12 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     f32 = dict(dtype=torch.float32, device=q.device)
     Gc = torch.empty(NC, H, 64, K, **f32)
     Aqk, Bkk, Ainv = (torch.empty(NC, H, 64, 64, **f32) for _ in range(3))
-    W = torch.empty(NC, H, 64, K, **f32)
+    # what feeds the state passes' dots (W, q e^G, kg, states) is stored in the input dtype
+    # for 16-bit inputs (halves their bytes, bf16 tensor cores), fp32 otherwise
+    lo = dict(dtype=_state_dtype(q.dtype), device=q.device)
+    W, Qg, Kg = (torch.empty(NC, H, 64, K, **lo) for _ in range(3))
     U, Vn = (torch.empty(NC, H, 64, V, **f32) for _ in range(2))
-    Qg, Kg = (torch.empty(NC, H, 64, K, **f32) for _ in range(2))
-    h = torch.empty(NC, H, K, V, **f32)
+    h = torch.empty(NC, H, K, V, **lo)
     ht = torch.empty(N, H, K, V, **f32) if want_ht else None
     mode, A_log, dt_bias, lower = gate
     kda_fwd_cumsum_kernel[(NC, H)](g, A_log, dt_bias, lower, Gc, cu, info, H=H, K=K, BK=BK, GATE=mode,
@@ -111,7 +117,7 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     BK, BV, prec = _meta(K, V, q.dtype)
     BVs = _blk("bwd_dh", "BV", BV, BK)
     f32 = dict(dtype=torch.float32, device=q.device)
-    dh = torch.empty(NC, H, K, V, **f32)
+    dh = torch.empty(NC, H, K, V, dtype=_state_dtype(q.dtype), device=q.device)
     dVn = torch.empty(NC, H, 64, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
     kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,

@@ -117,59 +117,61 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     i_h = tl.program_id(1)
     i = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
     r16 = tl.arange(0, 16)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h                      # token-layout row index (int64)
     cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
-    dk = tl.arange(0, BK)
-
-    # gated products of this row block (off-diagonal blocks in BD-wide Dk slices)
-    c64 = tl.arange(0, 64)
     rows = i * 16 + r16
-    acc_qk = tl.zeros([16, 64], dtype=tl.float32)
-    acc_kk = tl.zeros([16, 64], dtype=tl.float32)
+    m_rows = (rows < L)[:, None]
+    tok_i = ((bos + rows) * H + i_h)[:, None] * K
+    pad_i = (cbase + rows)[:, None] * K
+    # off-diagonal 16x16 tiles (i, j < i), reference row n = 16 i: exp(G_r - G_n) <= 0 on the
+    # rows, exp(G_n - G_c) <= 0 on the columns; tensor-core dots over BD-wide Dk slices
+    for j in range(i):
+        cols = j * 16 + r16
+        tok_j = ((bos + cols) * H + i_h)[:, None] * K
+        acc_qk = tl.zeros([16, 16], dtype=tl.float32)
+        acc_kk = tl.zeros([16, 16], dtype=tl.float32)
+        for d0 in range(0, BK, BD):
+            dd = d0 + tl.arange(0, BD)
+            dm = (dd < K)[None, :]
+            b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dd < K, other=0.)
+            e_row = tl.exp(tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.) - b_gn[None, :])
+            b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+            b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+            b_Gj = tl.load(Gc + (cbase + cols)[:, None] * K + dd[None, :], mask=dm, other=0.)
+            b_kj = tl.load(k + tok_j + dd[None, :], mask=(cols < L)[:, None] & dm, other=0.).to(tl.float32)
+            k_ref = tl.trans(b_kj * tl.exp(b_gn[None, :] - b_Gj))
+            acc_qk += tl.dot(b_qi * e_row, k_ref, input_precision=PREC)
+            acc_kk += tl.dot(b_ki * e_row, k_ref, input_precision=PREC)
+        off = (cbase + rows)[:, None] * 64 + cols[None, :]
+        tl.store(Aqk + off, acc_qk)
+        tl.store(Bkk + off, acc_kk)
+    # tiles right of the diagonal are zero (later kernels read whole rows)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    for j in range(i + 1, 4):
+        off = (cbase + rows)[:, None] * 64 + (j * 16 + r16)[None, :]
+        tl.store(Aqk + off, zero)
+        tl.store(Bkk + off, zero)
+    # diagonal tile, exact: column c uses exp(G_r - G_c) for rows r >= c only
     dg_qk = tl.zeros([16, 16], dtype=tl.float32)
     dg_kk = tl.zeros([16, 16], dtype=tl.float32)
     for d0 in range(0, BK, BD):
         dd = d0 + tl.arange(0, BD)
-        dm = dd < K
-        m_i = (rows < L)[:, None] & dm[None, :]
-        b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
-        tok_i = ((bos + rows) * H + i_h)[:, None] * K + dd[None, :]
-        b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
-        b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-        if i > 0:   # off-diagonal blocks against columns < 16 i, reference row n = 16 i
-            b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dm, other=0.)
-            b_Ga = tl.load(Gc + (cbase + c64)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
-            b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm[None, :],
+        dm = (dd < K)[None, :]
+        b_Gi = tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.)
+        b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+        b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+        for c in range(16):
+            row_c = i * 16 + c
+            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
                            other=0.).to(tl.float32)
-            left = (c64 < i * 16)[:, None]
-            b_kref = b_ka * tl.exp(tl.where(left, b_gn[None, :] - b_Ga, float('-inf')))
-            e_row = tl.exp(b_Gi - b_gn[None, :])
-            acc_qk += tl.dot(b_qi * e_row, tl.trans(b_kref), input_precision=PREC)
-            acc_kk += tl.dot(b_ki * e_row, tl.trans(b_kref), input_precision=PREC)
-    # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
-    m_i = (rows < L)[:, None] & (dk[None, :] < K)
-    tok_i = ((bos + rows) * H + i_h)[:, None] * K + dk[None, :]
-    b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
-    b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
-    b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-    for c in range(16):
-        row_c = i * 16 + c
-        b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
-                       other=0.).to(tl.float32)
-        b_gc = tl.load(Gc + (cbase + row_c) * K + dk, mask=dk < K, other=0.)
-        e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
-        sel = r16[None, :] == c
-        dg_qk = tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], dg_qk)
-        dg_kk = tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], dg_kk)
-    off = (cbase + rows)[:, None] * 64
-    outside = (c64[None, :] < i * 16) | (c64[None, :] >= i * 16 + 16)
-    tl.store(Aqk + off + c64[None, :], acc_qk, mask=outside)
-    tl.store(Bkk + off + c64[None, :], acc_kk, mask=outside)
-    tl.store(Aqk + off + i * 16 + r16[None, :], dg_qk)
-    tl.store(Bkk + off + i * 16 + r16[None, :], tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
+            b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
+            e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
+            sel = r16[None, :] == c
+            dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
+            dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
+    off = (cbase + rows)[:, None] * 64 + i * 16 + r16[None, :]
+    tl.store(Aqk + off, dg_qk)
+    tl.store(Bkk + off, tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
 
 
 @triton.jit
@@ -249,11 +251,11 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
     e_G = tl.exp(b_G)
     pad_k = (cbase + r64)[:, None] * K + dk[None, :]
     b_gl = tl.sum(tl.where(r64[:, None] == 63, b_G, 0.), axis=0)
-    tl.store(Kg + pad_k, b_k * tl.exp(b_gl[None, :] - b_G), mask=dk[None, :] < K)
-    tl.store(Qg + pad_k, b_q * e_G, mask=dk[None, :] < K)
+    tl.store(Kg + pad_k, (b_k * tl.exp(b_gl[None, :] - b_G)).to(Kg.dtype.element_ty), mask=dk[None, :] < K)
+    tl.store(Qg + pad_k, (b_q * e_G).to(Qg.dtype.element_ty), mask=dk[None, :] < K)
     b_x = b_k * e_G * b_beta[:, None]
     b_w = tl.dot(b_inv, b_x, input_precision=PREC)
-    tl.store(W + pad_k, b_w, mask=dk[None, :] < K)
+    tl.store(W + pad_k, b_w.to(W.dtype.element_ty), mask=dk[None, :] < K)
     for v0 in range(0, V, BV):
         dv = v0 + tl.arange(0, BV)
         m_v = valid[:, None] & (dv[None, :] < V)
@@ -285,14 +287,15 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
     for c in range(0, n_chunks):
         i_c = c_first + c
         cbase = (i_c * H + i_h) * 64
-        tl.store(h + (i_c * H + i_h) * K * V + state_off, b_h, mask=m_kv)
+        tl.store(h + (i_c * H + i_h) * K * V + state_off, b_h.to(h.dtype.element_ty), mask=m_kv)
         b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
         b_u = tl.load(U + (cbase + r64)[:, None] * V + dv[None, :], mask=dv[None, :] < V, other=0.)
-        b_vn = b_u - tl.dot(b_w, b_h, input_precision=PREC)
+        # bf16 inputs: W, kg, h are bf16 here (bf16 tensor-core dots, fp32 state and sums)
+        b_vn = b_u - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
         tl.store(Vn + (cbase + r64)[:, None] * V + dv[None, :], b_vn, mask=dv[None, :] < V)
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
         b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
-        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_vn, input_precision=PREC)
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_vn.to(b_kg.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state_off, b_h, mask=m_kv)
 
