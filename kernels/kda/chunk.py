@@ -98,7 +98,9 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     kda_fwd_intra_kernel[(NC, H, 4)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
                                      PREC=prec, **_cfg("fwd_intra"))
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
-                               BK=BK, BV=BV, PREC=prec, **_cfg("fwd_wy"))
+                               BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
+                               # the inverse's doubling product: ~fp32 accuracy on tensor cores
+                               INV_PREC="ieee" if prec == "ieee" else "tf32x3", **_cfg("fwd_wy"))
     BVs = _blk("fwd_h", "BV", BV, BK)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
