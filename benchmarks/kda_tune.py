@@ -23,7 +23,7 @@ W = lambda w, s=1, **kw: dict(num_warps=w, num_stages=s, **kw)
 CANDIDATES = {
     "fwd_cumsum": [W(4), W(8)],
     "fwd_intra": [W(2), W(4), W(8)],
-    "fwd_wy": [W(4), W(8)],
+    "fwd_wy": [W(4), W(8), W(2)],
     "fwd_h": [W(4, 2, BV=32), W(4, 3, BV=32), W(8, 2, BV=32), W(4, 2, BV=64), W(8, 2, BV=64),
               W(8, 3, BV=64)],
     "fwd_o": [W(4, 2), W(4, 3), W(8, 2)],
