@@ -30,6 +30,9 @@ def _chunk_tables(cu_seqlens: torch.Tensor):
     return info, offsets.to(torch.int32), int(offsets[-1])
 
 
+INV_PREC_16 = "tf32x3"   # dots of the diagonal-block inverse for 16-bit inputs
+
+
 def _state_dtype(dtype):
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -100,7 +103,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
                                BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
                                # the inverse's doubling product: ~fp32 accuracy on tensor cores
-                               INV_PREC="ieee" if prec == "ieee" else "tf32x3", **_cfg("fwd_wy"))
+                               INV_PREC="ieee" if prec == "ieee" else INV_PREC_16, **_cfg("fwd_wy"))
     BVs = _blk("fwd_h", "BV", BV, BK)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
