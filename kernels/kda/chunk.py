@@ -6,6 +6,8 @@ forward intra kernel and its backward into the backward intra kernel; the scalar
 gate goes through PyTorch ops. The chunk autograd.Function takes the normalised, scaled q,
 normalised k, v, g (raw gate or log-decay), beta, the initial state and the gate parameters.
 """
+import os
+
 import torch
 import triton
 
@@ -30,11 +32,15 @@ def _chunk_tables(cu_seqlens: torch.Tensor):
     return info, offsets.to(torch.int32), int(offsets[-1])
 
 
-INV_PREC_16 = "tf32x3"   # dots of the diagonal-block inverse for 16-bit inputs
+# 16-bit inputs: dots of the diagonal-block inverse, and whether W / q e^G / kg / states are
+# stored in the input dtype. Environment overrides are fallbacks for GPU-only problems
+# (KDA_INV_PREC=ieee, KDA_STATE_DTYPE=fp32); fp32 inputs always use ieee / fp32.
+INV_PREC_16 = os.environ.get("KDA_INV_PREC", "tf32x3")
+STATE_16 = os.environ.get("KDA_STATE_DTYPE", "input") != "fp32"
 
 
 def _state_dtype(dtype):
-    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return dtype if STATE_16 and dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _meta(K, V, dtype):
