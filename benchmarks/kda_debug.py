@@ -26,8 +26,7 @@ def main():
     for item in filter(None, args.warps.split(",")):
         name, w = item.split("=")
         C.LAUNCH[name] = dict(C.LAUNCH[name], num_warps=int(w))
-    if args.state == "f32":
-        C.STATE_16 = False
+    C.STATE_16 = args.state == "bf16"
     C.INV_PREC_16 = args.inv
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     tag = f"[{args.case or args.shape} state={args.state} inv={args.inv} dtype={args.dtype} {args.warps}]"

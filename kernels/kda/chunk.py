@@ -32,11 +32,14 @@ def _chunk_tables(cu_seqlens: torch.Tensor):
     return info, offsets.to(torch.int32), int(offsets[-1])
 
 
-# 16-bit inputs: dots of the diagonal-block inverse, and whether W / q e^G / kg / states are
-# stored in the input dtype. Environment overrides are fallbacks for GPU-only problems
-# (KDA_INV_PREC=ieee, KDA_STATE_DTYPE=fp32); fp32 inputs always use ieee / fp32.
-INV_PREC_16 = os.environ.get("KDA_INV_PREC", "tf32x3")
-STATE_16 = os.environ.get("KDA_STATE_DTYPE", "input") != "fp32"
+# 16-bit inputs: precision of the diagonal-block inverse's dots, and whether W / q e^G / kg /
+# states are stored in the input dtype (bf16 tensor-core dots in the state passes). The
+# defaults are the configuration tested on the H200 (ieee, fp32). KDA_STATE_DTYPE=input is
+# experimental: on Triton 3.6 / H200 it ends in an illegal memory access inside kda_bwd_chunk
+# (cause not found, docs/kda_kernels.md v6); KDA_INV_PREC=tf32x3 has not been run on a GPU
+# on its own. fp32 inputs always use ieee dots and fp32 buffers.
+INV_PREC_16 = os.environ.get("KDA_INV_PREC", "ieee")
+STATE_16 = os.environ.get("KDA_STATE_DTYPE", "fp32") == "input"
 
 
 def _state_dtype(dtype):
