@@ -6,12 +6,14 @@ forward intra kernel and its backward into the backward intra kernel; the scalar
 gate goes through PyTorch ops. The chunk autograd.Function takes the normalised, scaled q,
 normalised k, v, g (raw gate or log-decay), beta, the initial state and the gate parameters.
 """
+import os
+
 import torch
 import triton
 
 from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay
 from kernels.kda.l2norm import l2norm_scale
-from kernels.kda.chunk_fwd import kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
+from kernels.kda.chunk_fwd import kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
 
 CHUNK = 64
@@ -30,6 +32,20 @@ def _chunk_tables(cu_seqlens: torch.Tensor):
     return info, offsets.to(torch.int32), int(offsets[-1])
 
 
+# 16-bit inputs: precision of the diagonal-block inverse's dots, and whether W / q e^G / kg /
+# states are stored in the input dtype (bf16 tensor-core dots in the state passes). The
+# defaults are the configuration tested on the H200 (ieee, fp32). KDA_STATE_DTYPE=input is
+# experimental: on Triton 3.6 / H200 it ends in an illegal memory access inside kda_bwd_chunk
+# (cause not found, docs/kda_kernels.md v6); KDA_INV_PREC=tf32x3 has not been run on a GPU
+# on its own. fp32 inputs always use ieee dots and fp32 buffers.
+INV_PREC_16 = os.environ.get("KDA_INV_PREC", "ieee")
+STATE_16 = os.environ.get("KDA_STATE_DTYPE", "fp32") == "input"
+
+
+def _state_dtype(dtype):
+    return dtype if STATE_16 and dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _meta(K, V, dtype):
     BK = max(16, triton.next_power_of_2(K))
     BV = min(64, max(16, triton.next_power_of_2(V)))
@@ -41,8 +57,34 @@ def _meta(K, V, dtype):
 # Launch shapes chosen from the Hopper register/shared-memory report of an AOT compile
 # (docs/kda_kernels.md): shared memory must stay under 227 KiB at BK=128, which rules out
 # software pipelining (num_stages=2) for the backward state pass.
-BV_SEQ = 32      # V-block of the sequential state passes
-BD = 32          # Dk slice of the 3-D diagonal-block products
+
+# Launch options per kernel (K = V = 128, bf16 on the H200): num_warps / num_stages, and the
+# V-block (BV) of the state passes / Dk slice (BD) of the backward intra kernel. A plain dict
+# so that benchmarks/kda_tune.py can sweep it; other head sizes use the same values.
+LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5); state passes at 1x32768
+    "fwd_cumsum": dict(num_warps=4, num_stages=1),
+    "fwd_intra": dict(num_warps=2, num_stages=1),
+    "fwd_wy": dict(num_warps=4, num_stages=1),
+    "fwd_h": dict(num_warps=4, num_stages=2, BV=32),
+    "fwd_o": dict(num_warps=4, num_stages=2),
+    "bwd_dh": dict(num_warps=8, num_stages=1, BV=32),
+    "bwd_chunk": dict(num_warps=8, num_stages=1),
+    "bwd_intra": dict(num_warps=2, num_stages=1, BD=32),
+}
+
+
+def _cfg(name, BK=128):
+    """num_warps / num_stages of kernel `name`; Dk > 128 keeps the shared-memory-safe defaults."""
+    cfg = {key: val for key, val in LAUNCH[name].items() if key.startswith("num_")}
+    if BK > 128 and name in ("fwd_h", "bwd_dh"):
+        cfg = dict(num_warps=8, num_stages=1)   # 2 stages at Dk=256 need 312 KiB of shared memory
+    return cfg
+
+
+def _blk(name, key, cap, BK=128):
+    """Block size `key` of kernel `name`, at most `cap` (32 for Dk > 128: shared memory)."""
+    val = min(LAUNCH[name][key], cap)
+    return min(val, 32) if BK > 128 else val
 
 
 def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
@@ -55,27 +97,29 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     f32 = dict(dtype=torch.float32, device=q.device)
     Gc = torch.empty(NC, H, 64, K, **f32)
     Aqk, Bkk, Ainv = (torch.empty(NC, H, 64, 64, **f32) for _ in range(3))
-    W = torch.empty(NC, H, 64, K, **f32)
+    # what feeds the state passes' dots (W, q e^G, kg, states) is stored in the input dtype
+    # for 16-bit inputs (halves their bytes, bf16 tensor cores), fp32 otherwise
+    lo = dict(dtype=_state_dtype(q.dtype), device=q.device)
+    W, Qg, Kg = (torch.empty(NC, H, 64, K, **lo) for _ in range(3))
     U, Vn = (torch.empty(NC, H, 64, V, **f32) for _ in range(2))
-    Qg, Kg = (torch.empty(NC, H, 64, K, **f32) for _ in range(2))
-    h = torch.empty(NC, H, K, V, **f32)
+    h = torch.empty(NC, H, K, V, **lo)
     ht = torch.empty(N, H, K, V, **f32) if want_ht else None
     mode, A_log, dt_bias, lower = gate
-    kda_fwd_intra_kernel[(NC, H)](q, k, g, A_log, dt_bias, lower, Gc, Aqk, Bkk, cu, info, H=H, K=K,
-                                  BK=BK, BD=min(BD, BK), GATE=mode, PREC=prec, num_warps=8,
-                                  num_stages=1)
+    kda_fwd_cumsum_kernel[(NC, H)](g, A_log, dt_bias, lower, Gc, cu, info, H=H, K=K, BK=BK, GATE=mode,
+                                   **_cfg("fwd_cumsum"))
+    kda_fwd_intra_kernel[(NC, H, 4)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
+                                     PREC=prec, **_cfg("fwd_intra"))
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
-                               BK=BK, BV=BV, PREC=prec, num_warps=8, num_stages=1)
-    BVs = min(BV, BV_SEQ)
+                               BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
+                               # the inverse's doubling product: ~fp32 accuracy on tensor cores
+                               INV_PREC="ieee" if prec == "ieee" else INV_PREC_16, **_cfg("fwd_wy"))
+    BVs = _blk("fwd_h", "BV", BV, BK)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
-                                                  STORE_HT=want_ht, PREC=prec,
-                                                  # Dk=256 with 2 stages needs 312 KiB of shared memory
-                                                  num_warps=4 if BK <= 128 else 8,
-                                                  num_stages=2 if BK <= 128 else 1)
+                                                  STORE_HT=want_ht, PREC=prec, **_cfg("fwd_h", BK))
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](Qg, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
-                                                  BV=BV, PREC=prec, num_warps=4, num_stages=2)
+                                                  BV=BV, PREC=prec, **_cfg("fwd_o"))
     return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h, Qg, Kg)
 
 
@@ -85,34 +129,33 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     V = v.shape[-1]
     N = cu.numel() - 1
     BK, BV, prec = _meta(K, V, q.dtype)
-    BVs = min(BV, BV_SEQ)
+    BVs = _blk("bwd_dh", "BV", BV, BK)
     f32 = dict(dtype=torch.float32, device=q.device)
-    dh = torch.empty(NC, H, K, V, **f32)
+    dh = torch.empty(NC, H, K, V, dtype=_state_dtype(q.dtype), device=q.device)
     dVn = torch.empty(NC, H, 64, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
     kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
                                                    H=H, K=K, V=V, BK=BK, BV=BVs, HAS_DHT=dht is not None,
-                                                   HAS_H0=h0 is not None, PREC=prec, num_warps=8,
-                                                   num_stages=1)
+                                                   HAS_H0=h0 is not None, PREC=prec, **_cfg("bwd_dh", BK))
     dAqk, dBkk = (torch.empty(NC, H, 64, 64, **f32) for _ in range(2))
     dq_p, dk_p, dG_p = (torch.empty(NC, H, 64, K, **f32) for _ in range(3))
     dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
     dbeta = torch.empty(T, H, **f32)
     kda_bwd_chunk_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
                                   dAqk, dBkk, dq_p, dk_p, dG_p, dv, dbeta, cu, info,
-                                  H=H, K=K, V=V, BK=BK, BV=BVs, PREC=prec, num_warps=8, num_stages=1)
+                                  H=H, K=K, V=V, BK=BK, BV=min(BV, 32), PREC=prec, **_cfg("bwd_chunk"))
     dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
     dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
     dg = torch.empty(T, H, K, **f32)
     mode, A_log, dt_bias, lower = gate
-    BDi = min(BD, BK)
+    BDi = _blk("bwd_intra", "BD", BK, BK)
     d_bias_p = dA_p = None
     if mode != 0:   # per-chunk partial sums of the gate-parameter gradients
         d_bias_p, dA_p = (torch.empty(NC, H, K, **f32) for _ in range(2))
     kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BDi))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
                                                         dq, dk, dg, g, A_log, dt_bias, lower,
                                                         d_bias_p, dA_p, cu, info, H=H, K=K, BD=BDi,
-                                                        GATE=mode, PREC=prec, num_warps=8, num_stages=1)
+                                                        GATE=mode, PREC=prec, **_cfg("bwd_intra"))
     d_A = d_bias = None
     if mode != 0:
         d_A, d_bias = dA_p.sum((0, 2)), d_bias_p.sum(0).reshape(-1)

@@ -48,19 +48,21 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
         t0 = bos + c_rev * 64
         valid = r64 < eos - t0
         tok = (t0 + r64) * H + i_h
-        tl.store(dh + (i_c * H + i_h) * K * V + state_off, b_ds, mask=m_kv)
+        tl.store(dh + (i_c * H + i_h) * K * V + state_off, b_ds.to(dh.dtype.element_ty), mask=m_kv)
         b_do = tl.load(do + tok[:, None] * V + dv[None, :], mask=valid[:, None] & (dv[None, :] < V),
                        other=0.).to(tl.float32)
         b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
         b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
-        b_dvn = tl.dot(tl.trans(b_a), b_do, input_precision=PREC) + tl.dot(b_kg, b_ds, input_precision=PREC)
+        # bf16 inputs: q e^G, kg, W, dh are bf16 (bf16 tensor-core dots); the rest fp32
+        b_dvn = (tl.dot(tl.trans(b_a), b_do, input_precision=PREC)
+                 + tl.dot(b_kg, b_ds.to(b_kg.dtype), input_precision=PREC))
         tl.store(dVn + (cbase + r64)[:, None] * V + dv[None, :], b_dvn, mask=dv[None, :] < V)
         b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_qg = tl.load(Qg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_ds = (b_ds * tl.exp(b_gl)[:, None]
-                + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC)
-                - tl.dot(tl.trans(b_w), b_dvn, input_precision=PREC))
+                + tl.dot(tl.trans(b_qg), b_do.to(b_qg.dtype), input_precision=PREC)
+                - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype), input_precision=PREC))
     if HAS_H0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state_off, b_ds, mask=m_kv)
 
@@ -115,12 +117,13 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
             b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
             b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
             b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+            # states are bf16 for bf16 inputs: bf16 tensor-core dots, fp32 accumulation
             b_h = tl.load(h + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
             b_dh = tl.load(dh + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
-            b_dqg += tl.dot(b_do, tl.trans(b_h), input_precision=PREC)
-            b_dw -= tl.dot(b_dvn, tl.trans(b_h), input_precision=PREC)
-            b_dkg += tl.dot(b_vn, tl.trans(b_dh), input_precision=PREC)
-            b_dgl += tl.sum(b_dh * b_h, axis=1)
+            b_dqg += tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
+            b_dw -= tl.dot(b_dvn.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
+            b_dkg += tl.dot(b_vn.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
+            b_dgl += tl.sum(b_dh.to(tl.float32) * b_h.to(tl.float32), axis=1)
         b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
         b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
@@ -165,13 +168,10 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
     cbase = (i_c * H + i_h) * 64
     dd = i_k * BD + tl.arange(0, BD)
     dm = dd[None, :] < K
-    b_Ga = tl.load(Gc + (cbase + r64)[:, None] * K + dd[None, :], mask=dm, other=0.)
-    b_qa = tl.load(q + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
-    b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm, other=0.).to(tl.float32)
     carry = tl.zeros([BD], dtype=tl.float32)
     acc_bias = tl.zeros([BD], dtype=tl.float32)
     acc_A = tl.zeros([BD], dtype=tl.float32)
-    for bb in tl.static_range(4):
+    for bb in range(4):
         b = 3 - bb
         rows = b * 16 + r16
         m_rows = (rows < L)[:, None] & dm
@@ -184,43 +184,70 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
         b_dk = tl.load(dk_p + pad_off, mask=dm, other=0.)
         b_dG = tl.load(dG_p + pad_off, mask=dm, other=0.)
         if b > 0:
-            # this block as rows of A_qk / B_kk against columns < 16 b; reference row 16 b
+            # this block as rows of A_qk / B_kk against the column blocks j < b; reference row
+            # n = 16 b: exp(G_r - G_n) <= 0 on the rows, exp(G_n - G_c) <= 0 on the columns
             b_gn = tl.load(Gc + (cbase + b * 16) * K + dd, mask=dd < K, other=0.)
-            k_ref = b_ka * tl.exp(tl.where((r64 < b * 16)[:, None], b_gn[None, :] - b_Ga, float('-inf')))
+            acc_q = tl.zeros([16, BD], dtype=tl.float32)
+            acc_k = tl.zeros([16, BD], dtype=tl.float32)
+            for j in range(b):
+                cols = j * 16 + r16
+                b_Gj = tl.load(Gc + (cbase + cols)[:, None] * K + dd[None, :], mask=dm, other=0.)
+                b_kj = tl.load(k + ((bos + cols) * H + i_h)[:, None] * K + dd[None, :],
+                               mask=(cols < L)[:, None] & dm, other=0.).to(tl.float32)
+                k_ref = b_kj * tl.exp(b_gn[None, :] - b_Gj)
+                t_off = (cbase + rows)[:, None] * 64 + cols[None, :]
+                acc_q += tl.dot(tl.load(dAqk + t_off), k_ref, input_precision=PREC)
+                acc_k += tl.dot(tl.load(dBkk + t_off), k_ref, input_precision=PREC)
             e_row = tl.exp(b_G - b_gn[None, :])
-            m_off = (cbase + rows)[:, None] * 64 + r64[None, :]
-            dq_r = tl.dot(tl.load(dAqk + m_off), k_ref, input_precision=PREC) * e_row
-            dk_r = tl.dot(tl.load(dBkk + m_off), k_ref, input_precision=PREC) * e_row
+            dq_r = acc_q * e_row
+            dk_r = acc_k * e_row
             b_dq += dq_r
             b_dk += dk_r
             b_dG += b_q * dq_r + b_k * dk_r
         if b < 3:
-            # this block as columns against rows >= 16 (b+1); reference row 16 b + 15
+            # this block as columns against the row blocks j > b; reference row m = 16 b + 15
             b_gm = tl.load(Gc + (cbase + b * 16 + 15) * K + dd, mask=dd < K, other=0.)
-            e_low = tl.exp(tl.where((r64 >= b * 16 + 16)[:, None], b_Ga - b_gm[None, :], float('-inf')))
-            m_off = (cbase + r64)[:, None] * 64 + (b * 16 + r16)[None, :]
-            dk_c = (tl.dot(tl.trans(tl.load(dAqk + m_off)), b_qa * e_low, input_precision=PREC)
-                    + tl.dot(tl.trans(tl.load(dBkk + m_off)), b_ka * e_low, input_precision=PREC))
-            dk_c = dk_c * tl.exp(b_gm[None, :] - b_G)
+            acc_c = tl.zeros([16, BD], dtype=tl.float32)
+            for j in range(b + 1, 4):
+                rws = j * 16 + r16
+                b_Gj = tl.load(Gc + (cbase + rws)[:, None] * K + dd[None, :], mask=dm, other=0.)
+                m_j = (rws < L)[:, None] & dm
+                tok_j = ((bos + rws) * H + i_h)[:, None] * K + dd[None, :]
+                b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
+                b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
+                e_low = tl.exp(b_Gj - b_gm[None, :])
+                t_off = (cbase + rws)[:, None] * 64 + rows[None, :]
+                acc_c += (tl.dot(tl.trans(tl.load(dAqk + t_off)), b_qj * e_low, input_precision=PREC)
+                          + tl.dot(tl.trans(tl.load(dBkk + t_off)), b_kj * e_low, input_precision=PREC))
+            dk_c = acc_c * tl.exp(b_gm[None, :] - b_G)
             b_dk += dk_c
             b_dG -= b_k * dk_c
-        # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
+        # diagonal block, exact, without cross-row reductions: step j is column j for the rows
+        # r >= j (dq, dk row side: exp(G_r - G_j)) and row j for the columns c <= j (dk column
+        # side: exp(G_j - G_c)); one exp per element serves both, all exponents <= 0
         dq_d = tl.zeros([16, BD], dtype=tl.float32)
         dkr_d = tl.zeros([16, BD], dtype=tl.float32)
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
-        for c in tl.static_range(16):
-            row_c = b * 16 + c
-            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
-                           other=0.).to(tl.float32)
-            b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
-            dA_c = tl.load(dAqk + (cbase + rows) * 64 + row_c)
-            dB_c = tl.load(dBkk + (cbase + rows) * 64 + row_c)
-            e = tl.exp(tl.where((r16 >= c)[:, None], b_G - b_gc[None, :], float('-inf')))
-            ek = e * b_kc[None, :]
-            dq_d += dA_c[:, None] * ek
-            dkr_d += dB_c[:, None] * ek
-            col = tl.sum((dA_c[:, None] * b_q + dB_c[:, None] * b_k) * e, axis=0)
-            dkc_d = tl.where((r16 == c)[:, None], col[None, :], dkc_d)
+        for j in range(16):
+            row_j = b * 16 + j
+            m_j = (dd < K) & (dd * 0 + row_j < L)
+            tok_j = ((bos + row_j) * H + i_h) * K + dd
+            b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
+            b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
+            b_gj = tl.load(Gc + (cbase + row_j) * K + dd, mask=dd < K, other=0.)
+            dA_col = tl.load(dAqk + (cbase + rows) * 64 + row_j)
+            dB_col = tl.load(dBkk + (cbase + rows) * 64 + row_j)
+            dA_row = tl.load(dAqk + (cbase + row_j) * 64 + rows)
+            dB_row = tl.load(dBkk + (cbase + row_j) * 64 + rows)
+            x = b_G - b_gj[None, :]
+            below = (r16 >= j)[:, None]
+            e = tl.exp(tl.where(below, x, -x))
+            e_lo = tl.where(below, e, 0.)
+            e_hi = tl.where((r16 <= j)[:, None], e, 0.)
+            ek = e_lo * b_kj[None, :]
+            dq_d += dA_col[:, None] * ek
+            dkr_d += dB_col[:, None] * ek
+            dkc_d += (dA_row[:, None] * b_qj[None, :] + dB_row[:, None] * b_kj[None, :]) * e_hi
         b_dq += dq_d
         b_dk += dkr_d + dkc_d
         b_dG += b_q * dq_d + b_k * (dkr_d - dkc_d)

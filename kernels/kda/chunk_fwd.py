@@ -6,9 +6,11 @@ delimited by cu_seqlens). Per-chunk intermediates use a padded chunk layout
 G = G_last, zeros elsewhere, so later kernels need no row masks on them.
 
 Kernels:
-  kda_fwd_intra   per (chunk, head): chunk-local cumsum of the log-decay -> G; gated products
-                  A_qk (j <= r) and B_kk (j < r, beta not folded); (I + diag(beta) B_kk)^-1;
-                  W = Ainv (beta k e^G), U = Ainv (beta v).
+  kda_fwd_cumsum  per (chunk, head): optional gate activation, chunk-local cumsum -> G.
+  kda_fwd_intra   per (chunk, head, 16-row block): gated products A_qk (j <= r) and B_kk
+                  (j < r, beta not folded).
+  kda_fwd_wy      per (chunk, head): (I + diag(beta) B_kk)^-1; W = Ainv (beta k e^G),
+                  U = Ainv (beta v); q e^G and k e^{G_last - G}.
   kda_fwd_h       per (doc, head, V-block): sequential state pass, fp32 state in registers;
                   stores the state entering every chunk and v_new = U - W S.
   kda_fwd_o       per (chunk, head, V-block): o = (q e^G) S + A_qk v_new.
@@ -88,82 +90,110 @@ def _beta_rows(beta, bos, L, H: tl.constexpr, i_h, i: tl.constexpr):
 
 
 @triton.jit
-def kda_fwd_intra_kernel(q, k, g, A_log, dt_bias, lower_bound, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
-                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                         GATE: tl.constexpr, PREC: tl.constexpr):
+def kda_fwd_cumsum_kernel(g, A_log, dt_bias, lower_bound, Gc, cu_seqlens, chunk_info,
+                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr):
+    """Per (chunk, head): optional gate activation, chunk-local inclusive cumsum -> Gc (fp32);
+    padded rows keep G_last."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64 = tl.arange(0, 64)
-    r16 = tl.arange(0, 16)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h                      # token-layout row index (int64)
-    cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
-
-    # 1) chunk-local inclusive cumsum of the log-decay (fp32); padded rows keep G_last
     dk = tl.arange(0, BK)
-    m_k = valid[:, None] & (dk[None, :] < K)
-    b_g = tl.load(g + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+    m_k = (r64 < L)[:, None] & (dk[None, :] < K)
+    b_g = tl.load(g + ((bos + r64) * H + i_h)[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
     if GATE != 0:   # g is the raw gate projection: compute the log-decay here (fp32)
         b_g = tl.where(m_k, gate_log_decay(b_g, A_log, dt_bias, lower_bound, i_h, dk, K, GATE), 0.)
     b_G = tl.cumsum(b_g, axis=0)
-    tl.store(Gc + (cbase + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
-    tl.debug_barrier()
+    tl.store(Gc + ((i_c * H + i_h) * 64 + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
 
-    # 2) gated products, one 16-row block at a time (off-diagonal blocks in BD-wide Dk slices)
-    c64 = tl.arange(0, 64)
-    for i in tl.static_range(4):
-        rows = i * 16 + r16
-        acc_qk = tl.zeros([16, 64], dtype=tl.float32)
-        acc_kk = tl.zeros([16, 64], dtype=tl.float32)
-        dg_qk = tl.zeros([16, 16], dtype=tl.float32)
-        dg_kk = tl.zeros([16, 16], dtype=tl.float32)
-        for d0 in tl.static_range(0, BK, BD):
+
+@triton.jit
+def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
+                         H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Per (chunk, head, 16-row block i): rows 16i..16i+15 of A_qk and B_kk (one program per
+    block so that the four blocks of a chunk run in parallel)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i = tl.program_id(2)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r16 = tl.arange(0, 16)
+    cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
+    rows = i * 16 + r16
+    m_rows = (rows < L)[:, None]
+    tok_i = ((bos + rows) * H + i_h)[:, None] * K
+    pad_i = (cbase + rows)[:, None] * K
+    # off-diagonal 16x16 tiles (i, j < i), reference row n = 16 i: exp(G_r - G_n) <= 0 on the
+    # rows, exp(G_n - G_c) <= 0 on the columns; tensor-core dots over BD-wide Dk slices
+    for j in range(i):
+        cols = j * 16 + r16
+        tok_j = ((bos + cols) * H + i_h)[:, None] * K
+        acc_qk = tl.zeros([16, 16], dtype=tl.float32)
+        acc_kk = tl.zeros([16, 16], dtype=tl.float32)
+        for d0 in range(0, BK, BD):
             dd = d0 + tl.arange(0, BD)
-            dm = dd < K
-            m_i = (rows < L)[:, None] & dm[None, :]
-            b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
-            tok_i = ((bos + rows) * H + i_h)[:, None] * K + dd[None, :]
-            b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
-            b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-            if i > 0:
-                # off-diagonal blocks against columns < 16 i, reference row n = 16 i
-                b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dm, other=0.)
-                b_Ga = tl.load(Gc + (cbase + c64)[:, None] * K + dd[None, :], mask=dm[None, :], other=0.)
-                b_ka = tl.load(k + tok[:, None] * K + dd[None, :], mask=valid[:, None] & dm[None, :],
-                               other=0.).to(tl.float32)
-                left = (c64 < i * 16)[:, None]
-                b_kref = b_ka * tl.exp(tl.where(left, b_gn[None, :] - b_Ga, float('-inf')))
-                e_row = tl.exp(b_Gi - b_gn[None, :])
-                acc_qk += tl.dot(b_qi * e_row, tl.trans(b_kref), input_precision=PREC)
-                acc_kk += tl.dot(b_ki * e_row, tl.trans(b_kref), input_precision=PREC)
-        # diagonal block, exact: column c uses exp(G_r - G_c) for rows r >= c only
-        m_i = (rows < L)[:, None] & (dk[None, :] < K)
-        tok_i = ((bos + rows) * H + i_h)[:, None] * K + dk[None, :]
-        b_Gi = tl.load(Gc + (cbase + rows)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
-        b_qi = tl.load(q + tok_i, mask=m_i, other=0.).to(tl.float32)
-        b_ki = tl.load(k + tok_i, mask=m_i, other=0.).to(tl.float32)
-        for c in tl.static_range(16):
+            dm = (dd < K)[None, :]
+            b_gn = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dd < K, other=0.)
+            e_row = tl.exp(tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.) - b_gn[None, :])
+            b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+            b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+            b_Gj = tl.load(Gc + (cbase + cols)[:, None] * K + dd[None, :], mask=dm, other=0.)
+            b_kj = tl.load(k + tok_j + dd[None, :], mask=(cols < L)[:, None] & dm, other=0.).to(tl.float32)
+            k_ref = tl.trans(b_kj * tl.exp(b_gn[None, :] - b_Gj))
+            acc_qk += tl.dot(b_qi * e_row, k_ref, input_precision=PREC)
+            acc_kk += tl.dot(b_ki * e_row, k_ref, input_precision=PREC)
+        off = (cbase + rows)[:, None] * 64 + cols[None, :]
+        tl.store(Aqk + off, acc_qk)
+        tl.store(Bkk + off, acc_kk)
+    # tiles right of the diagonal are zero (later kernels read whole rows)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    for j in range(i + 1, 4):
+        off = (cbase + rows)[:, None] * 64 + (j * 16 + r16)[None, :]
+        tl.store(Aqk + off, zero)
+        tl.store(Bkk + off, zero)
+    # diagonal tile, exact: column c uses exp(G_r - G_c) for rows r >= c only
+    dg_qk = tl.zeros([16, 16], dtype=tl.float32)
+    dg_kk = tl.zeros([16, 16], dtype=tl.float32)
+    for d0 in range(0, BK, BD):
+        dd = d0 + tl.arange(0, BD)
+        dm = (dd < K)[None, :]
+        b_Gi = tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.)
+        b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+        b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
+        for c in range(16):
             row_c = i * 16 + c
-            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dk, mask=(dk < K) & (dk * 0 + row_c < L),
+            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
                            other=0.).to(tl.float32)
-            b_gc = tl.load(Gc + (cbase + row_c) * K + dk, mask=dk < K, other=0.)
+            b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
             e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
             sel = r16[None, :] == c
-            dg_qk = tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], dg_qk)
-            dg_kk = tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], dg_kk)
-        off = (cbase + rows)[:, None] * 64
-        outside = (c64[None, :] < i * 16) | (c64[None, :] >= i * 16 + 16)
-        tl.store(Aqk + off + c64[None, :], acc_qk, mask=outside)
-        tl.store(Bkk + off + c64[None, :], acc_kk, mask=outside)
-        tl.store(Aqk + off + i * 16 + r16[None, :], dg_qk)
-        tl.store(Bkk + off + i * 16 + r16[None, :], tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
+            dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
+            dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
+    off = (cbase + rows)[:, None] * 64 + i * 16 + r16[None, :]
+    tl.store(Aqk + off, dg_qk)
+    tl.store(Bkk + off, tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
+
+
+@triton.jit
+def _unit_lower_inv16(N, PREC: tl.constexpr):
+    """(I + N)^-1 for a strictly lower-triangular 16x16 N: since N^16 = 0,
+    (I + N)^-1 = (I - N)(I + N^2)(I + N^4)(I + N^8) exactly: six tensor-core dots instead
+    of 15 sequential substitution steps. Products of strictly lower matrices keep exact zeros
+    above their band, so nothing leaks into the upper triangle."""
+    r16 = tl.arange(0, 16)
+    eye = tl.where(r16[:, None] == r16[None, :], 1., 0.)
+    N2 = tl.dot(N, N, input_precision=PREC)
+    N4 = tl.dot(N2, N2, input_precision=PREC)
+    X = tl.dot(eye - N, eye + N2, input_precision=PREC)
+    N8 = tl.dot(N4, N4, input_precision=PREC)
+    X = tl.dot(X, eye + N4, input_precision=PREC)
+    return tl.dot(X, eye + N8, input_precision=PREC)
 
 
 @triton.jit
 def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, chunk_info,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, PREC: tl.constexpr):
+                      BV: tl.constexpr, BKS: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
@@ -173,27 +203,18 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
     valid = r64 < L
     tok = (bos + r64) * H + i_h
     cbase = (i_c * H + i_h) * 64
-    dk = tl.arange(0, BK)
-    m_k = valid[:, None] & (dk[None, :] < K)
 
     # 3) (I + A)^-1 with A = diag(beta) B_kk (strictly lower): the four 16x16 diagonal blocks
-    #    are inverted together by forward substitution (15 steps on a [4, 16, 16] batch),
-    #    then merged with tensor-core dots: X_ij = -D_i sum_{m=j}^{i-1} A_im X_mj.
-    b4 = tl.arange(0, 4)
-    b_D = tl.where(r16[:, None] == r16[None, :], 1., 0.)[None, :, :] + tl.zeros([4, 16, 16], dtype=tl.float32)
-    for r in range(1, 16):
-        rows_r = b4 * 16 + r
-        a = tl.load(Bkk + (cbase + rows_r)[:, None] * 64 + (b4 * 16)[:, None] + r16[None, :])
-        bet = tl.load(beta + (bos + rows_r) * H + i_h, mask=rows_r < L, other=0.).to(tl.float32)
-        new = tl.where(r16 == r, 1., 0.)[None, :] - tl.sum((a * bet[:, None])[:, :, None] * b_D, axis=1)
-        b_D = tl.where((r16 == r)[None, :, None], new[:, None, :], b_D)
-    tl.store(Ainv + ((cbase + b4[:, None] * 16 + r16[None, :]) * 64)[:, :, None]
-             + (b4 * 16)[:, None, None] + r16[None, None, :], b_D)
-    tl.debug_barrier()
-    D0 = _tile(Ainv, cbase, 0, 0)
-    D1 = _tile(Ainv, cbase, 1, 1)
-    D2 = _tile(Ainv, cbase, 2, 2)
-    D3 = _tile(Ainv, cbase, 3, 3)
+    #    by a doubling product of tensor-core dots (no sequential substitution), then merged
+    #    with dots: X_ij = -D_i sum_{m=j}^{i-1} A_im X_mj.
+    D0 = _unit_lower_inv16(_tile(Bkk, cbase, 0, 0) * _beta_rows(beta, bos, L, H, i_h, 0), INV_PREC)
+    D1 = _unit_lower_inv16(_tile(Bkk, cbase, 1, 1) * _beta_rows(beta, bos, L, H, i_h, 1), INV_PREC)
+    D2 = _unit_lower_inv16(_tile(Bkk, cbase, 2, 2) * _beta_rows(beta, bos, L, H, i_h, 2), INV_PREC)
+    D3 = _unit_lower_inv16(_tile(Bkk, cbase, 3, 3) * _beta_rows(beta, bos, L, H, i_h, 3), INV_PREC)
+    _store_tile(Ainv, cbase, 0, 0, D0)
+    _store_tile(Ainv, cbase, 1, 1, D1)
+    _store_tile(Ainv, cbase, 2, 2, D2)
+    _store_tile(Ainv, cbase, 3, 3, D3)
     be1 = _beta_rows(beta, bos, L, H, i_h, 1)
     be2 = _beta_rows(beta, bos, L, H, i_h, 2)
     be3 = _beta_rows(beta, bos, L, H, i_h, 3)
@@ -230,18 +251,21 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
 
     # 4) W = Ainv (beta k e^G), U = Ainv (beta v); also q e^G and k e^{G_last - G}, which the
     #    sequential passes and the output kernel consume
+    #    (in BKS-wide Dk slices: whole [64, 128] fp32 tiles spilled at 4 warps)
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
-    b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
-    b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
-    b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
-    e_G = tl.exp(b_G)
-    pad_k = (cbase + r64)[:, None] * K + dk[None, :]
-    b_gl = tl.sum(tl.where(r64[:, None] == 63, b_G, 0.), axis=0)
-    tl.store(Kg + pad_k, b_k * tl.exp(b_gl[None, :] - b_G), mask=dk[None, :] < K)
-    tl.store(Qg + pad_k, b_q * e_G, mask=dk[None, :] < K)
-    b_x = b_k * e_G * b_beta[:, None]
-    b_w = tl.dot(b_inv, b_x, input_precision=PREC)
-    tl.store(W + pad_k, b_w, mask=dk[None, :] < K)
+    for k0 in range(0, BK, BKS):
+        dk = k0 + tl.arange(0, BKS)
+        m_k = valid[:, None] & (dk[None, :] < K)
+        b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+        b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
+        pad_k = (cbase + r64)[:, None] * K + dk[None, :]
+        b_G = tl.load(Gc + pad_k, mask=dk[None, :] < K, other=0.)
+        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        e_G = tl.exp(b_G)
+        tl.store(Kg + pad_k, (b_k * tl.exp(b_gl[None, :] - b_G)).to(Kg.dtype.element_ty), mask=dk[None, :] < K)
+        tl.store(Qg + pad_k, (b_q * e_G).to(Qg.dtype.element_ty), mask=dk[None, :] < K)
+        b_w = tl.dot(b_inv, b_k * e_G * b_beta[:, None], input_precision=PREC)
+        tl.store(W + pad_k, b_w.to(W.dtype.element_ty), mask=dk[None, :] < K)
     for v0 in range(0, V, BV):
         dv = v0 + tl.arange(0, BV)
         m_v = valid[:, None] & (dv[None, :] < V)
@@ -273,14 +297,15 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
     for c in range(0, n_chunks):
         i_c = c_first + c
         cbase = (i_c * H + i_h) * 64
-        tl.store(h + (i_c * H + i_h) * K * V + state_off, b_h, mask=m_kv)
+        tl.store(h + (i_c * H + i_h) * K * V + state_off, b_h.to(h.dtype.element_ty), mask=m_kv)
         b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
         b_u = tl.load(U + (cbase + r64)[:, None] * V + dv[None, :], mask=dv[None, :] < V, other=0.)
-        b_vn = b_u - tl.dot(b_w, b_h, input_precision=PREC)
+        # bf16 inputs: W, kg, h are bf16 here (bf16 tensor-core dots, fp32 state and sums)
+        b_vn = b_u - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
         tl.store(Vn + (cbase + r64)[:, None] * V + dv[None, :], b_vn, mask=dv[None, :] < V)
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
         b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
-        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_vn, input_precision=PREC)
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_vn.to(b_kg.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state_off, b_h, mask=m_kv)
 

@@ -1,0 +1,97 @@
+"""Sweep the launch options of our KDA kernels (kernels.kda.chunk.LAUNCH) on the GPU.
+
+For each kernel and each candidate option set, runs chunk_kda forward+backward (bf16, H16,
+D128) under the torch profiler and records that kernel's GPU time at each shape; the other
+kernels keep their defaults. Prints, per kernel, the candidates sorted by time (sum over the
+shapes) and the best one; results are also written as JSON.
+
+  python benchmarks/kda_tune.py [--shapes 8x4096,1x32768] [--kernels bwd_intra,fwd_intra]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.kda import make_inputs  # noqa: E402
+from kernels.kda import chunk as kda_chunk  # noqa: E402
+
+W = lambda w, s=1, **kw: dict(num_warps=w, num_stages=s, **kw)
+CANDIDATES = {
+    "fwd_cumsum": [W(4), W(8)],
+    "fwd_intra": [W(2), W(4), W(8)],
+    "fwd_wy": [W(4), W(8), W(2)],
+    "fwd_h": [W(4, 2, BV=32), W(4, 3, BV=32), W(8, 2, BV=32), W(4, 2, BV=64), W(8, 2, BV=64),
+              W(8, 3, BV=64)],
+    "fwd_o": [W(4, 2), W(4, 3), W(8, 2)],
+    "bwd_dh": [W(8, 1, BV=32), W(8, 2, BV=32), W(4, 2, BV=32), W(8, 2, BV=64), W(4, 2, BV=64)],
+    "bwd_chunk": [W(8, 1), W(8, 2), W(4, 1)],
+    "bwd_intra": [W(2, BD=32), W(4, BD=32), W(8, BD=32), W(4, BD=64), W(8, BD=64)],
+}
+
+
+def kernel_times(fn, reps=3):
+    """GPU ms per kernel name (mean over reps calls of fn) from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        out[e.key] = out.get(e.key, 0.) + t / 1e3 / reps
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8x4096,1x32768")
+    ap.add_argument("--kernels", default=",".join(CANDIDATES))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kda_tune.json"))
+    args = ap.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    data = {}
+    for B, T in shapes:
+        (q, k, v, g, beta), _ = make_inputs(B, T, 16, 128)
+        do = torch.randn_like(v)
+
+        def fwd_bwd(q=q, k=k, v=v, g=g, beta=beta, do=do):   # bind this shape's tensors
+            o, _ = kda_chunk.chunk_kda(q, k, v, g, beta)
+            return torch.autograd.grad(o, [q, k, v, g, beta], do)
+        data[(B, T)] = fwd_bwd
+    default = {key: dict(val) for key, val in kda_chunk.LAUNCH.items()}
+    results = {}
+    for name in args.kernels.split(","):
+        kname = f"kda_{name}_kernel"
+        rows = []
+        for cand in CANDIDATES[name]:
+            kda_chunk.LAUNCH[name] = dict(cand)
+            t0 = time.time()
+            row = dict(cfg=cand)
+            try:
+                for (B, T), fn in data.items():
+                    fn()            # compile + warm up
+                    torch.cuda.synchronize()
+                    row[f"{B}x{T}"] = kernel_times(fn).get(kname)
+                row["total"] = sum(row[f"{B}x{T}"] for B, T in data)
+            except Exception as exc:  # out of resources etc.
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                row["total"] = float("inf")
+            row["wall_s"] = round(time.time() - t0, 1)
+            print(name, row, flush=True)
+            rows.append(row)
+        kda_chunk.LAUNCH[name] = default[name]
+        rows.sort(key=lambda r: r["total"])
+        results[name] = rows
+        print(f"BEST {name}: {rows[0]['cfg']} ({rows[0]['total']:.3f} ms over shapes; default "
+              f"{default[name]})", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
