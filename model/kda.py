@@ -3,7 +3,8 @@
 Tensor parallel by head: q/k/v, the forget-gate and output-gate up-projections, beta, the short-conv
 kernels, ``A_log`` and ``dt_bias`` are split over TP ranks; the low-rank down-projections
 (``f_a_proj``, ``g_a_proj``) and the output-norm weight are replicated; ``o_proj`` is row-parallel.
-The recurrence itself is ``kernels.kda.chunk_kda`` (Triton on GPUs, the PyTorch reference on CPUs).
+The recurrence itself is ``kernels.kda.chunk_kda`` on GPUs (Triton) and ``model.kda_cpu`` on CPUs (the
+chunked PyTorch reference with its intra-chunk products vectorised).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from kernels.kda import chunk_kda
+from .kda_cpu import chunk_kda  # kernels.kda.chunk_kda (Triton) on CUDA; few-operator reference on CPU
 
 from . import tp
 from .config import ModelConfig

@@ -30,7 +30,9 @@ KIMI_48B_PATTERN = hybrid_pattern(27)  # MLA at 0-based layers 3, 7, ..., 23 and
 
 
 def _tiny() -> ModelConfig:
-    return ModelConfig(name="tiny")
+    # KKKA, first layer dense, then MoE 2 of 4 experts + 1 shared; sized so that the quick start
+    # (2 gloo ranks on 2 CPU cores) runs at about 20 steps/s (docs/training.md)
+    return ModelConfig(name="tiny", hidden_size=64, num_experts=4)
 
 
 def _kimi_48b() -> ModelConfig:

@@ -12,6 +12,8 @@ rank 0 of their group, summed over TP, EP and PP.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -39,6 +41,10 @@ def _all_reduce_flat(grads: list[torch.Tensor], group, average_over: int = 1) ->
             offset += g.numel()
 
 
+def _same_ranks(group_a, group_b) -> bool:
+    return dist.get_process_group_ranks(group_a) == dist.get_process_group_ranks(group_b)
+
+
 def all_reduce_sequence_parallel(model: nn.Module) -> None:
     """Sum over TP ranks the gradients of replicated weights that saw only this rank's tokens."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -49,11 +55,18 @@ def all_reduce_sequence_parallel(model: nn.Module) -> None:
 
 def all_reduce_data_parallel(model: nn.Module) -> None:
     """Average dense gradients over DP(xCP) ranks and expert gradients over expert-DP ranks."""
-    dense = [p.grad for p in model.parameters() if p.grad is not None and not is_expert(p)]
-    experts = [p.grad for p in model.parameters() if p.grad is not None and is_expert(p)]
+    dense, experts = [], []
+    for p in model.parameters():  # one walk over the modules
+        if p.grad is not None:
+            (experts if is_expert(p) else dense).append(p.grad)
     dp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if experts and dp > 1 and _same_ranks(dp_group, parallel_state.get_expert_data_parallel_group()):
+        # no expert parallelism: the expert-DP ranks are the DP ranks, one all-reduce averages both
+        _all_reduce_flat(dense + experts, dp_group, dp)
+        return
     if dp > 1:
-        _all_reduce_flat(dense, parallel_state.get_data_parallel_group(with_context_parallel=True), dp)
+        _all_reduce_flat(dense, dp_group, dp)
     if experts:
         # An expert's gradient already sums the tokens that all ranks of its EP group sent it, so
         # summing over the expert-DP ranks covers every DP rank once: divide by DP, like the
@@ -84,7 +97,7 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
         if not grads:
             return torch.zeros((), dtype=torch.float64)
         grads = [g.float() if g.dtype != torch.float32 else g for g in grads]  # bf16 norms lose digits
-        return torch.stack([n.double() for n in torch._foreach_norm(grads)]).pow(2).sum().cpu()
+        return torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu()
 
     dense_sq, expert_sq = squares(dense), squares(experts)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -99,8 +112,8 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
 
 def clip_gradients(model: nn.Module, max_norm: float) -> float:
     """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
-    norm = global_grad_norm(model)
-    if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (float(norm) + 1e-6)
+    norm = float(global_grad_norm(model))
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
         torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], scale)
-    return float(norm)
+    return norm

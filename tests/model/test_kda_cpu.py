@@ -1,0 +1,81 @@
+"""The CPU KDA path (model/kda_cpu.py: the chunk reference with vectorised intra-chunk products)
+against the fp64 token recurrence (the oracle) and the chunk reference, forward and every gradient,
+on the kernel tests' cases plus the tiny preset's micro-batch shapes."""
+import pytest
+import torch
+
+from kernels.kda import chunk_kda_reference, recurrent_kda_reference
+from model import kda_cpu
+from model.kda_cpu import chunk_kda_cpu
+from tests.kernels.test_kda_reference import CASES, _case, _fwd_args
+from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens, run_with_grads
+
+MODEL_CASES = {
+    # the tiny preset's micro-batches: 2 samples, documents split inside them
+    "tiny_microbatch": (dict(B=1, T=256, H=2, Dk=32, Dv=32, gate_kind="softplus"), [128, 46, 41, 41]),
+    "tiny_short_docs": (dict(B=1, T=128, H=2, Dk=32, Dv=32, gate_kind="softplus"), [64, 30, 1, 33]),
+    "one_token_docs": (dict(B=1, T=40, H=2, Dk=16, Dv=16), [1] * 8 + [17, 1, 14]),
+    "strong_decay_varlen": (dict(B=1, T=200, H=2, Dk=16, Dv=8, decay=(0.0, 20.0)), [37, 90, 73]),
+}
+
+
+def _model_case(name, dtype=torch.float32):
+    kw, lens = MODEL_CASES[name]
+    return make_inputs(dtype=dtype, n_docs=len(lens), **kw), random_cu_seqlens(lens)
+
+
+ALL = [(n, _case) for n in CASES] + [(n, _model_case) for n in MODEL_CASES]
+
+
+@pytest.mark.parametrize("name,make", ALL, ids=[n for n, _ in ALL])
+def test_cpu_kda_matches_recurrence(name, make):
+    inputs, cu = make(name)
+    o_ref, s_ref, g_ref = run_with_grads(recurrent_kda_reference, inputs, cu)
+    o, s, grads = run_with_grads(chunk_kda_cpu, inputs, cu)
+    assert o.dtype == inputs["q"].dtype and s.dtype == torch.float32
+    assert_close("o", o, o_ref, 2e-5)
+    assert_close("final_state", s, s_ref, 2e-5)
+    assert set(grads) == set(g_ref)
+    for key in grads:
+        assert_close(f"d{key}", grads[key], g_ref[key], 1e-4)
+
+
+@pytest.mark.parametrize("name,make", [("basic_T150", _case), ("varlen", _case), ("softplus_gate_strong", _case),
+                                       ("varlen_empty_docs", _case), ("strong_decay_varlen", _model_case)])
+def test_cpu_kda_exact_in_fp64(name, make):
+    """In float64 it equals the recurrence to rounding (no approximation)."""
+    inputs, cu = make(name, torch.float64)
+    o_ref, s_ref = recurrent_kda_reference(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
+    o, s = chunk_kda_cpu(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
+    assert o.dtype == torch.float64
+    assert_close("o", o, o_ref, 1e-11)
+    assert_close("final_state", s, s_ref, 1e-11)
+
+
+@pytest.mark.parametrize("name", ["tiny_microbatch", "tiny_short_docs"])
+def test_model_call_matches_chunk_reference(name):
+    """The model's call (no initial state, no final state: the single-chunk shortcut when documents
+    fit one chunk) agrees with the chunk reference, output and gradients."""
+    inputs, cu = _model_case(name)
+    inputs = dict(inputs, initial_state=None)
+
+    def run(fn):
+        leaves = {key: inputs[key].detach().clone().requires_grad_(True) for key in ("q", "k", "v", "g", "beta")}
+        o, s = fn(**leaves, gate=inputs["gate"], cu_seqlens=cu)
+        assert s is None
+        (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum().backward()
+        return o, {key: x.grad for key, x in leaves.items()}
+
+    o, grads = run(chunk_kda_cpu)
+    o_ref, grads_ref = run(chunk_kda_reference)
+    assert_close("o", o, o_ref, 1e-5)
+    for key in grads:
+        assert_close(f"d{key}", grads[key], grads_ref[key], 1e-4)
+
+
+def test_kda_dispatch_uses_the_cpu_path_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kda_cpu, "chunk_kda_cpu", lambda *a, **k: calls.append("cpu") or chunk_kda_reference(*a, **k))
+    inputs = make_inputs(1, 16, 1, 8, 8, h0=False)
+    kda_cpu.chunk_kda(**{key: inputs[key] for key in ("q", "k", "v", "g", "beta", "gate")})
+    assert calls == ["cpu"]
