@@ -15,6 +15,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.kda import chunk_kda  # noqa: E402
+from kernels.fla_compat import fla_backward_usable  # noqa: E402
 
 CHUNK = 64
 
@@ -60,14 +61,6 @@ def peak_mem(fn):
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-
-
-def fla_backward_usable():
-    """FLA's gated-delta backward is miscompiled by Triton < 3.7.1 on Hopper (fla#640); with
-    Triton 3.6 on an H200 it hung instead of refusing, so it is not called there."""
-    import re
-    ver = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3])
-    return not (torch.cuda.get_device_capability()[0] == 9 and ver < (3, 7, 1))
 
 
 def kernel_breakdown(fn):

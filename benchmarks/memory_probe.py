@@ -52,23 +52,15 @@ def main() -> int:
     args = parser.parse_args()
     run_args = argparse.Namespace(steps=1, bf16=True, optimizer="adamw", vocab_size=args.vocab_size,
                                   data_path=args.data_path, data_cache_dir=args.data_cache_dir, tokens_per_step=args.tokens)
-    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
     at_oom = {}
-
-    def on_oom(device, alloc, device_allocated, device_free):  # called inside the allocator: all still alive
-        if "snapshot" not in at_oom:
-            try:
-                at_oom["snapshot"] = torch.cuda.memory._snapshot()
-                at_oom["allocated"] = torch.cuda.memory_allocated()
-            except Exception as exc:  # never let the probe itself break the allocator's error path
-                at_oom["error"] = repr(exc)
-
-    torch._C._cuda_attach_out_of_memory_observer(on_oom)
     try:
         row = run_arm(args.preset, args.arm, args.context, run_args, recompute=args.recompute, tokens_per_step=args.tokens)
         print(f"ran: peak {row['peak_memory_gib']:.1f} GiB, {row['tokens_per_s']:,.0f} tokens/s")
     except torch.OutOfMemoryError as exc:
         print("out of memory:", str(exc).split("\n")[0][:300])
+        # the traceback still holds the failing frames, so their tensors are alive here
+        at_oom = dict(snapshot=torch.cuda.memory._snapshot(), allocated=torch.cuda.memory_allocated())
     snapshot = at_oom.get("snapshot") or torch.cuda.memory._snapshot()
     allocated = at_oom.get("allocated", torch.cuda.memory_allocated())
     print(f"live {'at the out-of-memory' if at_oom else 'at the end'}: {allocated / 2**30:.1f} GiB; "

@@ -7,6 +7,7 @@ flash-linear-attention's chunk_kda on the same inputs when fla is importable.
 import pytest
 import torch
 
+from kernels.fla_compat import fla_backward_usable
 from kernels.kda import recurrent_kda_reference
 from kernels.kda.chunk import ChunkKDAFunction, chunk_kda, chunk_kda_triton
 from kernels.kda.naive import kda_log_decay
@@ -75,15 +76,6 @@ def test_chunk_kda_uses_triton_on_cuda():
     finally:
         ChunkKDAFunction.forward = staticmethod(orig)
     assert calls
-
-
-def fla_backward_usable():
-    """FLA's gated-delta backward is miscompiled by Triton < 3.7.1 on Hopper (fla#640); on
-    Triton 3.6 / H200 it hung in our first GPU run instead of refusing, so it is not called."""
-    import triton
-    major, minor, patch = (int(x) for x in triton.__version__.split(".")[:3])
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    return not (hopper and (major, minor, patch) < (3, 7, 1))
 
 
 def _fla_errors(name, inputs, cu):
