@@ -14,17 +14,17 @@ all row blocks in one batched call:
 * diagonal blocks: exact elementwise products with ``exp(G_r - G_j)``, j <= r.
 
 Every exponent is <= 0, so it is exact for any decay (tested against the fp64 token recurrence).
-CUDA tensors go to ``kernels.kda.chunk_kda`` (Triton). API: ``kernels/kda/__init__.py``.
-(It lives here because kernels/kda is being reworked; it can move next to the reference.)
+CUDA tensors go to ``kernels.kda.chunk_kda`` (Triton). API: ``kernels/kda/__init__.py``. The
+chunking, WY solve and state pass are the reference's own (``naive.chunkwise_kda``); only the
+intra-chunk products differ.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels.kda import chunk_kda as kernels_chunk_kda
-from kernels.kda.naive import CHUNK, _check_args, _pack_documents, _prepare
+from kernels.kda.naive import chunkwise_kda
 
 SUB = 8  # rows per block (as the reference's REF_SUB)
 
@@ -42,7 +42,7 @@ def _gated_products(p_list, k, G):
 
     p, k, G: [..., C, D] with G non-increasing along C. Returns lower-triangular [..., C, C]
     matrices (diagonal included)."""
-    C, D = k.shape[-2], k.shape[-1]
+    C = k.shape[-2]
     nb = C // SUB
     lead = k.shape[:-2]
     Gb = G.unflatten(-2, (nb, SUB))  # [..., nb, SUB, D]
@@ -71,61 +71,6 @@ def _gated_products(p_list, k, G):
 def chunk_kda_cpu(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                   cu_seqlens=None, use_qk_l2norm=True, gate=None):
     """``chunk_kda_reference`` (SPEC 2.2-2.3, chunk 64) with vectorised intra-chunk products."""
-    n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    qs, ks, glog = _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype)
-    vs, bs = v.to(dtype), beta.to(dtype)
-
-    if cu_seqlens is not None:
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        n_pad = max(1, int(-(-int(lens.max()) // CHUNK))) * CHUNK
-        doc_idx = torch.repeat_interleave(torch.arange(n_seq, device=q.device), lens)
-        pos_idx = torch.arange(T, device=q.device) - cu_seqlens.long()[:-1][doc_idx]
-        pack = lambda x: _pack_documents(x, n_pad, doc_idx, pos_idx, n_seq)
-        qs, ks, vs, bs, glog = map(pack, (qs, ks, vs, bs, glog))
-        Bd, Tp = n_seq, n_pad
-    else:
-        Tp = -(-T // CHUNK) * CHUNK
-        if Tp != T:  # zero padding (k=q=v=beta=g=0) leaves the state unchanged
-            padT = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))
-            qs, ks, vs, bs, glog = map(padT, (qs, ks, vs, bs, glog))
-        Bd = B
-
-    N = Tp // CHUNK
-    to_chunks = lambda x: x.unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2, 4)  # [Bd, H, N, C, D]
-    qc, kc, vc, gc = map(to_chunks, (qs, ks, vs, glog))
-    bc = bs.unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2)  # [Bd, H, N, C]
-    G = gc.cumsum(-2)
-    G_last = G[..., -1:, :]
-
-    A_qk, M_kk = _gated_products([qc, kc], kc, G)
-    A_kk = torch.tril(M_kk, -1) * bc[..., :, None]
-    eye = torch.eye(CHUNK, dtype=dtype, device=q.device)
-    # W = (I + A_kk)^-1 diag(beta) (exp(G) * K),  U = (I + A_kk)^-1 diag(beta) V
-    expG = torch.exp(G)
-    rhs = torch.cat([bc[..., None] * kc * expG, bc[..., None] * vc], -1)
-    WU = torch.linalg.solve_triangular(eye + A_kk, rhs, upper=False, unitriangular=True)
-    W, U = WU[..., :Dk], WU[..., Dk:]
-    q_dec = qc * expG
-    k_dec = kc * torch.exp(G_last - G)
-    decay_last = torch.exp(G_last).squeeze(-2)[..., None]  # [Bd, H, N, Dk, 1]
-
-    if initial_state is None and N == 1 and not output_final_state:  # no state: o = A_qk U
-        o = (A_qk @ U).squeeze(2).permute(0, 2, 1, 3)
-        S = None
-    else:
-        S = q.new_zeros(Bd, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
-        outs = []
-        for c in range(N):
-            v_new = U[:, :, c] - W[:, :, c] @ S
-            outs.append(q_dec[:, :, c] @ S + A_qk[:, :, c] @ v_new)
-            S = decay_last[:, :, c] * S + k_dec[:, :, c].transpose(-1, -2) @ v_new
-        o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(Bd, Tp, H, Dv)
-    if cu_seqlens is not None:
-        o = o[doc_idx, pos_idx].unsqueeze(0)
-    else:
-        o = o[:, :T]
-    final = S.to(torch.float64 if dtype == torch.float64 else torch.float32) if output_final_state else None
-    return o.to(q.dtype), final
+    return chunkwise_kda(lambda qc, kc, G: _gated_products([qc, kc], kc, G), q, k, v, g, beta, scale=scale,
+                         initial_state=initial_state, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, gate=gate)

@@ -153,6 +153,20 @@ def chunk_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
                         output_final_state=False, cu_seqlens=None, use_qk_l2norm=True,
                         gate=None):
     """Chunkwise KDA (SPEC §2.2–2.3), chunk 64, fp32 math (fp64 for fp64 inputs)."""
+    def intra_products(qc, kc, G):
+        decay = _diag_decay(G, REF_SUB)
+        return _gated_products(qc, kc, G, decay, REF_SUB), _gated_products(kc, kc, G, decay, REF_SUB)
+
+    return chunkwise_kda(intra_products, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         use_qk_l2norm=use_qk_l2norm, gate=gate)
+
+
+def chunkwise_kda(intra_products, q, k, v, g, beta, scale=None, initial_state=None,
+                  output_final_state=False, cu_seqlens=None, use_qk_l2norm=True, gate=None):
+    """The chunkwise algorithm in PyTorch, with the intra-chunk gated products as a parameter:
+    ``intra_products(qc, kc, G) -> (A_qk, M_kk)``, the [.., C, C] lower-triangular matrices
+    ``sum_d q_r k_j exp(G_r - G_j)`` and the same for k (model/kda_cpu.py passes a faster one)."""
     n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, T, H, Dk = q.shape
@@ -183,28 +197,29 @@ def chunk_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
     G = gc.cumsum(-2)
     G_last = G[..., -1:, :]
 
-    decay = _diag_decay(G, REF_SUB)
-    A_qk = _gated_products(qc, kc, G, decay, REF_SUB)              # incl. diagonal
-    A_kk = torch.tril(_gated_products(kc, kc, G, decay, REF_SUB), -1) * bc[..., :, None]
+    A_qk, M_kk = intra_products(qc, kc, G)  # A_qk incl. the diagonal
+    A_kk = torch.tril(M_kk, -1) * bc[..., :, None]
     eye = torch.eye(CHUNK, dtype=dtype, device=q.device)
     # W = (I + A_kk)^-1 diag(beta) (exp(G) * K),  U = (I + A_kk)^-1 diag(beta) V
-    rhs = torch.cat([bc[..., None] * kc * torch.exp(G), bc[..., None] * vc], -1)
+    expG = torch.exp(G)
+    rhs = torch.cat([bc[..., None] * kc * expG, bc[..., None] * vc], -1)
     WU = torch.linalg.solve_triangular(eye + A_kk, rhs, upper=False, unitriangular=True)
     W, U = WU[..., :Dk], WU[..., Dk:]
-    q_dec = qc * torch.exp(G)
+    q_dec = qc * expG
     k_dec = kc * torch.exp(G_last - G)
     decay_last = torch.exp(G_last).squeeze(-2)[..., None]         # [Bd, H, N, Dk, 1]
 
-    if initial_state is None:
-        S = q.new_zeros(Bd, H, Dk, Dv, dtype=dtype)
+    if initial_state is None and N == 1 and not output_final_state:  # one chunk, no state: o = A_qk U
+        o = (A_qk @ U).squeeze(2).permute(0, 2, 1, 3)
+        S = None
     else:
-        S = initial_state.to(dtype)
-    outs = []
-    for c in range(N):
-        v_new = U[:, :, c] - W[:, :, c] @ S
-        outs.append(q_dec[:, :, c] @ S + A_qk[:, :, c] @ v_new)
-        S = decay_last[:, :, c] * S + k_dec[:, :, c].transpose(-1, -2) @ v_new
-    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(Bd, Tp, H, Dv)
+        S = q.new_zeros(Bd, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+        outs = []
+        for c in range(N):
+            v_new = U[:, :, c] - W[:, :, c] @ S
+            outs.append(q_dec[:, :, c] @ S + A_qk[:, :, c] @ v_new)
+            S = decay_last[:, :, c] * S + k_dec[:, :, c].transpose(-1, -2) @ v_new
+        o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(Bd, Tp, H, Dv)
     if cu_seqlens is not None:
         o = o[doc_idx, pos_idx].unsqueeze(0)
     else:

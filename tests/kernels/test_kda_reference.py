@@ -32,11 +32,10 @@ def _case(name, dtype=torch.float32):
     return make_inputs(dtype=dtype, **kw), cu
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_chunk_reference_matches_recurrence(name):
-    inputs, cu = _case(name)
+def assert_matches_recurrence(fn, inputs, cu):
+    """fp32 forward, final state and every gradient of ``fn`` against the fp64 recurrence."""
     o_ref, s_ref, g_ref = run_with_grads(recurrent_kda_reference, inputs, cu)
-    o, s, grads = run_with_grads(chunk_kda_reference, inputs, cu)
+    o, s, grads = run_with_grads(fn, inputs, cu)
     assert o.dtype == inputs["q"].dtype and s.dtype == torch.float32
     assert_close("o", o, o_ref, 2e-5)
     assert_close("final_state", s, s_ref, 2e-5)
@@ -45,15 +44,23 @@ def test_chunk_reference_matches_recurrence(name):
         assert_close(f"d{key}", grads[key], g_ref[key], 1e-4)
 
 
-@pytest.mark.parametrize("name", ["basic_T150", "varlen", "softplus_gate_strong"])
-def test_chunk_reference_exact_in_fp64(name):
-    """In float64 the chunk algorithm must equal the recurrence to rounding (no approximation)."""
-    inputs, cu = _case(name, torch.float64)
+def assert_exact_in_fp64(fn, inputs, cu):
+    """In float64 a chunk algorithm must equal the recurrence to rounding (no approximation)."""
     o_ref, s_ref = recurrent_kda_reference(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
-    o, s = chunk_kda_reference(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
+    o, s = fn(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
     assert o.dtype == torch.float64
     assert_close("o", o, o_ref, 1e-11)
     assert_close("final_state", s, s_ref, 1e-11)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunk_reference_matches_recurrence(name):
+    assert_matches_recurrence(chunk_kda_reference, *_case(name))
+
+
+@pytest.mark.parametrize("name", ["basic_T150", "varlen", "softplus_gate_strong"])
+def test_chunk_reference_exact_in_fp64(name):
+    assert_exact_in_fp64(chunk_kda_reference, *_case(name, torch.float64))
 
 
 def _fwd_args(inputs):

@@ -4,11 +4,11 @@ on the kernel tests' cases plus the tiny preset's micro-batch shapes."""
 import pytest
 import torch
 
-from kernels.kda import chunk_kda_reference, recurrent_kda_reference
+from kernels.kda import chunk_kda_reference
 from model import kda_cpu
 from model.kda_cpu import chunk_kda_cpu
-from tests.kernels.test_kda_reference import CASES, _case, _fwd_args
-from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens, run_with_grads
+from tests.kernels.test_kda_reference import CASES, _case, assert_exact_in_fp64, assert_matches_recurrence
+from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens
 
 MODEL_CASES = {
     # the tiny preset's micro-batches: 2 samples, documents split inside them
@@ -29,27 +29,13 @@ ALL = [(n, _case) for n in CASES] + [(n, _model_case) for n in MODEL_CASES]
 
 @pytest.mark.parametrize("name,make", ALL, ids=[n for n, _ in ALL])
 def test_cpu_kda_matches_recurrence(name, make):
-    inputs, cu = make(name)
-    o_ref, s_ref, g_ref = run_with_grads(recurrent_kda_reference, inputs, cu)
-    o, s, grads = run_with_grads(chunk_kda_cpu, inputs, cu)
-    assert o.dtype == inputs["q"].dtype and s.dtype == torch.float32
-    assert_close("o", o, o_ref, 2e-5)
-    assert_close("final_state", s, s_ref, 2e-5)
-    assert set(grads) == set(g_ref)
-    for key in grads:
-        assert_close(f"d{key}", grads[key], g_ref[key], 1e-4)
+    assert_matches_recurrence(chunk_kda_cpu, *make(name))
 
 
 @pytest.mark.parametrize("name,make", [("basic_T150", _case), ("varlen", _case), ("softplus_gate_strong", _case),
                                        ("varlen_empty_docs", _case), ("strong_decay_varlen", _model_case)])
 def test_cpu_kda_exact_in_fp64(name, make):
-    """In float64 it equals the recurrence to rounding (no approximation)."""
-    inputs, cu = make(name, torch.float64)
-    o_ref, s_ref = recurrent_kda_reference(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
-    o, s = chunk_kda_cpu(**_fwd_args(inputs), cu_seqlens=cu, output_final_state=True)
-    assert o.dtype == torch.float64
-    assert_close("o", o, o_ref, 1e-11)
-    assert_close("final_state", s, s_ref, 1e-11)
+    assert_exact_in_fp64(chunk_kda_cpu, *make(name, torch.float64))
 
 
 @pytest.mark.parametrize("name", ["tiny_microbatch", "tiny_short_docs"])
