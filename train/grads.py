@@ -96,8 +96,9 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     def squares(grads):
         if not grads:
             return torch.zeros((), dtype=torch.float64)
-        grads = [g.float() if g.dtype != torch.float32 else g for g in grads]  # bf16 norms lose digits
-        return torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().cpu()
+        # fp32 accumulation and result for bf16 gradients (a bf16 norm loses digits) without the
+        # fp32 copies of every gradient that upcasting first would allocate (14 GiB at 3.7 B params)
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().pow(2).sum().cpu()
 
     dense_sq, expert_sq = squares(dense), squares(experts)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
