@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The training-throughput table on the lent H200 (issue 10): the MLA attention GPU test, then
-# benchmarks/train_throughput.py on scaling-653m over Gutenberg packed documents.
+# The training-throughput GPU call (issue 10) on the lent H200: the GPU-only model tests (flash
+# attention over cu_seqlens, grouped experts), where the memory of a Kimi Linear step goes
+# (memory_probe.py), then benchmarks/train_throughput.py on scaling-653m over Gutenberg documents
+# with the flags given.
 # Carry .whl (megatron-core, fla-core wheels) and .gbdata (a tokenized Gutenberg shard, 32k BPE:
 #   python launch/prepare_data.py --input train-00000-of-00004.jsonl.xz --text-field text \
 #     --train-tokenizer --vocab-size 32768 --tokenizer /tmp/tok32k --out /tmp/gb; cp /tmp/gb/train/* .gbdata/).
-# Usage: bash benchmarks/gpu_throughput.sh [extra train_throughput.py flags]
+# Usage: bash benchmarks/gpu_throughput.sh --recompute --contexts 4096,32768,16384 --tokens-per-step 16384
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py 2>&1 | tail -4
+filter() { grep -vE "Warning|warn|^ +\"\"\"|^$"; }
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py tests/model/test_grouped_experts.py 2>&1 | tail -3
+timeout 150 python3 benchmarks/memory_probe.py --arm kimi-linear --context 4096 --tokens 32768 --recompute \
+  --data-path .gbdata/tokens_00000 2>&1 | filter | tail -25 | tee "$OUT/memory_probe.log"
 python3 benchmarks/train_throughput.py --preset scaling-653m --bf16 --data-path .gbdata/tokens_00000 \
-  --vocab-size 32768 --out "$OUT/throughput.json" "$@" 2>&1 | grep -vE "Warning|warn|^ +\"\"\"|^$" | tee "$OUT/throughput.log"
+  --vocab-size 32768 --out "$OUT/throughput.json" "$@" 2>&1 | filter | tee "$OUT/throughput.log"
