@@ -3,8 +3,9 @@
 Tensor parallel by head: q/k/v, the forget-gate and output-gate up-projections, beta, the short-conv
 kernels, ``A_log`` and ``dt_bias`` are split over TP ranks; the low-rank down-projections
 (``f_a_proj``, ``g_a_proj``) and the output-norm weight are replicated; ``o_proj`` is row-parallel.
-The recurrence itself is ``kernels.kda.chunk_kda`` on GPUs (Triton) and ``model.kda_cpu`` on CPUs (the
-chunked PyTorch reference with its intra-chunk products vectorised).
+The recurrence itself is ``kda_op``: ``kernels.kda.chunk_kda`` on GPUs (Triton) and
+``kernels.kda.chunk_kda_cpu`` on CPUs (the chunked PyTorch reference with its intra-chunk products
+vectorised).
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from .kda_cpu import chunk_kda  # kernels.kda.chunk_kda (Triton) on CUDA; few-operator reference on CPU
+from kernels.kda import chunk_kda, chunk_kda_cpu
 
 from . import tp
 from .config import ModelConfig
 from .norms import gated_rms_norm
 from .packed import PackedSequence, causal_depthwise_conv
 from .profiling import profiled
+
+
+def kda_op(q, k, v, g, beta, **kwargs):
+    """The model's KDA op: the Triton kernels on CUDA tensors, the vectorised PyTorch path on CPU."""
+    return (chunk_kda if q.is_cuda else chunk_kda_cpu)(q, k, v, g, beta, **kwargs)
 
 
 def init_decay_parameters(num_heads: int, dt_size: int, generator: torch.Generator | None = None):
@@ -89,7 +95,7 @@ class KimiDeltaAttention(MegatronModule):
         if not self.per_channel_decay:
             g = g.squeeze(-1)  # one decay per head: [1, T, H]
         out, final_state = profiled(  # the profile breakdown's "KDA" part
-            "kda_core", chunk_kda,
+            "kda_core", kda_op,
             self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, t, self.local_heads),
             initial_state=initial_state,
             output_final_state=output_final_state,

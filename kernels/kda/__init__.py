@@ -10,6 +10,7 @@ API shared by every entry point (SPEC §1.2):
 """
 from kernels.kda.naive import chunk_kda_reference, recurrent_kda_reference
 from kernels.kda.chunk import chunk_kda
+from kernels.kda.chunk_cpu import chunk_kda_cpu
 from kernels.kda.fused_recurrent import fused_recurrent_kda
 
-__all__ = ["chunk_kda", "fused_recurrent_kda", "chunk_kda_reference", "recurrent_kda_reference"]
+__all__ = ["chunk_kda", "chunk_kda_cpu", "fused_recurrent_kda", "chunk_kda_reference", "recurrent_kda_reference"]

@@ -166,7 +166,7 @@ def chunkwise_kda(intra_products, q, k, v, g, beta, scale=None, initial_state=No
                   output_final_state=False, cu_seqlens=None, use_qk_l2norm=True, gate=None):
     """The chunkwise algorithm in PyTorch, with the intra-chunk gated products as a parameter:
     ``intra_products(qc, kc, G) -> (A_qk, M_kk)``, the [.., C, C] lower-triangular matrices
-    ``sum_d q_r k_j exp(G_r - G_j)`` and the same for k (model/kda_cpu.py passes a faster one)."""
+    ``sum_d q_r k_j exp(G_r - G_j)`` and the same for k (chunk_cpu.py passes a faster one)."""
     n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, T, H, Dk = q.shape

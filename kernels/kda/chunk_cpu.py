@@ -14,27 +14,18 @@ all row blocks in one batched call:
 * diagonal blocks: exact elementwise products with ``exp(G_r - G_j)``, j <= r.
 
 Every exponent is <= 0, so it is exact for any decay (tested against the fp64 token recurrence).
-CUDA tensors go to ``kernels.kda.chunk_kda`` (Triton). API: ``kernels/kda/__init__.py``. The
-chunking, WY solve and state pass are the reference's own (``naive.chunkwise_kda``); only the
-intra-chunk products differ.
+The model uses it for CPU tensors (``model.kda.kda_op``; CUDA tensors go to the Triton
+``chunk_kda``). API: ``kernels/kda/__init__.py``. The chunking, WY solve and state pass are the
+reference's own (``naive.chunkwise_kda``); only the intra-chunk products differ.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.kda import chunk_kda as kernels_chunk_kda
 from kernels.kda.naive import chunkwise_kda
 
 SUB = 8  # rows per block (as the reference's REF_SUB)
-
-
-def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-              use_qk_l2norm=True, gate=None):
-    """The model's KDA op: ``kernels.kda.chunk_kda`` (Triton) on CUDA tensors, ``chunk_kda_cpu`` on CPU."""
-    fn = kernels_chunk_kda if q.is_cuda else chunk_kda_cpu
-    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, gate=gate)
 
 
 def _gated_products(p_list, k, G):

@@ -1,12 +1,12 @@
-"""The CPU KDA path (model/kda_cpu.py: the chunk reference with vectorised intra-chunk products)
+"""The CPU KDA path (kernels/kda/chunk_cpu.py: the chunk reference with vectorised intra-chunk products)
 against the fp64 token recurrence (the oracle) and the chunk reference, forward and every gradient,
 on the kernel tests' cases plus the tiny preset's micro-batch shapes."""
 import pytest
 import torch
 
 from kernels.kda import chunk_kda_reference
-from model import kda_cpu
-from model.kda_cpu import chunk_kda_cpu
+from kernels.kda import chunk_kda_cpu
+from model import kda as model_kda
 from tests.kernels.test_kda_reference import CASES, _case, assert_exact_in_fp64, assert_matches_recurrence
 from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens
 
@@ -61,7 +61,7 @@ def test_model_call_matches_chunk_reference(name):
 
 def test_kda_dispatch_uses_the_cpu_path_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(kda_cpu, "chunk_kda_cpu", lambda *a, **k: calls.append("cpu") or chunk_kda_reference(*a, **k))
+    monkeypatch.setattr(model_kda, "chunk_kda_cpu", lambda *a, **k: calls.append("cpu") or chunk_kda_reference(*a, **k))
     inputs = make_inputs(1, 16, 1, 8, 8, h0=False)
-    kda_cpu.chunk_kda(**{key: inputs[key] for key in ("q", "k", "v", "g", "beta", "gate")})
+    model_kda.kda_op(**{key: inputs[key] for key in ("q", "k", "v", "g", "beta", "gate")})
     assert calls == ["cpu"]
