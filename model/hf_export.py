@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from parallel.buckets import consecutive_groups
+
 from .config import ModelConfig
 from .hf_names import (
     HFConversionError,
@@ -59,17 +61,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 # ---------------------------------------------------------------------------- export
 def _plan_shards(specs: list[HFTensor], dtype: torch.dtype, max_bytes: int) -> list[list[HFTensor]]:
     """Consecutive tensors packed into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
-    shards, current, size = [], [], 0
-    for spec in specs:
-        nbytes = spec.numel * (4 if spec.fp32 else torch.empty((), dtype=dtype).element_size())
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
+    element = torch.empty((), dtype=dtype).element_size()
+    return consecutive_groups(specs, [spec.numel * (4 if spec.fp32 else element) for spec in specs], max_bytes)
 
 
 def export_state_dict(

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallel.buckets import consecutive_groups
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 # Newton-Schulz iterations of at most this many matrices are batched into one bmm chain
@@ -147,20 +149,6 @@ def _process_group(kind: str):
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _buckets(index: list[int], sizes: list[int], limit: int) -> list[list[int]]:
-    """Consecutive runs of ``index`` whose sizes add up to at most ``limit`` (at least one each)."""
-    out, current, total = [], [], 0
-    for i, size in zip(index, sizes):
-        if current and total + size > limit:
-            out.append(current)
-            current, total = [], 0
-        current.append(i)
-        total += size
-    if current:
-        out.append(current)
-    return out
-
-
 def _all_gather_coalesced(tensors: list[torch.Tensor], group) -> list[list[torch.Tensor]]:
     """Every rank's version of each tensor (same shapes on all ranks), one collective in total."""
     world = dist.get_world_size(group)
@@ -235,7 +223,7 @@ class Muon(torch.optim.Optimizer):
             pg = _process_group(kind) if kind is not None else None
             world = dist.get_world_size(pg) if pg is not None else 1
             rank = dist.get_rank(pg) if pg is not None else 0
-            for bucket in _buckets(index, [directions[i].numel() for i in index], BUCKET_NUMEL // world):
+            for bucket in consecutive_groups(index, [directions[i].numel() for i in index], BUCKET_NUMEL // world):
                 if world > 1:
                     shards = _all_gather_coalesced([directions[i] for i in bucket], pg)
                 else:
