@@ -12,6 +12,7 @@ NVIDIA/Megatron-LM#1699).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -51,13 +52,16 @@ def document_causal_attention(q, k, v, packed: PackedSequence, scale: float) -> 
     return out.transpose(1, 2).reshape(b * s, out.shape[1], out.shape[3])
 
 
+@functools.cache
 def _varlen_attn():
-    """torch's flash-attention entry for packed sequences, or None where this torch has none."""
+    """torch's flash-attention entry for packed sequences and its causal flag, or None where this
+    torch has none. torch <= 2.9 spells causality ``is_causal=True``, later ``window_size=(-1, 0)``."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+    return varlen_attn, causal
 
 
 def _use_varlen_flash(q: torch.Tensor) -> bool:
@@ -65,14 +69,11 @@ def _use_varlen_flash(q: torch.Tensor) -> bool:
 
 
 def _varlen_flash_attention(q, k, v, packed: PackedSequence, scale: float) -> torch.Tensor:
-    varlen_attn = _varlen_attn()
+    varlen_attn, causal = _varlen_attn()
     dv, width = v.shape[-1], max(q.shape[-1], v.shape[-1])
     # flash attention takes one head dim for q, k and v: zero-pad the narrower (v: 128 vs 192 here;
     # zeros in q and k would leave the logits unchanged), slice the output back
     q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x.contiguous() for x in (q, k, v))
-    # torch <= 2.9 spells causality is_causal=True, later versions window_size=(-1, 0)
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     cu, longest = packed.cu_seqlens, packed.max_document_length
     out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
     return out[..., :dv]
