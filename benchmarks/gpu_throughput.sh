@@ -6,6 +6,7 @@
 # Carry .whl (megatron-core, fla-core wheels) and .gbdata (a tokenized Gutenberg shard, 32k BPE:
 #   python launch/prepare_data.py --input train-00000-of-00004.jsonl.xz --text-field text \
 #     --train-tokenizer --vocab-size 32768 --tokenizer /tmp/tok32k --out /tmp/gb; cp /tmp/gb/train/* .gbdata/).
+# SKIP_GPU_TESTS=1 skips the tests; THROUGHPUT_TIMEOUT (s) bounds the table (its JSON keeps finished rows).
 # Usage: bash benchmarks/gpu_throughput.sh --recompute --contexts 4096,32768,16384 --tokens-per-step 16384
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,8 +14,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 filter() { grep -vE "Warning|warn|^ +\"\"\"|^$"; }
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py tests/model/test_grouped_experts.py 2>&1 | tail -3
-timeout 150 python3 benchmarks/memory_probe.py --arm kimi-linear --context 4096 --tokens 32768 --recompute \
-  --data-path .gbdata/tokens_00000 2>&1 | filter | tail -25 | tee "$OUT/memory_probe.log"
-python3 benchmarks/train_throughput.py --preset scaling-653m --bf16 --data-path .gbdata/tokens_00000 \
+[ -n "${SKIP_GPU_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py tests/model/test_grouped_experts.py 2>&1 | tail -3
+for arm in kimi-linear mla; do timeout 150 python3 benchmarks/memory_probe.py --arm $arm --context 4096 --tokens 32768 --recompute \
+  --data-path .gbdata/tokens_00000 2>&1 | filter | tail -45 | tee -a "$OUT/memory_probe.log"; done
+timeout "${THROUGHPUT_TIMEOUT:-560}" python3 benchmarks/train_throughput.py --preset scaling-653m --bf16 --data-path .gbdata/tokens_00000 \
   --vocab-size 32768 --out "$OUT/throughput.json" "$@" 2>&1 | filter | tee "$OUT/throughput.log"

@@ -27,12 +27,43 @@ def live_memory_by_frame(snapshot: dict, top: int = 20) -> list[tuple[float, str
         for block in segment["blocks"]:
             if block["state"] != "active_allocated":
                 continue
-            frames = block.get("frames") or []
-            ours = [f for f in frames if str(ROOT) in f["filename"] and "site-packages" not in f["filename"]]
-            frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
-            key = f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
-            sizes[key] += block["size"]
+            sizes[_frame_key(block.get("frames") or [])] += block["size"]
     return sorted(((size / 2**30, key) for key, size in sizes.items()), reverse=True)[:top]
+
+
+def live_at_peak(snapshot: dict, top: int = 20) -> tuple[float, list[tuple[float, str]]]:
+    """Replays the allocator's recorded events: the peak of allocated bytes and, at that moment,
+    the GiB held per innermost repository frame. Recording starts before the model is built, so
+    parameters and optimizer state are in the trace (unless over max_entries events push them out)."""
+    events = [e for trace in snapshot.get("device_traces", []) for e in trace
+              if e["action"] in ("alloc", "free_completed")]
+
+    def replay(stop: int):
+        live: dict[int, int] = {}
+        total = best = best_at = 0
+        for index, event in enumerate(events[:stop]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = index
+                total += event["size"]
+                if total > best:
+                    best, best_at = total, index + 1
+            elif event["addr"] in live:
+                total -= events[live.pop(event["addr"])]["size"]
+        return best, best_at, live
+
+    best, best_at, _ = replay(len(events))  # two passes: find the peak, then who held it
+    _, _, live = replay(best_at)
+    best_live = {addr: (events[i]["size"], _frame_key(events[i].get("frames") or [])) for addr, i in live.items()}
+    sizes: dict[str, int] = defaultdict(int)
+    for size, key in best_live.values():
+        sizes[key] += size
+    return best / 2**30, sorted(((size / 2**30, key) for key, size in sizes.items()), reverse=True)[:top]
+
+
+def _frame_key(frames: list[dict]) -> str:
+    ours = [f for f in frames if str(ROOT) in f["filename"] and "site-packages" not in f["filename"]]
+    frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
 
 
 def main() -> int:
@@ -52,7 +83,7 @@ def main() -> int:
     args = parser.parse_args()
     run_args = argparse.Namespace(steps=1, bf16=True, optimizer="adamw", vocab_size=args.vocab_size,
                                   data_path=args.data_path, data_cache_dir=args.data_cache_dir, tokens_per_step=args.tokens)
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     at_oom = {}
     try:
         row = run_arm(args.preset, args.arm, args.context, run_args, recompute=args.recompute, tokens_per_step=args.tokens)
@@ -66,6 +97,10 @@ def main() -> int:
     print(f"live {'at the out-of-memory' if at_oom else 'at the end'}: {allocated / 2**30:.1f} GiB; "
           f"by innermost frame in the repo:")
     for gib, key in live_memory_by_frame(snapshot):
+        print(f"  {gib:8.2f} GiB  {key}")
+    peak, held = live_at_peak(snapshot)
+    print(f"peak of the recorded allocations (after the model was built): {peak:.1f} GiB; held then by:")
+    for gib, key in held:
         print(f"  {gib:8.2f} GiB  {key}")
     return 0
 
