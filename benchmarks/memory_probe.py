@@ -1,10 +1,14 @@
-"""Which lines of the stack hold GPU memory when a training step runs out of it.
+"""Where in a training step the GPU memory peaks: a timeline of allocated memory per decoder layer.
 
-Runs training steps of one arm (the same path as benchmarks/train_throughput.py) with the CUDA
-allocator's history recording on; on out-of-memory, or at the end, takes an allocator snapshot and
-prints the live memory grouped by the innermost stack frame inside this repository.
+Runs training steps of one arm (the same path as benchmarks/train_throughput.py) with hooks on every
+decoder layer: the allocated memory when its forward starts and ends and when its output's gradient
+arrives (its backward, with the recompute, starts; the next mark is the previous layer's), and the
+peak reached since the previous mark. The last step's timeline is
+printed; the gap between the last backward mark and the step's end is the optimizer. (The
+allocator's history recorder is not used: with activation recompute it broke inside the
+checkpoint's recompute on torch 2.11.)
 
-    python benchmarks/memory_probe.py --arm kimi-linear --context 4096 --tokens 32768 --recompute \\
+    python benchmarks/memory_probe.py --arm kimi-linear --context 4096 --tokens 16384 --recompute \\
         --data-path .gbdata/tokens_00000 --vocab-size 32768
 """
 
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,50 +23,41 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def live_memory_by_frame(snapshot: dict, top: int = 20) -> list[tuple[float, str]]:
-    """GiB of allocated blocks per innermost frame in this repository (else the innermost frame)."""
-    sizes: dict[str, int] = defaultdict(int)
-    for segment in snapshot["segments"]:
-        for block in segment["blocks"]:
-            if block["state"] != "active_allocated":
-                continue
-            sizes[_frame_key(block.get("frames") or [])] += block["size"]
-    return sorted(((size / 2**30, key) for key, size in sizes.items()), reverse=True)[:top]
+class Timeline:
+    """Marks (label, allocated GiB, peak GiB since the previous mark); a new step starts a new list."""
 
+    def __init__(self, torch):
+        self.torch = torch
+        self.steps: list[list[tuple[str, float, float]]] = []
 
-def live_at_peak(snapshot: dict, top: int = 20) -> tuple[float, list[tuple[float, str]]]:
-    """Replays the allocator's recorded events: the peak of allocated bytes and, at that moment,
-    the GiB held per innermost repository frame. Recording starts before the model is built, so
-    parameters and optimizer state are in the trace (unless over max_entries events push them out)."""
-    events = [e for trace in snapshot.get("device_traces", []) for e in trace
-              if e["action"] in ("alloc", "free_completed")]
+    def mark(self, label: str) -> None:
+        cuda = self.torch.cuda
+        if label == "L0 forward start" or not self.steps:
+            self.steps.append([])
+        if not cuda.is_available():  # CPU (the smoke run of this script): the marks without numbers
+            self.steps[-1].append((label, 0.0, 0.0))
+            return
+        self.steps[-1].append((label, cuda.memory_allocated() / 2**30, cuda.max_memory_allocated() / 2**30))
+        cuda.reset_peak_memory_stats()
 
-    def replay(stop: int):
-        live: dict[int, int] = {}
-        total = best = best_at = 0
-        for index, event in enumerate(events[:stop]):
-            if event["action"] == "alloc":
-                live[event["addr"]] = index
-                total += event["size"]
-                if total > best:
-                    best, best_at = total, index + 1
-            elif event["addr"] in live:
-                total -= events[live.pop(event["addr"])]["size"]
-        return best, best_at, live
+    def install(self) -> None:
+        from model.model import DecoderLayer
 
-    best, best_at, _ = replay(len(events))  # two passes: find the peak, then who held it
-    _, _, live = replay(best_at)
-    best_live = {addr: (events[i]["size"], _frame_key(events[i].get("frames") or [])) for addr, i in live.items()}
-    sizes: dict[str, int] = defaultdict(int)
-    for size, key in best_live.values():
-        sizes[key] += size
-    return best / 2**30, sorted(((size / 2**30, key) for key, size in sizes.items()), reverse=True)[:top]
+        original = DecoderLayer.forward
+        timeline = self
 
+        def forward(layer, hidden, packed):
+            name = f"L{layer.layer_idx} ({layer.layer_type})"
+            timeline.mark(f"L{layer.layer_idx} forward start" if layer.layer_idx == 0 else f"{name} forward start")
+            if hidden.requires_grad and layer.layer_idx == 0:  # elsewhere: the previous layer's output
+                hidden.register_hook(lambda grad: timeline.mark(f"{name} backward done"))
+            out = original(layer, hidden, packed)
+            timeline.mark(f"{name} forward end")
+            if out.requires_grad:
+                out.register_hook(lambda grad: timeline.mark(f"{name} backward start"))
+            return out
 
-def _frame_key(frames: list[dict]) -> str:
-    ours = [f for f in frames if str(ROOT) in f["filename"] and "site-packages" not in f["filename"]]
-    frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
-    return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+        DecoderLayer.forward = forward
 
 
 def main() -> int:
@@ -75,33 +69,28 @@ def main() -> int:
     parser.add_argument("--preset", default="scaling-653m")
     parser.add_argument("--arm", default="kimi-linear")
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--data-path", nargs="*", default=None)
     parser.add_argument("--data-cache-dir", default=str(ROOT / "cache" / "data"))
     args = parser.parse_args()
-    run_args = argparse.Namespace(steps=1, bf16=True, optimizer="adamw", vocab_size=args.vocab_size,
+    run_args = argparse.Namespace(steps=args.steps, bf16=True, optimizer="adamw", vocab_size=args.vocab_size,
                                   data_path=args.data_path, data_cache_dir=args.data_cache_dir, tokens_per_step=args.tokens)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
-    at_oom = {}
+    timeline = Timeline(torch)
+    timeline.install()
     try:
         row = run_arm(args.preset, args.arm, args.context, run_args, recompute=args.recompute, tokens_per_step=args.tokens)
-        print(f"ran: peak {row['peak_memory_gib']:.1f} GiB, {row['tokens_per_s']:,.0f} tokens/s")
+        print(f"{args.arm}: peak {row['peak_memory_gib']:.1f} GiB, {row['tokens_per_s']:,.0f} tokens/s")
     except torch.OutOfMemoryError as exc:
         print("out of memory:", str(exc).split("\n")[0][:300])
-        # the traceback still holds the failing frames, so their tensors are alive here
-        at_oom = dict(snapshot=torch.cuda.memory._snapshot(), allocated=torch.cuda.memory_allocated())
-    snapshot = at_oom.get("snapshot") or torch.cuda.memory._snapshot()
-    allocated = at_oom.get("allocated", torch.cuda.memory_allocated())
-    print(f"live {'at the out-of-memory' if at_oom else 'at the end'}: {allocated / 2**30:.1f} GiB; "
-          f"by innermost frame in the repo:")
-    for gib, key in live_memory_by_frame(snapshot):
-        print(f"  {gib:8.2f} GiB  {key}")
-    peak, held = live_at_peak(snapshot)
-    print(f"peak of the recorded allocations (after the model was built): {peak:.1f} GiB; held then by:")
-    for gib, key in held:
-        print(f"  {gib:8.2f} GiB  {key}")
+    step = timeline.steps[-2] if len(timeline.steps) > 1 else timeline.steps[-1]  # the last is the profiled one
+    print(f"{args.arm}, {args.tokens} tokens, one step (GiB): mark | allocated | peak since the previous mark")
+    for label, allocated, peak in step:
+        print(f"  {label:34s} {allocated:7.2f} {peak:7.2f}")
+    if torch.cuda.is_available():
+        print(f"  {'step end (optimizer)':34s} {'':7s} {torch.cuda.max_memory_allocated() / 2**30:7.2f}")
     return 0
 
 

@@ -98,6 +98,20 @@ def moe_layer(tconfig: TransformerConfig, layer_number: int):
     return builder(config=tconfig, layer_number=layer_number)
 
 
+def drop_graph_references(moe: torch.nn.Module) -> None:
+    """Call after a MoE layer's forward: clears the tensors with a grad_fn that its submodules keep
+    as attributes (megatron's allgather dispatcher keeps the routing probabilities as
+    ``local_probs``). Under activation recompute such an attribute, set by the recomputed forward,
+    keeps that forward's autograd graph alive, and with it every activation torch's checkpoint
+    saved while recomputing the whole layer, until the layer runs again: 3.2 GiB per KDA layer at
+    16k tokens on the H200. Nothing reads these attributes after the forward."""
+    holders = [*moe.modules(), getattr(moe, "token_dispatcher", None)]  # the dispatcher is no Module
+    for holder in filter(None, holders):
+        for name, value in list(vars(holder).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(holder, name, None)
+
+
 def check_renormalize(config: ModelConfig) -> None:
     """megatron renormalises the top-k sigmoid weights whenever top-k > 1, as the released model does."""
     if not config.moe_renormalize and config.num_experts_per_token > 1:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import tp
 from .config import ModelConfig
-from .ffn import check_renormalize, dense_mlp, megatron_config, moe_layer
+from .ffn import check_renormalize, dense_mlp, drop_graph_references, megatron_config, moe_layer
 from .kda import KimiDeltaAttention
 from .mla import MultiLatentAttention
 from .norms import RMSNorm
@@ -27,6 +27,7 @@ from .profiling import profiled
 class DecoderLayer(MegatronModule):
     def __init__(self, config: ModelConfig, tconfig, layer_idx: int):
         super().__init__(config=tconfig)
+        self.layer_idx = layer_idx
         self.layer_type = config.layer_types[layer_idx]
         self.ffn_type = config.ffn_types[layer_idx]
         sp = bool(tconfig.sequence_parallel)
@@ -42,7 +43,11 @@ class DecoderLayer(MegatronModule):
 
     def _block(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
         hidden = hidden + profiled("mixer", self.mixer, self.input_norm(hidden), packed)
-        out = profiled("moe" if self.ffn_type == "moe" else "dense_mlp", self.ffn, self.post_mixer_norm(hidden))
+        try:
+            out = profiled("moe" if self.ffn_type == "moe" else "dense_mlp", self.ffn, self.post_mixer_norm(hidden))
+        finally:  # also when the checkpoint stops a recompute early, by raising inside the MoE layer
+            if self.ffn_type == "moe":
+                drop_graph_references(self.ffn)
         out = out[0] if isinstance(out, tuple) else out
         return hidden + out
 
