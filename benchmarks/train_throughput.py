@@ -68,6 +68,7 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, 
             lr=1e-4, min_lr=1e-5, lr_warmup_iters=1, bf16=args.bf16, log_interval=10**9, metrics_interval=0,
             run_dir=run_dir, data_cache_dir=args.data_cache_dir, data_prefixes=args.data_path or [],
             recompute_layers="all" if recompute else "", optimizer=args.optimizer, profile_step=steps,
+            compile=getattr(args, "compile", False),
         )
         train(RunConfig(model=model, train=cfg))
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -76,6 +77,7 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, 
     mean = lambda key: sum(r.get(key, 0.0) or 0.0 for r in counted) / len(counted)  # noqa: E731
     memory = max(r.get("memory/peak_allocated_gib", r.get("memory/peak_rss_gib", 0.0)) for r in records)
     row = dict(system="ours", arm=arm, context=context, tokens_per_step=micro * context, recompute=recompute,
+               compile=cfg.compile,
                tokens_per_s=mean("tokens_per_s"), tflops_per_gpu=mean("tflops_per_gpu"),
                peak_memory_gib=memory, loss=counted[-1]["loss"], profile=profile)
     if "mfu" in counted[-1]:
@@ -150,11 +152,16 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
                 **({"peak_memory_gib": memory} if memory is not None else {}))
 
 
+def _label(row: dict) -> str:
+    options = [name for name in ("recompute", "compile") if row.get(name)]
+    return row["arm"] + (f" ({', '.join(options)})" if options else "")
+
+
 def markdown(rows: list[dict], ceiling: float | None) -> str:
     lines = ["| system | arm | context | tokens/step | tokens/s | TFLOP/s/GPU | MFU | of matmul ceiling | peak mem GiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        label = r["arm"] + (" (recompute)" if r.get("recompute") else "")
+        label = _label(r)
         if r.get("kda_impl"):
             label += f" (KDA: {r['kda_impl']})"
         if "error" in r:
@@ -176,7 +183,7 @@ def markdown(rows: list[dict], ceiling: float | None) -> str:
                   "| --- | ---: | ---: | " + " | ".join("---:" for _ in parts) + " |"]
         for r in profiled:
             p = r["profile"]
-            label = r["arm"] + (" (recompute)" if r.get("recompute") else "")
+            label = _label(r)
             lines.append(f"| {label} | {r['context']} | {p['step_ms']:,.0f} | "
                          + " | ".join(f"{100 * p['shares'][k]:.1f}%" for k in parts) + " |")
     return "\n".join(lines)
@@ -227,6 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation recompute on every layer")
+    parser.add_argument("--compile", action="store_true", help="fused norms and KDA convolutions (model/fusion.py)")
     parser.add_argument("--longest", default="", metavar="C1,C2,...",
                         help="also try these contexts (one sequence per step, recompute on) for each arm, in "
                              "order, until one runs out of memory: the longest context that fits")

@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="indexed dataset prefixes, optionally weighted: W1 P1 W2 P2 ...")
     parser.add_argument("--sequence-parallel", action="store_true", default=None)
     parser.add_argument("--bf16", action="store_true", default=None)
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="fuse the norms and KDA short convolutions with torch.compile (CUDA only)")
     return parser.parse_args(argv)
 
 
@@ -68,6 +70,8 @@ def build_run_config(args: argparse.Namespace):
         run.train.sequence_parallel = True
     if args.bf16:
         run.train.bf16 = True
+    if args.compile:
+        run.train.compile = True
     if args.data_path:
         items = args.data_path
         if len(items) % 2 == 0 and all(_is_number(x) for x in items[::2]):

@@ -22,6 +22,7 @@ from kernels.kda import chunk_kda, chunk_kda_cpu
 from . import tp
 from .config import ModelConfig
 from .norms import gated_rms_norm
+from .fusion import fused
 from .packed import PackedSequence, causal_depthwise_conv
 from .profiling import profiled
 
@@ -29,6 +30,12 @@ from .profiling import profiled
 def kda_op(q, k, v, g, beta, **kwargs):
     """The model's KDA op: the Triton kernels on CUDA tensors, the vectorised PyTorch path on CPU."""
     return (chunk_kda if q.is_cuda else chunk_kda_cpu)(q, k, v, g, beta, **kwargs)
+
+
+@fused
+def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The q/k/v path after its projection: SiLU of the per-document causal short convolution."""
+    return F.silu(causal_depthwise_conv(x, weight, position))
 
 
 def init_decay_parameters(num_heads: int, dt_size: int, generator: torch.Generator | None = None):
@@ -86,9 +93,9 @@ class KimiDeltaAttention(MegatronModule):
         x = hidden.squeeze(1)
         t = packed.num_tokens
         position = packed.position_in_document
-        q = F.silu(causal_depthwise_conv(self.q_proj(x)[0], self.q_conv1d, position))
-        k = F.silu(causal_depthwise_conv(self.k_proj(x)[0], self.k_conv1d, position))
-        v = F.silu(causal_depthwise_conv(self.v_proj(x)[0], self.v_conv1d, position))
+        q = short_conv_silu(self.q_proj(x)[0], self.q_conv1d, position)
+        k = short_conv_silu(self.k_proj(x)[0], self.k_conv1d, position)
+        v = short_conv_silu(self.v_proj(x)[0], self.v_conv1d, position)
         raw_gate = self.f_b_proj(self.f_a_proj(x))[0]
         beta = torch.sigmoid(self.b_proj(x)[0].float())
         g = raw_gate.view(1, t, self.local_heads, -1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fusion import fused
+
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
@@ -22,9 +24,15 @@ class RMSNorm(nn.Module):
         self.weight.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
+@fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * rms_normalize(x, eps).to(x.dtype)
+
+
+@fused
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """KDA output norm: RMSNorm over each head's channels times sigmoid(gate), in fp32."""
     y = rms_normalize(x, eps) * weight.float() * torch.sigmoid(gate.float())

@@ -53,6 +53,7 @@ class TrainConfig:
     bf16: bool = False  # bf16 weights and compute, fp32 master weights and optimizer state
     distributed_optimizer: bool = False  # megatron DDP + ZeRO-1 optimizer (AdamW; state sharded over DP)
     recompute_layers: str = ""  # activation recompute: "" none, "all", or layer indices "0,3,5"
+    compile: bool = False  # fuse the norms and the KDA short convolutions with torch.compile (CUDA; model/fusion.py)
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # parallel layout
     tensor_model_parallel_size: int = 1

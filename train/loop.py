@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from model import fusion
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
@@ -146,6 +147,7 @@ def train(run: RunConfig) -> list[float]:
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
     tconfig = model.config
     set_recompute(model, t.recompute_layers)
+    fusion.enable(t.compile)
     if t.bf16:  # bf16 weights and compute, fp32 master weights in the optimizer
         to_bf16(model)
         tconfig.pipeline_dtype = torch.bfloat16  # activations sent between pipeline stages
