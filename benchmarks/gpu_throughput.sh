@@ -7,7 +7,7 @@
 #   python launch/prepare_data.py --input train-00000-of-00004.jsonl.xz --text-field text \
 #     --train-tokenizer --vocab-size 32768 --tokenizer /tmp/tok32k --out /tmp/gb; cp /tmp/gb/train/* .gbdata/).
 # SKIP_GPU_TESTS=1 skips the tests; THROUGHPUT_TIMEOUT (s) bounds the table (its JSON keeps finished rows).
-# Usage: bash benchmarks/gpu_throughput.sh --recompute --contexts 4096,32768,16384 --tokens-per-step 16384
+# Usage: bash benchmarks/gpu_throughput.sh --recompute --compile --contexts 4096,16384,32768 --tokens-per-step 32768
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

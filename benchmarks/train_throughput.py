@@ -67,8 +67,12 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, 
             seq_length=context, micro_batch_size=micro, global_batch_size=micro, train_iters=steps,
             lr=1e-4, min_lr=1e-5, lr_warmup_iters=1, bf16=args.bf16, log_interval=10**9, metrics_interval=0,
             run_dir=run_dir, data_cache_dir=args.data_cache_dir, data_prefixes=args.data_path or [],
+            # no evaluation here; a whole-shard validation corpus keeps the long contexts from
+            # failing on a validation split too small for one sample
+            valid_prefixes=args.data_path or [],
             recompute_layers="all" if recompute else "", optimizer=args.optimizer, profile_step=steps,
             compile=getattr(args, "compile", False),
+            reset_at_document_boundaries=not getattr(args, "full_context", False),
         )
         train(RunConfig(model=model, train=cfg))
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -77,7 +81,7 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, 
     mean = lambda key: sum(r.get(key, 0.0) or 0.0 for r in counted) / len(counted)  # noqa: E731
     memory = max(r.get("memory/peak_allocated_gib", r.get("memory/peak_rss_gib", 0.0)) for r in records)
     row = dict(system="ours", arm=arm, context=context, tokens_per_step=micro * context, recompute=recompute,
-               compile=cfg.compile,
+               compile=cfg.compile, full_context=not cfg.reset_at_document_boundaries,
                tokens_per_s=mean("tokens_per_s"), tflops_per_gpu=mean("tflops_per_gpu"),
                peak_memory_gib=memory, loss=counted[-1]["loss"], profile=profile)
     if "mfu" in counted[-1]:
@@ -153,7 +157,7 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
 
 
 def _label(row: dict) -> str:
-    options = [name for name in ("recompute", "compile") if row.get(name)]
+    options = [name.replace("_", " ") for name in ("recompute", "compile", "full_context") if row.get(name)]
     return row["arm"] + (f" ({', '.join(options)})" if options else "")
 
 
@@ -227,7 +231,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="scaling-653m")
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--contexts", default=None, help="default: 4096,16384,32768 (tiny: 64,128)")
+    parser.add_argument("--contexts", default=None, help="default: 4096,16384,32768 (tiny: 64,128); \"\" for none")
     parser.add_argument("--tokens-per-step", type=int, default=None, help="default 32768 (tiny: 256)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per run (the first is warm-up), "
                         "then one profiled step")
@@ -235,6 +239,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation recompute on every layer")
     parser.add_argument("--compile", action="store_true", help="fused norms and KDA convolutions (model/fusion.py)")
+    parser.add_argument("--full-context", action="store_true",
+                        help="attention and KDA state span the whole context window, across document boundaries "
+                             "(default: real cu_seqlens, so nothing spans more than the longest document)")
     parser.add_argument("--longest", default="", metavar="C1,C2,...",
                         help="also try these contexts (one sequence per step, recompute on) for each arm, in "
                              "order, until one runs out of memory: the longest context that fits")
@@ -249,7 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args(argv)
     tiny = args.preset == "tiny"
-    contexts = [int(c) for c in (args.contexts or ("64,128" if tiny else "4096,16384,32768")).split(",")]
+    spec = args.contexts if args.contexts is not None else ("64,128" if tiny else "4096,16384,32768")
+    contexts = [int(c) for c in spec.split(",") if c]  # --contexts "": only the --longest runs
     args.tokens_per_step = args.tokens_per_step or (256 if tiny else 32768)
 
     import torch
