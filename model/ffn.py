@@ -18,6 +18,7 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .config import ModelConfig
+from .dispatch import use_local_dispatcher
 from .grouped_experts import GroupedExperts
 
 
@@ -91,11 +92,14 @@ def dense_mlp(tconfig: TransformerConfig) -> MLP:
 
 def moe_layer(tconfig: TransformerConfig, layer_number: int):
     """megatron-core MoELayer with local (non-TE) experts and a shared expert; the routed experts run
-    as grouped GEMMs (model/grouped_experts.py) with SequentialMLP's parameters."""
+    as grouped GEMMs (model/grouped_experts.py) with SequentialMLP's parameters, dispatched without
+    host synchronisation when all experts are local (model/dispatch.py)."""
     builder = get_moe_module_spec(use_te=False, num_experts=tconfig.num_moe_experts, moe_grouped_gemm=False)
     experts = builder.keywords["submodules"].experts
     builder.keywords["submodules"].experts = functools.partial(GroupedExperts, *experts.args, **experts.keywords)
-    return builder(config=tconfig, layer_number=layer_number)
+    layer = builder(config=tconfig, layer_number=layer_number)
+    use_local_dispatcher(layer)
+    return layer
 
 
 def drop_graph_references(moe: torch.nn.Module) -> None:

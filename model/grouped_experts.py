@@ -54,7 +54,8 @@ class GroupedExperts(SequentialMLP):
         # [E, 2F, H] and [E, H, F]; transposed views are the [E, in, out] operands _grouped_mm takes
         fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
         fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
-        # group ends in the permuted token order (tokens arrive sorted by local expert)
+        # group ends in the permuted token order (tokens arrive sorted by local expert); the counts
+        # come on the device from model/dispatch.py (host counts from other dispatchers are copied)
         ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
         hidden = torch._grouped_mm(x, fc1.to(x.dtype).transpose(1, 2), offs=ends)
         gate, up = torch.chunk(hidden, 2, dim=-1)
