@@ -7,11 +7,12 @@ gate goes through PyTorch ops. The chunk autograd.Function takes the normalised,
 normalised k, v, g (raw gate or log-decay), beta, the initial state and the gate parameters.
 """
 import os
+import weakref
 
 import torch
 import triton
 
-from kernels.kda.naive import _check_args, chunk_kda_reference, kda_log_decay
+from kernels.kda.naive import _check_args, check_cu_ends, chunk_kda_reference, kda_log_decay
 from kernels.kda.l2norm import l2norm_scale
 from kernels.kda.chunk_fwd import kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
@@ -30,6 +31,39 @@ def _chunk_tables(cu_seqlens: torch.Tensor):
     within = torch.arange(int(offsets[-1]), device=cu_seqlens.device) - offsets[:-1][doc]
     info = torch.stack([doc, within], 1).to(torch.int32).contiguous()
     return info, offsets.to(torch.int32), int(offsets[-1])
+
+
+# id(cu_seqlens) -> (weak reference, version, (cu int32, info, offsets, NC) on the device). A model
+# calls the op once per KDA layer with the same cu_seqlens object: the tables are built once per
+# batch, on the host (reading a device tensor's values waits for the GPU to drain its queue),
+# instead of twice per layer call (forward and recompute) with a wait each time. A few entries
+# cover micro-batches whose recomputes interleave (pipeline schedules).
+_TABLES: dict[int, tuple] = {}
+_TABLES_KEPT = 8
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)  # queued behind the GPU's work, no wait
+    return x.to(device)
+
+
+def sequence_tables(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: torch.device):
+    """(cu int32, chunk_info, chunk_offsets, NC) on ``device`` for ``cu_seqlens`` (or ``batch``
+    sequences of ``length``), cached per cu_seqlens tensor."""
+    if cu_seqlens is not None:
+        hit = _TABLES.get(id(cu_seqlens))
+        if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+            return hit[2]
+    host = (torch.arange(0, (batch + 1) * length, length) if cu_seqlens is None else cu_seqlens.cpu()).to(torch.int32)
+    check_cu_ends(host.tolist(), batch * length)
+    info, offsets, n_chunks = _chunk_tables(host)
+    tables = (_to_device(host, device), _to_device(info, device), _to_device(offsets, device), n_chunks)
+    if cu_seqlens is not None:
+        if len(_TABLES) >= _TABLES_KEPT:
+            _TABLES.pop(next(iter(_TABLES)))  # the oldest entry
+        _TABLES[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, tables)
+    return tables
 
 
 # 16-bit inputs: precision of the diagonal-block inverse's dots, and whether W / q e^G / kg /
@@ -164,12 +198,11 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
 
 class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, A_log, dt_bias, cu, want_ht, gate_mode, lower_bound):
+    def forward(ctx, q, k, v, g, beta, h0, A_log, dt_bias, cu, info, offsets, NC, want_ht, gate_mode, lower_bound):
         T = q.shape[0] * q.shape[1]
         B = q.shape[0]
         flat = lambda x: x.reshape(T, *x.shape[2:]).contiguous()
         qf, kf, vf, gf, bf = map(flat, (q, k, v, g, beta))
-        info, offsets, NC = _chunk_tables(cu)
         h0c = h0.contiguous() if h0 is not None else None
         gate = (gate_mode, A_log, dt_bias, lower_bound)
         o, ht, saved = kda_chunk_fwd(qf, kf, vf, gf, bf, h0c, cu, info, offsets, NC, want_ht, gate)
@@ -188,7 +221,7 @@ class ChunkKDAFunction(torch.autograd.Function):
                                                                 info, offsets, ctx.NC, gate)
         unflat = lambda x: x.view(B, -1, *x.shape[1:])
         return (unflat(dq), unflat(dk), unflat(dv), unflat(dg).to(gf.dtype), unflat(dbeta).to(bf.dtype),
-                dh0, d_A, d_bias, None, None, None, None)
+                dh0, d_A, d_bias, None, None, None, None, None, None, None)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -204,7 +237,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, use_qk_l2norm=True, gate=None):
     """The Triton path on any device (CPU tensors need TRITON_INTERPRET=1)."""
-    _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
+    _check_args(q, k, v, g, beta, initial_state, cu_seqlens, check_cu_values=False)  # in sequence_tables
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     if use_qk_l2norm:   # fused Triton row kernels (forward and backward)
@@ -221,10 +254,8 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
         g = kda_log_decay(g, gate, torch.float32)
         if g.dim() == 3:
             g = g.unsqueeze(-1).expand(B, T, H, K)
-    if cu_seqlens is None:
-        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-    else:
-        cu = cu_seqlens.to(torch.int32)
+    cu, info, offsets, NC = sequence_tables(cu_seqlens, B, T, q.device)
     h0 = initial_state.float() if initial_state is not None else None
-    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, A_log, dt_bias, cu, output_final_state, mode, lower)
+    o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, A_log, dt_bias, cu, info, offsets, NC,
+                                   output_final_state, mode, lower)
     return o, ht

@@ -203,3 +203,22 @@ def test_chunk_kda_triton_scalar_gate_equals_gdn():
     o, s = chunk_kda_triton(**dev, output_final_state=True)
     assert_close("o", o, o_ref, 2e-5)
     assert_close("final_state", s, s_ref, 2e-5)
+
+
+def test_sequence_tables_are_built_once_per_cu_seqlens_tensor():
+    """The chunk tables depend only on cu_seqlens: one build per tensor (the model passes the same
+    one to every KDA layer), a rebuild after an in-place change, and the same values as building
+    them from scratch."""
+    from kernels.kda import chunk as chunk_module
+
+    cu = torch.tensor([0, 37, 70, 71, 200])
+    first = chunk_module.sequence_tables(cu, 1, 200, torch.device("cpu"))
+    assert chunk_module.sequence_tables(cu, 1, 200, torch.device("cpu")) is first
+    info, offsets, n_chunks = chunk_module._chunk_tables(cu.to(torch.int32))
+    assert first[3] == n_chunks == 1 + 1 + 1 + 3
+    assert torch.equal(first[1], info) and torch.equal(first[2], offsets) and first[0].dtype == torch.int32
+    cu[-1] = 300  # in place: the version changes, the tables follow
+    rebuilt = chunk_module.sequence_tables(cu, 1, 300, torch.device("cpu"))
+    assert rebuilt is not first and rebuilt[3] == 1 + 1 + 1 + 4
+    batch = chunk_module.sequence_tables(None, 3, 100, torch.device("cpu"))
+    assert batch[0].tolist() == [0, 100, 200, 300] and batch[3] == 3 * 2
