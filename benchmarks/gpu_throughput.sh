@@ -14,7 +14,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 filter() { grep -vE "Warning|warn|^ +\"\"\"|^$"; }
-[ -n "${SKIP_GPU_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py tests/model/test_grouped_experts.py 2>&1 | tail -3
+[ -n "${SKIP_GPU_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py tests/model/test_grouped_experts.py \
+  tests/model/test_recompute_memory_gpu.py tests/model/test_fusion_gpu.py tests/model/test_no_host_sync_gpu.py 2>&1 | tail -3
 for arm in kimi-linear mla; do timeout 150 python3 benchmarks/memory_probe.py --arm $arm --context 4096 --tokens 16384 --recompute \
   --data-path .gbdata/tokens_00000 2>&1 | filter | tail -45 | tee -a "$OUT/memory_probe.log"; done
 timeout "${THROUGHPUT_TIMEOUT:-560}" python3 benchmarks/train_throughput.py --preset scaling-653m --bf16 --data-path .gbdata/tokens_00000 \
