@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The training-throughput GPU call (issue 10) on the lent H200: the GPU-only model tests (flash
 # attention over cu_seqlens, grouped experts, recompute memory, fusion, no host sync), optionally
-# where the memory of a step goes (memory_probe.py), then benchmarks/train_throughput.py on scaling-653m over Gutenberg documents
-# with the flags given.
+# where the memory of a step goes (memory_probe.py), then benchmarks/train_throughput.py on
+# scaling-653m over Gutenberg documents with the flags given.
 # Carry .whl (megatron-core, fla-core wheels) and .gbdata (a tokenized Gutenberg shard, 32k BPE:
 #   python launch/prepare_data.py --input train-00000-of-00004.jsonl.xz --text-field text \
 #     --train-tokenizer --vocab-size 32768 --tokenizer /tmp/tok32k --out /tmp/gb; cp /tmp/gb/train/* .gbdata/).
-# SKIP_GPU_TESTS=1 skips the tests; MEMORY_PROBE=1 adds the per-layer memory timelines; THROUGHPUT_TIMEOUT (s) bounds the table (its JSON keeps finished rows).
+# SKIP_GPU_TESTS=1 skips the tests; MEMORY_PROBE=1 adds the per-layer memory timelines;
+# THROUGHPUT_TIMEOUT (s) bounds the table (its JSON keeps finished rows).
 # Usage: bash benchmarks/gpu_throughput.sh --recompute --compile --contexts 4096,16384,32768 --tokens-per-step 32768
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
