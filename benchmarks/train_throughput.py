@@ -50,7 +50,7 @@ def matmul_ceiling_tflops(device) -> float | None:
     return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, tokens_per_step: int = 0) -> dict:
+def run_arm(preset: str, arm: str, context: int, args, recompute: bool | str = False, tokens_per_step: int = 0) -> dict:
     """Train ``args.steps`` steps of one arm through train.loop.train, then one more under the
     profiler (train/profile.py); speed averages the steps after the first (warm-up)."""
     from model.presets import as_arm, get_preset
@@ -70,7 +70,7 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool = False, 
             # no evaluation here; a whole-shard validation corpus keeps the long contexts from
             # failing on a validation split too small for one sample
             valid_prefixes=args.data_path or [],
-            recompute_layers="all" if recompute else "", optimizer=args.optimizer, profile_step=steps,
+            recompute_layers=_recompute_spec(recompute), optimizer=args.optimizer, profile_step=steps,
             compile=getattr(args, "compile", False),
             reset_at_document_boundaries=not getattr(args, "full_context", False),
         )
@@ -156,8 +156,15 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
                 **({"peak_memory_gib": memory} if memory is not None else {}))
 
 
+def _recompute_spec(recompute: bool | str) -> str:
+    """``True``: every layer; a string: the layers of ``train.recompute_layers`` ("0,1,2"); else none."""
+    return "all" if recompute is True else (recompute or "")
+
+
 def _label(row: dict) -> str:
     options = [name.replace("_", " ") for name in ("recompute", "compile", "full_context") if row.get(name)]
+    if isinstance(row.get("recompute"), str) and row["recompute"] != "all":
+        options[0] = f"recompute layers {row['recompute']}"
     return row["arm"] + (f" ({', '.join(options)})" if options else "")
 
 
@@ -238,6 +245,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation recompute on every layer")
+    parser.add_argument("--recompute-layers", default="", metavar="I,J,...",
+                        help="activation recompute on these layers only (instead of --recompute)")
     parser.add_argument("--compile", action="store_true", help="fused norms and KDA convolutions (model/fusion.py)")
     parser.add_argument("--full-context", action="store_true",
                         help="attention and KDA state span the whole context window, across document boundaries "
@@ -290,7 +299,7 @@ def main(argv=None) -> int:
 
     for context in contexts:
         for arm in arms:
-            record(measure("ours", arm, context, args.recompute, args.tokens_per_step, args.steps))
+            record(measure("ours", arm, context, args.recompute_layers or args.recompute, args.tokens_per_step, args.steps))
         hf_contexts = [int(c) for c in args.transformers_contexts.split(",")] if args.transformers_contexts else contexts
         if not args.no_transformers and context in hf_contexts:
             record(measure("transformers", "kimi-linear", context, args.recompute, args.tokens_per_step, args.steps))
