@@ -10,7 +10,8 @@ counts back to the GPU (a third). Each wait drains the GPU's queue, which then i
 host has launched enough new work: with 15 MoE layers, each run forward and again in the
 recompute, about 90 waits per training step.
 
-With dropless top-k routing every token goes to exactly ``top_k`` experts, so the permuted length
+With dropless top-k routing every token goes to exactly ``top_k`` experts (the model routes every
+token: it passes megatron no padding mask), so the permuted length
 is known on the host (``tokens * top_k``) and megatron's own argsort-based ``permute`` needs no
 sync; the counts per expert stay on the GPU, where the grouped GEMMs read them
 (model/grouped_experts.py). Any other layout (TP or EP > 1, capacity factor, padding, TE fused

@@ -21,8 +21,8 @@ from kernels.kda import chunk_kda, chunk_kda_cpu
 
 from . import tp
 from .config import ModelConfig
-from .norms import gated_rms_norm
 from .fusion import fused
+from .norms import gated_rms_norm
 from .packed import PackedSequence, causal_depthwise_conv
 from .profiling import profiled
 
