@@ -62,7 +62,6 @@ class Timeline:
 
 def main() -> int:
     import torch
-
     from train_throughput import run_arm
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,11 +76,13 @@ def main() -> int:
     parser.add_argument("--data-cache-dir", default=str(ROOT / "cache" / "data"))
     args = parser.parse_args()
     run_args = argparse.Namespace(steps=args.steps, bf16=True, optimizer="adamw", vocab_size=args.vocab_size,
-                                  data_path=args.data_path, data_cache_dir=args.data_cache_dir, tokens_per_step=args.tokens)
+                                  data_path=args.data_path, data_cache_dir=args.data_cache_dir,
+                                  tokens_per_step=args.tokens)
     timeline = Timeline(torch)
     timeline.install()
     try:
-        row = run_arm(args.preset, args.arm, args.context, run_args, recompute=args.recompute, tokens_per_step=args.tokens)
+        row = run_arm(args.preset, args.arm, args.context, run_args, recompute=args.recompute,
+                      tokens_per_step=args.tokens)
         print(f"{args.arm}: peak {row['peak_memory_gib']:.1f} GiB, {row['tokens_per_s']:,.0f} tokens/s")
     except torch.OutOfMemoryError as exc:
         print("out of memory:", str(exc).split("\n")[0][:300])

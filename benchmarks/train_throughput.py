@@ -297,9 +297,10 @@ def main(argv=None) -> int:
         return _in_subprocess(dict(system=system, arm=arm, context=context, recompute=recompute,
                                    tokens_per_step=tokens, steps=steps), parent_argv)
 
+    recompute = args.recompute_layers or args.recompute
     for context in contexts:
         for arm in arms:
-            record(measure("ours", arm, context, args.recompute_layers or args.recompute, args.tokens_per_step, args.steps))
+            record(measure("ours", arm, context, recompute, args.tokens_per_step, args.steps))
         hf_contexts = [int(c) for c in args.transformers_contexts.split(",")] if args.transformers_contexts else contexts
         if not args.no_transformers and context in hf_contexts:
             record(measure("transformers", "kimi-linear", context, args.recompute, args.tokens_per_step, args.steps))

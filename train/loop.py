@@ -12,19 +12,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from model import fusion
+from model.config import ConfigError
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
-from model.config import ConfigError
+from train import distributed_optimizer
 from train.config import RunConfig
-from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
+from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
-from train.profile import StepProfiler
 from train.precision import MasterWeights, to_bf16
-from train import distributed_optimizer
+from train.profile import StepProfiler
 from train.schedule import learning_rate
 from train.step import forward_backward
 

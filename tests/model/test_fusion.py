@@ -18,7 +18,10 @@ def compiled():
     torch._dynamo.reset()
     counters.clear()
     fusion.enable(True, cpu=True)
-    yield
+    # parallel/cpu_compat.py switches dynamo off process-wide on GPU-less machines (megatron's own
+    # compiled helpers); this test compiles on purpose
+    with torch._dynamo.config.patch(disable=False):
+        yield
     fusion.enable(False)
     torch._dynamo.reset()
 
@@ -28,7 +31,7 @@ def inputs(device="cpu", dtype=torch.float32):
     tokens, channels = 70, 32
     cu = torch.tensor([0, 3, 4, 40, tokens], dtype=torch.int32)  # short documents and one of length 1
     packed = pack(1, tokens, cu, device)
-    make = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_()
     return dict(
         conv=(make(tokens, channels), make(channels, 1, 4), packed.position_in_document),
         norm=(make(tokens, channels), make(channels), 1e-6),

@@ -13,8 +13,10 @@ import weakref
 
 import pytest
 import torch
+from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model.dispatch import LocalAllGatherDispatcher
 from model.packed import pack
 from tests.helpers.small_models import mixed_config
 
@@ -64,11 +66,15 @@ def bytes_left_by_a_step(model, layer, recompute: bool) -> int:
     return created.bytes_alive(kept)
 
 
+@pytest.mark.parametrize("dispatcher", ["local", "megatron"])  # megatron's keeps local_probs (TP/EP path)
 @pytest.mark.parametrize("index,kind", [(1, "mla"), (2, "gdn"), (3, "kda")])
-def test_recomputed_moe_layer_keeps_nothing_after_backward(model, index, kind):
+def test_recomputed_moe_layer_keeps_nothing_after_backward(model, index, kind, dispatcher):
     layer = model.layers[index]
     assert (layer.layer_type, layer.ffn_type) == (kind, "moe")
+    classes = {"local": LocalAllGatherDispatcher, "megatron": MoEAllGatherTokenDispatcher}
+    layer.ffn.token_dispatcher.__class__ = classes[dispatcher]
     bytes_left_by_a_step(model, layer, recompute=False)  # first step: gradients and counters appear
     plain = bytes_left_by_a_step(model, layer, recompute=False)
     recomputed = bytes_left_by_a_step(model, layer, recompute=True)
+    layer.ffn.token_dispatcher.__class__ = LocalAllGatherDispatcher
     assert recomputed <= plain + 1024, f"{kind}: {recomputed - plain} bytes of the recomputed forward outlive the step"

@@ -42,7 +42,8 @@ def held_by_line(snapshot: dict, top: int = 8) -> str:
             ours = [f for f in frames if "site-packages" not in f["filename"]] or frames
             key = f"{ours[0]['filename'].rsplit('/', 1)[-1]}:{ours[0]['line']} {ours[0]['name']}"
             sizes[key] = sizes.get(key, 0) + block["size"]
-    return "; ".join(f"{size / 2**20:.1f} MiB {key}" for key, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:top])
+    ranked = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+    return "; ".join(f"{size / 2**20:.1f} MiB {key}" for key, size in ranked)
 
 
 @pytest.mark.parametrize("index,kind", [(0, "kda"), (1, "mla"), (2, "gdn")])
