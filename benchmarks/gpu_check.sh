@@ -7,10 +7,8 @@
 # the default corpus):  bash benchmarks/gpu_check.sh [steps...]   (default: all steps)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 STEPS=${*:-"resume muon throughput kda"}
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2

@@ -11,9 +11,8 @@
 # Usage: bash benchmarks/gpu_throughput.sh --recompute --compile --contexts 4096,16384,32768 --tokens-per-step 32768
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+source benchmarks/gpu_env.sh
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 filter() { grep -vE "Warning|warn|^ +\"\"\"|^$"; }
 [ -n "${SKIP_GPU_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_attention_gpu.py tests/model/test_grouped_experts.py \
   tests/model/test_recompute_memory_gpu.py tests/model/test_fusion_gpu.py tests/model/test_no_host_sync_gpu.py 2>&1 | tail -3

@@ -77,7 +77,7 @@ def main() -> int:
     args = parser.parse_args()
     run_args = argparse.Namespace(steps=args.steps, bf16=True, optimizer="adamw", vocab_size=args.vocab_size,
                                   data_path=args.data_path, data_cache_dir=args.data_cache_dir,
-                                  tokens_per_step=args.tokens)
+                                  tokens_per_step=args.tokens, compile=False, full_context=False)
     timeline = Timeline(torch)
     timeline.install()
     try:

@@ -71,8 +71,7 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool | str = F
             # failing on a validation split too small for one sample
             valid_prefixes=args.data_path or [],
             recompute_layers=_recompute_spec(recompute), optimizer=args.optimizer, profile_step=steps,
-            compile=getattr(args, "compile", False),
-            reset_at_document_boundaries=not getattr(args, "full_context", False),
+            compile=args.compile, reset_at_document_boundaries=not args.full_context,
         )
         train(RunConfig(model=model, train=cfg))
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
