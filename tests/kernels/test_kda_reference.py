@@ -41,7 +41,9 @@ def assert_matches_recurrence(fn, inputs, cu):
     assert_close("final_state", s, s_ref, 2e-5)
     assert set(grads) == set(g_ref)
     for key in grads:
-        assert_close(f"d{key}", grads[key], g_ref[key], 1e-4)
+        # A_log / dt_bias gradients are sums over every token and channel of a head: fp32 rounding of
+        # terms that partly cancel reached 1.3e-4 on another CPU (the fp64 test bounds the algorithm)
+        assert_close(f"d{key}", grads[key], g_ref[key], 3e-4 if key in ("A_log", "dt_bias") else 1e-4)
 
 
 def assert_exact_in_fp64(fn, inputs, cu):

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The KDA-kernel GPU call (issue 3) on the lent H200: the kernel tests (Triton kernels against the
+# fp64 reference, FLA comparison, int64 addressing) and the no-host-sync test, optional debug runs
+# of the experimental bf16 state storage, then benchmarks/kda.py. Each step has its own time limit.
+# Usage on the GPU machine (carry .whl):  bash benchmarks/gpu_kda.sh [steps...]
+#   steps: tests debug bench bench_raw tune   (default: tests bench)
+#   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
+#   KDA_TESTS: the test paths of step tests (default tests/kernels)
+#   TUNE_ONLY: "kernel:index ..." candidates of kda_tune.py, each in its own process (step tune_each)
+#   KDA_DEBUG_ARGS: extra kda_debug.py variants, ';'-separated (step debug)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+STEPS=${*:-"tests bench"}
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo "== $name (limit ${limit}s)"; local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  grep -vE "Warning|warn" "$OUT/$name.log" | grep -v "^{\|^[a-z_]* {" | tail -30
+  echo "-- $name: rc=$rc, $((SECONDS - start)) s"
+}
+debug() {  # each ';'-separated argument list of kda_debug.py in its own process (a crash ends only it)
+  local variants args
+  IFS=';' read -ra variants <<< "${KDA_DEBUG_ARGS:-"--case dk_ne_dv --state bf16"}"
+  for v in "${variants[@]}"; do
+    read -ra args <<< "$v"
+    timeout 90 python3 benchmarks/kda_debug.py "${args[@]}" 2>&1 | grep -vE "Warning|warn" | tail -3
+  done
+}
+tune_each() {
+  for c in ${TUNE_ONLY:-bwd_dh:1}; do
+    timeout 60 python3 benchmarks/kda_tune.py --kernels "${c%%:*}" --only "${c##*:}" --out "/tmp/tune_${c/:/_}.json" 2>&1 \
+      | grep -E "^[a-z_]+ \{" | cut -c1-200
+  done
+}
+tests() {  # the kernel tests in 6 parallel pytest processes (compilation is CPU-bound), then the sync test
+  python3 -m pytest -q -p no:cacheprovider --collect-only ${KDA_TESTS:-tests/kernels} | grep "::" > /tmp/kda_tests.txt
+  for i in 0 1 2 3 4 5; do
+    awk -v i=$i 'NR % 6 == i' /tmp/kda_tests.txt > /tmp/kda_tests_$i.txt
+    python3 -m pytest -q -p no:cacheprovider $(cat /tmp/kda_tests_$i.txt) > /tmp/kda_tests_$i.log 2>&1 &
+  done
+  wait
+  cat /tmp/kda_tests_[0-5].log | grep -E "passed|failed|FAILED|Error" 
+  python3 -m pytest -q -p no:cacheprovider tests/model/test_no_host_sync_gpu.py 2>&1 | tail -3
+}
+step tune_each 220 bash -c "$(declare -f tune_each); tune_each"
+step tests 400 bash -c "$(declare -f tests); tests"
+step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
+step bench 240 python3 benchmarks/kda.py --shapes 8x4096,1x32768 --out "$OUT/kda_bench.json"
+step bench_raw 200 python3 benchmarks/kda.py --gate raw --shapes 8x4096,1x32768 --out "$OUT/kda_bench_raw.json"
+step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
