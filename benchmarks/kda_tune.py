@@ -6,6 +6,7 @@ kernels keep their defaults. Prints, per kernel, the candidates sorted by time (
 shapes) and the best one; results are also written as JSON.
 
   python benchmarks/kda_tune.py [--shapes 8x4096,1x32768] [--kernels bwd_intra,fwd_intra]
+  python benchmarks/kda_tune.py --kernels bwd_dh --only 1   (one candidate: a crash ends only this process)
 """
 import argparse
 import json
@@ -24,10 +25,13 @@ CANDIDATES = {
     "fwd_cumsum": [W(4), W(8)],
     "fwd_intra": [W(2), W(4), W(8)],
     "fwd_wy": [W(4), W(8), W(2)],
-    "fwd_h": [W(4, 2, BV=32), W(4, 3, BV=32), W(8, 2, BV=32), W(4, 2, BV=64), W(8, 2, BV=64),
-              W(8, 3, BV=64)],
+    # BV 16: twice the programs of BV 32 for the sequential state passes when B*H is small
+    "fwd_h": [W(4, 2, BV=64), W(2, 2, BV=16), W(2, 2, BV=32), W(2, 2, BV=64), W(2, 1, BV=16),
+              W(4, 2, BV=32), W(4, 2, BV=16), W(8, 2, BV=32)],
     "fwd_o": [W(4, 2), W(4, 3), W(8, 2)],
-    "bwd_dh": [W(8, 1, BV=32), W(8, 2, BV=32), W(4, 2, BV=32), W(8, 2, BV=64), W(4, 2, BV=64)],
+    # 8 warps with BV 16 ended in an illegal memory access on the H200 (Triton 3.6)
+    "bwd_dh": [W(8, 1, BV=32), W(4, 1, BV=16), W(2, 1, BV=16), W(4, 1, BV=32), W(8, 1, BV=16),
+               W(4, 2, BV=16), W(8, 2, BV=32)],
     "bwd_chunk": [W(8, 1), W(8, 2), W(4, 1)],
     "bwd_intra": [W(2, BD=32), W(4, BD=32), W(8, BD=32), W(4, BD=64), W(8, BD=64)],
 }
@@ -51,6 +55,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x4096,1x32768")
     ap.add_argument("--kernels", default=",".join(CANDIDATES))
+    ap.add_argument("--only", type=int, default=None, help="index of the one candidate to run")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kda_tune.json"))
     args = ap.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -68,7 +73,8 @@ def main():
     for name in args.kernels.split(","):
         kname = f"kda_{name}_kernel"
         rows = []
-        for cand in CANDIDATES[name]:
+        cands = CANDIDATES[name] if args.only is None else [CANDIDATES[name][args.only]]
+        for cand in cands:
             kda_chunk.LAUNCH[name] = dict(cand)
             t0 = time.time()
             row = dict(cfg=cand)

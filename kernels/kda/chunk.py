@@ -76,6 +76,13 @@ INV_PREC_16 = os.environ.get("KDA_INV_PREC", "ieee")
 STATE_16 = os.environ.get("KDA_STATE_DTYPE", "fp32") == "input"
 
 
+# Diagonal 16x16 tiles of the intra-chunk products take tensor-core dots with one reference row
+# when the log-decay over the 16 rows (per Dk slice) is at most this; e^60 = 1.1e26 and e^-60 are
+# far from fp32's overflow and underflow. Stronger decay takes the exact per-column loop. A
+# module variable read at each call (the tests set it to 0 to run the loop on every tile).
+DIAG_SPAN_MAX = 60.0
+
+
 def _state_dtype(dtype):
     return dtype if STATE_16 and dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -95,29 +102,52 @@ def _meta(K, V, dtype):
 # Launch options per kernel (K = V = 128, bf16 on the H200): num_warps / num_stages, and the
 # V-block (BV) of the state passes / Dk slice (BD) of the backward intra kernel. A plain dict
 # so that benchmarks/kda_tune.py can sweep it; other head sizes use the same values.
-LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5); state passes at 1x32768
+# The sequential state passes run one program per (sequence, head, V-block); an entry's "few" is
+# the launch used when the regular one would leave SMs idle (few sequences x heads, 1x32768).
+LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
     "fwd_cumsum": dict(num_warps=4, num_stages=1),
     "fwd_intra": dict(num_warps=2, num_stages=1),
     "fwd_wy": dict(num_warps=4, num_stages=1),
-    "fwd_h": dict(num_warps=4, num_stages=2, BV=32),
+    "fwd_h": dict(num_warps=4, num_stages=2, BV=64, few=dict(num_warps=2, num_stages=2, BV=16)),
     "fwd_o": dict(num_warps=4, num_stages=2),
-    "bwd_dh": dict(num_warps=8, num_stages=1, BV=32),
+    "bwd_dh": dict(num_warps=4, num_stages=1, BV=32, few=dict(num_warps=4, num_stages=1, BV=16)),
     "bwd_chunk": dict(num_warps=8, num_stages=1),
     "bwd_intra": dict(num_warps=2, num_stages=1, BD=32),
 }
 
 
-def _cfg(name, BK=128):
-    """num_warps / num_stages of kernel `name`; Dk > 128 keeps the shared-memory-safe defaults."""
-    cfg = {key: val for key, val in LAUNCH[name].items() if key.startswith("num_")}
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132   # the interpreter: an H100/H200's count, so small test shapes take "few"
+    return _SM_COUNT.setdefault(device.index, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+_SM_COUNT: dict = {}
+
+
+def _state_launch(name, n_seq, H, V, BV, BK, device):
+    """LAUNCH[name], or its "few" entry when the regular V-block gives fewer programs than SMs
+    (Dk <= 128: larger Dk has its own shared-memory-safe launch, see _cfg)."""
+    entry = LAUNCH[name]
+    few = entry.get("few")
+    if few is not None and BK <= 128 and n_seq * H * triton.cdiv(V, min(entry["BV"], BV)) < _sm_count(device):
+        return few
+    return entry
+
+
+def _cfg(name, BK=128, entry=None):
+    """num_warps / num_stages of kernel `name` (or of a given LAUNCH entry); Dk > 128 keeps the
+    shared-memory-safe defaults."""
+    cfg = {key: val for key, val in (entry or LAUNCH[name]).items() if key.startswith("num_")}
     if BK > 128 and name in ("fwd_h", "bwd_dh"):
         cfg = dict(num_warps=8, num_stages=1)   # 2 stages at Dk=256 need 312 KiB of shared memory
     return cfg
 
 
-def _blk(name, key, cap, BK=128):
-    """Block size `key` of kernel `name`, at most `cap` (32 for Dk > 128: shared memory)."""
-    val = min(LAUNCH[name][key], cap)
+def _blk(name, key, cap, BK=128, entry=None):
+    """Block size `key` of kernel `name` (or of a given LAUNCH entry), at most `cap` (32 for
+    Dk > 128: shared memory)."""
+    val = min((entry or LAUNCH[name])[key], cap)
     return min(val, 32) if BK > 128 else val
 
 
@@ -142,15 +172,16 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     kda_fwd_cumsum_kernel[(NC, H)](g, A_log, dt_bias, lower, Gc, cu, info, H=H, K=K, BK=BK, GATE=mode,
                                    **_cfg("fwd_cumsum"))
     kda_fwd_intra_kernel[(NC, H, 4)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
-                                     PREC=prec, **_cfg("fwd_intra"))
+                                     PREC=prec, SPAN=DIAG_SPAN_MAX, **_cfg("fwd_intra"))
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
                                BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
                                # the inverse's doubling product: ~fp32 accuracy on tensor cores
                                INV_PREC="ieee" if prec == "ieee" else INV_PREC_16, **_cfg("fwd_wy"))
-    BVs = _blk("fwd_h", "BV", BV, BK)
+    launch = _state_launch("fwd_h", N, H, V, BV, BK, q.device)
+    BVs = _blk("fwd_h", "BV", BV, BK, launch)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
-                                                  STORE_HT=want_ht, PREC=prec, **_cfg("fwd_h", BK))
+                                                  STORE_HT=want_ht, PREC=prec, **_cfg("fwd_h", BK, launch))
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](Qg, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
                                                   BV=BV, PREC=prec, **_cfg("fwd_o"))
@@ -163,14 +194,15 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     V = v.shape[-1]
     N = cu.numel() - 1
     BK, BV, prec = _meta(K, V, q.dtype)
-    BVs = _blk("bwd_dh", "BV", BV, BK)
+    launch = _state_launch("bwd_dh", N, H, V, BV, BK, q.device)
+    BVs = _blk("bwd_dh", "BV", BV, BK, launch)
     f32 = dict(dtype=torch.float32, device=q.device)
     dh = torch.empty(NC, H, K, V, dtype=_state_dtype(q.dtype), device=q.device)
     dVn = torch.empty(NC, H, 64, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
     kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
                                                    H=H, K=K, V=V, BK=BK, BV=BVs, HAS_DHT=dht is not None,
-                                                   HAS_H0=h0 is not None, PREC=prec, **_cfg("bwd_dh", BK))
+                                                   HAS_H0=h0 is not None, PREC=prec, **_cfg("bwd_dh", BK, launch))
     dAqk, dBkk = (torch.empty(NC, H, 64, 64, **f32) for _ in range(2))
     dq_p, dk_p, dG_p = (torch.empty(NC, H, 64, K, **f32) for _ in range(3))
     dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
@@ -189,7 +221,8 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BDi))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
                                                         dq, dk, dg, g, A_log, dt_bias, lower,
                                                         d_bias_p, dA_p, cu, info, H=H, K=K, BD=BDi,
-                                                        GATE=mode, PREC=prec, **_cfg("bwd_intra"))
+                                                        GATE=mode, PREC=prec, SPAN=DIAG_SPAN_MAX,
+                                                        **_cfg("bwd_intra"))
     d_A = d_bias = None
     if mode != 0:
         d_A, d_bias = dA_p.sum((0, 2)), d_bias_p.sum(0).reshape(-1)

@@ -156,7 +156,7 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
 def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, A_log, dt_bias,
                          lower_bound, d_bias_p, dA_p, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, SPAN: tl.constexpr):
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
@@ -222,32 +222,48 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
             dk_c = acc_c * tl.exp(b_gm[None, :] - b_G)
             b_dk += dk_c
             b_dG -= b_k * dk_c
-        # diagonal block, exact, without cross-row reductions: step j is column j for the rows
-        # r >= j (dq, dk row side: exp(G_r - G_j)) and row j for the columns c <= j (dk column
-        # side: exp(G_j - G_c)); one exp per element serves both, all exponents <= 0
+        # diagonal block. Decay over the block at most SPAN: reference row n = 16 b on both sides
+        # (exponents within [-SPAN, SPAN], see kda_fwd_intra_kernel), four tensor-core dots.
+        # Otherwise exact, without cross-row reductions: step j is column j for the rows r >= j
+        # (dq, dk row side: exp(G_r - G_j)) and row j for the columns c <= j (dk column side:
+        # exp(G_j - G_c)); one exp per element serves both, all exponents <= 0.
         dq_d = tl.zeros([16, BD], dtype=tl.float32)
         dkr_d = tl.zeros([16, BD], dtype=tl.float32)
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
-        for j in range(16):
-            row_j = b * 16 + j
-            m_j = (dd < K) & (dd * 0 + row_j < L)
-            tok_j = ((bos + row_j) * H + i_h) * K + dd
-            b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
-            b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
-            b_gj = tl.load(Gc + (cbase + row_j) * K + dd, mask=dd < K, other=0.)
-            dA_col = tl.load(dAqk + (cbase + rows) * 64 + row_j)
-            dB_col = tl.load(dBkk + (cbase + rows) * 64 + row_j)
-            dA_row = tl.load(dAqk + (cbase + row_j) * 64 + rows)
-            dB_row = tl.load(dBkk + (cbase + row_j) * 64 + rows)
-            x = b_G - b_gj[None, :]
-            below = (r16 >= j)[:, None]
-            e = tl.exp(tl.where(below, x, -x))
-            e_lo = tl.where(below, e, 0.)
-            e_hi = tl.where((r16 <= j)[:, None], e, 0.)
-            ek = e_lo * b_kj[None, :]
-            dq_d += dA_col[:, None] * ek
-            dkr_d += dB_col[:, None] * ek
-            dkc_d += (dA_row[:, None] * b_qj[None, :] + dB_row[:, None] * b_kj[None, :]) * e_hi
+        b_g0 = tl.load(Gc + (cbase + b * 16) * K + dd, mask=dd < K, other=0.)
+        b_g15 = tl.load(Gc + (cbase + b * 16 + 15) * K + dd, mask=dd < K, other=0.)
+        if tl.max(b_g0 - b_g15, axis=0) <= SPAN:
+            t_off = (cbase + rows)[:, None] * 64 + rows[None, :]
+            dA_d = tl.where(r16[:, None] >= r16[None, :], tl.load(dAqk + t_off), 0.)
+            dB_d = tl.where(r16[:, None] > r16[None, :], tl.load(dBkk + t_off), 0.)
+            e_row = tl.exp(b_G - b_g0[None, :])
+            e_col = tl.exp(b_g0[None, :] - b_G)
+            k_col = b_k * e_col
+            dq_d += tl.dot(dA_d, k_col, input_precision=PREC) * e_row
+            dkr_d += tl.dot(dB_d, k_col, input_precision=PREC) * e_row
+            dkc_d += (tl.dot(tl.trans(dA_d), b_q * e_row, input_precision=PREC)
+                      + tl.dot(tl.trans(dB_d), b_k * e_row, input_precision=PREC)) * e_col
+        else:
+            for j in range(16):
+                row_j = b * 16 + j
+                m_j = (dd < K) & (dd * 0 + row_j < L)
+                tok_j = ((bos + row_j) * H + i_h) * K + dd
+                b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
+                b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
+                b_gj = tl.load(Gc + (cbase + row_j) * K + dd, mask=dd < K, other=0.)
+                dA_col = tl.load(dAqk + (cbase + rows) * 64 + row_j)
+                dB_col = tl.load(dBkk + (cbase + rows) * 64 + row_j)
+                dA_row = tl.load(dAqk + (cbase + row_j) * 64 + rows)
+                dB_row = tl.load(dBkk + (cbase + row_j) * 64 + rows)
+                x = b_G - b_gj[None, :]
+                below = (r16 >= j)[:, None]
+                e = tl.exp(tl.where(below, x, -x))
+                e_lo = tl.where(below, e, 0.)
+                e_hi = tl.where((r16 <= j)[:, None], e, 0.)
+                ek = e_lo * b_kj[None, :]
+                dq_d += dA_col[:, None] * ek
+                dkr_d += dB_col[:, None] * ek
+                dkc_d += (dA_row[:, None] * b_qj[None, :] + dB_row[:, None] * b_kj[None, :]) * e_hi
         b_dq += dq_d
         b_dk += dkr_d + dkc_d
         b_dG += b_q * dq_d + b_k * (dkr_d - dkc_d)

@@ -110,9 +110,10 @@ def kda_fwd_cumsum_kernel(g, A_log, dt_bias, lower_bound, Gc, cu_seqlens, chunk_
 @triton.jit
 def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, SPAN: tl.constexpr):
     """Per (chunk, head, 16-row block i): rows 16i..16i+15 of A_qk and B_kk (one program per
-    block so that the four blocks of a chunk run in parallel)."""
+    block so that the four blocks of a chunk run in parallel). SPAN: the largest decay
+    G_16i - G_16i+15 over a block's Dk slice for which its diagonal tile takes tensor cores."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     i = tl.program_id(2)
@@ -151,7 +152,11 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
         off = (cbase + rows)[:, None] * 64 + (j * 16 + r16)[None, :]
         tl.store(Aqk + off, zero)
         tl.store(Bkk + off, zero)
-    # diagonal tile, exact: column c uses exp(G_r - G_c) for rows r >= c only
+    # diagonal tile. Where the slice's decay over the block is at most SPAN, one reference row
+    # n = 16 i serves both sides: exp(G_r - G_n) in [e^-SPAN, 1], exp(G_n - G_c) in [1, e^SPAN],
+    # finite and normal in fp32/tf32, and each product is exp(G_r - G_c) to rounding, so the tile
+    # is two tensor-core dots. Stronger decay (the unbounded gate) takes the exact column loop:
+    # column c uses exp(G_r - G_c) for rows r >= c only.
     dg_qk = tl.zeros([16, 16], dtype=tl.float32)
     dg_kk = tl.zeros([16, 16], dtype=tl.float32)
     for d0 in range(0, BK, BD):
@@ -160,17 +165,25 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
         b_Gi = tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.)
         b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
         b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
-        for c in range(16):
-            row_c = i * 16 + c
-            b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
-                           other=0.).to(tl.float32)
-            b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
-            e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
-            sel = r16[None, :] == c
-            dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
-            dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
+        b_g0 = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dd < K, other=0.)
+        b_g15 = tl.load(Gc + (cbase + i * 16 + 15) * K + dd, mask=dd < K, other=0.)
+        if tl.max(b_g0 - b_g15, axis=0) <= SPAN:
+            e_row = tl.exp(b_Gi - b_g0[None, :])
+            k_col = tl.trans(b_ki * tl.exp(b_g0[None, :] - b_Gi))
+            dg_qk += tl.dot(b_qi * e_row, k_col, input_precision=PREC)
+            dg_kk += tl.dot(b_ki * e_row, k_col, input_precision=PREC)
+        else:
+            for c in range(16):
+                row_c = i * 16 + c
+                b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
+                               other=0.).to(tl.float32)
+                b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
+                e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
+                sel = r16[None, :] == c
+                dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
+                dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
     off = (cbase + rows)[:, None] * 64 + i * 16 + r16[None, :]
-    tl.store(Aqk + off, dg_qk)
+    tl.store(Aqk + off, tl.where(r16[:, None] >= r16[None, :], dg_qk, 0.))
     tl.store(Bkk + off, tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
 
 

@@ -12,7 +12,7 @@ from kernels.kda import recurrent_kda_reference
 from kernels.kda.chunk import ChunkKDAFunction, chunk_kda, chunk_kda_triton
 from kernels.kda.naive import kda_log_decay
 from tests.kernels.test_kda_reference import CASES, _case
-from tests.kernels.utils import HAS_CUDA, assert_close, rel_rms, run_with_grads
+from tests.kernels.utils import HAS_CUDA, assert_close, make_inputs, rel_rms, run_with_grads
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -222,3 +222,54 @@ def test_sequence_tables_are_built_once_per_cu_seqlens_tensor():
     assert rebuilt is not first and rebuilt[3] == 1 + 1 + 1 + 4
     batch = chunk_module.sequence_tables(None, 3, 100, torch.device("cpu"))
     assert batch[0].tolist() == [0, 100, 200, 300] and batch[3] == 3 * 2
+
+
+def _block_spans(g: torch.Tensor) -> torch.Tensor:
+    """Decay G_16i - G_16i+15 of every 16-row block of every 64-token chunk, max over channels
+    (B = 1, no cu_seqlens, T a multiple of 64): what the intra kernels compare with DIAG_SPAN_MAX."""
+    G = g[0].reshape(-1, 4, 16, *g.shape[2:]).cumsum(2)       # [chunks, blocks, rows, H, Dk]
+    return (G[:, :, 0] - G[:, :, 15]).amax(-1)
+
+
+@pytest.mark.parametrize("name,span", [("basic_T150", 0.0), ("varlen", 0.0), ("mixed_decay", None)])
+def test_diagonal_tile_paths(name, span, monkeypatch):
+    """Both forms of the intra kernels' diagonal tiles against the fp64 recurrence: the exact column
+    loop on every tile (span 0), and a case whose blocks fall on both sides of the threshold."""
+    from kernels.kda import chunk as chunk_module
+    if span is not None:
+        monkeypatch.setattr(chunk_module, "DIAG_SPAN_MAX", span)
+    if name == "mixed_decay":
+        inputs, cu = make_inputs(1, 256, 2, 16, 16, decay=(0.0, 6.5)), None
+        spans = _block_spans(inputs["g"].double())
+        assert (spans <= chunk_module.DIAG_SPAN_MAX).any() and (spans > chunk_module.DIAG_SPAN_MAX).any()
+    else:
+        inputs, cu = _case(name)
+    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
+    o, s, grads = run_with_grads(chunk_kda_triton, _on(inputs, DEVICE), None if cu is None else cu.to(DEVICE))
+    assert_close("o", o, ref[0], TOL_FP32["o"])
+    assert_close("final_state", s, ref[1], TOL_FP32["final_state"])
+    for key in grads:
+        assert_close(f"d{key}", grads[key], ref[2][key], TOL_FP32.get(f"d{key}", TOL_FP32_GRAD))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("which", ["many_programs", "few_programs"])
+def test_state_pass_launch_options(which, dtype, monkeypatch):
+    """Both launches each state pass picks between (chunk.LAUNCH and its "few" entry), at the
+    model's head size Dk = Dv = 128 (the small test cases never reach V-blocks of 32 or 64),
+    against the recurrence."""
+    from kernels.kda import chunk as chunk_module
+    for name in ("fwd_h", "bwd_dh"):
+        entry = chunk_module.LAUNCH[name]
+        fixed = entry["few"] if which == "few_programs" else {k: v for k, v in entry.items() if k != "few"}
+        monkeypatch.setitem(chunk_module.LAUNCH, name, fixed)
+    inputs, cu = make_inputs(1, 300, 2, 128, 128, n_docs=2), torch.tensor([0, 130, 300], dtype=torch.int32)
+    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
+    o, s, grads = run_with_grads(chunk_kda_triton, _on(inputs, "cuda", dtype), cu.cuda())
+    tol = lambda key: TOL_FP32.get(key, TOL_FP32_GRAD) if dtype == torch.float32 else TOL_BF16
+    assert_close("o", o, ref[0], tol("o"))
+    assert_close("final_state", s, ref[1], tol("final_state"))
+    for key in grads:
+        assert_close(f"d{key}", grads[key], ref[2][key], tol(f"d{key}"))
