@@ -161,10 +161,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
     i_h = tl.program_id(1)
     i_k = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
     r16 = tl.arange(0, 16)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h
     cbase = (i_c * H + i_h) * 64
     dd = i_k * BD + tl.arange(0, BD)
     dm = dd[None, :] < K

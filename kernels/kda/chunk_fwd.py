@@ -212,7 +212,6 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64 = tl.arange(0, 64)
     c64 = tl.arange(0, 64)
-    r16 = tl.arange(0, 16)
     valid = r64 < L
     tok = (bos + r64) * H + i_h
     cbase = (i_c * H + i_h) * 64
