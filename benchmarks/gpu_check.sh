@@ -10,14 +10,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 STEPS=${*:-"resume muon throughput kda"}
-step() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  echo "== $name (limit ${limit}s)"; local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  grep -vE "Warning|warn" "$OUT/$name.log" | tail -25
-  echo "-- $name: rc=$rc, $((SECONDS - start)) s"
-}
 step resume 200 python3 benchmarks/resume_check.py --steps 20 --bf16 --out "$OUT/resume.json"
 step muon 120 python3 launch/pretrain.py --config tiny --train-iters 40 --bf16 --log-interval 10 \
   --set train.data_cache_dir=cache/data --set train.optimizer=muon --save /tmp/run_muon

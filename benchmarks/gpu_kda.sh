@@ -12,14 +12,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
 STEPS=${*:-"tests bench"}
-step() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  echo "== $name (limit ${limit}s)"; local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  grep -vE "Warning|warn" "$OUT/$name.log" | grep -v "^{\|^[a-z_]* {" | tail -30
-  echo "-- $name: rc=$rc, $((SECONDS - start)) s"
-}
+STEP_HIDE="^\\{|^[a-z_]+ \\{" STEP_TAIL=30  # tune rows and JSON stay in the logs
 debug() {  # each ';'-separated argument list of kda_debug.py in its own process (a crash ends only it)
   local variants args
   IFS=';' read -ra variants <<< "${KDA_DEBUG_ARGS:-"--case dk_ne_dv --state bf16"}"

@@ -14,7 +14,8 @@ import triton
 
 from kernels.kda.naive import _check_args, check_cu_ends, chunk_kda_reference, kda_log_decay
 from kernels.kda.l2norm import l2norm_scale
-from kernels.kda.chunk_fwd import kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel, kda_fwd_wy_kernel
+from kernels.kda.chunk_fwd import (kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel,
+                                    kda_fwd_wy_kernel)
 from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
 
 CHUNK = 64
@@ -116,13 +117,13 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
 }
 
 
+_SM_COUNT: dict = {}
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132   # the interpreter: an H100/H200's count, so small test shapes take "few"
     return _SM_COUNT.setdefault(device.index, torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-_SM_COUNT: dict = {}
 
 
 def _state_launch(name, n_seq, H, V, BV, BK, device):

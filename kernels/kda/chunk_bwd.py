@@ -17,7 +17,7 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import _chunk_coords, gate_backward
+from kernels.kda.chunk_fwd import _chunk_coords, _diag_block_decay, gate_backward
 
 
 @triton.jit
@@ -227,9 +227,8 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
         dq_d = tl.zeros([16, BD], dtype=tl.float32)
         dkr_d = tl.zeros([16, BD], dtype=tl.float32)
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
-        b_g0 = tl.load(Gc + (cbase + b * 16) * K + dd, mask=dd < K, other=0.)
-        b_g15 = tl.load(Gc + (cbase + b * 16 + 15) * K + dd, mask=dd < K, other=0.)
-        if tl.max(b_g0 - b_g15, axis=0) <= SPAN:
+        b_g0, fits = _diag_block_decay(Gc, cbase + b * 16, dd, K, SPAN)
+        if fits:
             t_off = (cbase + rows)[:, None] * 64 + rows[None, :]
             dA_d = tl.where(r16[:, None] >= r16[None, :], tl.load(dAqk + t_off), 0.)
             dB_d = tl.where(r16[:, None] > r16[None, :], tl.load(dBkk + t_off), 0.)

@@ -108,6 +108,15 @@ def kda_fwd_cumsum_kernel(g, A_log, dt_bias, lower_bound, Gc, cu_seqlens, chunk_
 
 
 @triton.jit
+def _diag_block_decay(Gc, row0, dd, K, SPAN: tl.constexpr):
+    """G of a 16-row block's first row (padded layout row ``row0``) on Dk slice ``dd``, and whether
+    the slice decays by at most SPAN over the block (its diagonal tile may then take tensor cores)."""
+    b_g0 = tl.load(Gc + row0 * K + dd, mask=dd < K, other=0.)
+    b_g15 = tl.load(Gc + (row0 + 15) * K + dd, mask=dd < K, other=0.)
+    return b_g0, tl.max(b_g0 - b_g15, axis=0) <= SPAN
+
+
+@triton.jit
 def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
                          PREC: tl.constexpr, SPAN: tl.constexpr):
@@ -165,9 +174,8 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
         b_Gi = tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.)
         b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
         b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
-        b_g0 = tl.load(Gc + (cbase + i * 16) * K + dd, mask=dd < K, other=0.)
-        b_g15 = tl.load(Gc + (cbase + i * 16 + 15) * K + dd, mask=dd < K, other=0.)
-        if tl.max(b_g0 - b_g15, axis=0) <= SPAN:
+        b_g0, fits = _diag_block_decay(Gc, cbase + i * 16, dd, K, SPAN)
+        if fits:
             e_row = tl.exp(b_Gi - b_g0[None, :])
             k_col = tl.trans(b_ki * tl.exp(b_g0[None, :] - b_Gi))
             dg_qk += tl.dot(b_qi * e_row, k_col, input_precision=PREC)

@@ -40,6 +40,11 @@ def _on(inputs, device, dtype=None):
 
 def _errors(name, dtype, device):
     inputs, cu = _case(name)
+    return _errors_of(inputs, cu, dtype, device), inputs, cu
+
+
+def _errors_of(inputs, cu, dtype, device):
+    """{name: (Triton value, fp64 recurrence value)} for the output, final state and every gradient."""
     ref = run_with_grads(recurrent_kda_reference, inputs, cu)
     dev_inputs = _on(inputs, device, dtype)
     cu_dev = None if cu is None else cu.to(device)
@@ -47,15 +52,18 @@ def _errors(name, dtype, device):
     assert o.dtype == (dtype or torch.float32) and s.dtype == torch.float32
     errs = {"o": (o, ref[0]), "final_state": (s, ref[1])}
     errs.update({f"d{k}": (grads[k], ref[2][k]) for k in grads})
-    return errs, inputs, cu
+    return errs
+
+
+def _assert_within(errs, tol=lambda key: TOL_FP32.get(key, TOL_FP32_GRAD)):
+    for key, (actual, expected) in errs.items():
+        assert_close(key, actual, expected, tol(key))
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_chunk_kda_triton_fp32(name):
     errs, _, _ = _errors(name, torch.float32, DEVICE)
-    for key, (actual, expected) in errs.items():
-        tol = TOL_FP32.get(key, TOL_FP32_GRAD)
-        assert_close(key, actual, expected, tol)
+    _assert_within(errs)
 
 
 @gpu
@@ -244,12 +252,7 @@ def test_diagonal_tile_paths(name, span, monkeypatch):
         assert (spans <= chunk_module.DIAG_SPAN_MAX).any() and (spans > chunk_module.DIAG_SPAN_MAX).any()
     else:
         inputs, cu = _case(name)
-    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
-    o, s, grads = run_with_grads(chunk_kda_triton, _on(inputs, DEVICE), None if cu is None else cu.to(DEVICE))
-    assert_close("o", o, ref[0], TOL_FP32["o"])
-    assert_close("final_state", s, ref[1], TOL_FP32["final_state"])
-    for key in grads:
-        assert_close(f"d{key}", grads[key], ref[2][key], TOL_FP32.get(f"d{key}", TOL_FP32_GRAD))
+    _assert_within(_errors_of(inputs, cu, torch.float32, DEVICE))
 
 
 @gpu
@@ -266,10 +269,8 @@ def test_state_pass_launch_options(which, dtype, monkeypatch):
         fixed = entry["few"] if which == "few_programs" else {k: v for k, v in entry.items() if k != "few"}
         monkeypatch.setitem(chunk_module.LAUNCH, name, fixed)
     inputs, cu = make_inputs(1, 300, 2, 128, 128, n_docs=2), torch.tensor([0, 130, 300], dtype=torch.int32)
-    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
-    o, s, grads = run_with_grads(chunk_kda_triton, _on(inputs, "cuda", dtype), cu.cuda())
-    tol = lambda key: TOL_FP32.get(key, TOL_FP32_GRAD) if dtype == torch.float32 else TOL_BF16
-    assert_close("o", o, ref[0], tol("o"))
-    assert_close("final_state", s, ref[1], tol("final_state"))
-    for key in grads:
-        assert_close(f"d{key}", grads[key], ref[2][key], tol(f"d{key}"))
+    errs = _errors_of(inputs, cu, dtype, "cuda")
+    if dtype == torch.float32:
+        _assert_within(errs)
+    else:
+        _assert_within(errs, lambda key: TOL_BF16)
