@@ -58,11 +58,13 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
         b_dvn = (tl.dot(tl.trans(b_a), b_do, input_precision=PREC)
                  + tl.dot(b_kg, b_ds.to(b_kg.dtype), input_precision=PREC))
         tl.store(dVn + (cbase + r64)[:, None] * V + dv[None, :], b_dvn, mask=dv[None, :] < V)
-        b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
-        b_qg = tl.load(Qg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+        # W^T and (q e^G)^T loaded transposed: no tl.trans of a 16-bit dot operand
+        kT = (cbase + r64)[None, :] * K + dk[:, None]
+        b_wT = tl.load(W + kT, mask=dk[:, None] < K, other=0.)
+        b_qgT = tl.load(Qg + kT, mask=dk[:, None] < K, other=0.)
         b_ds = (b_ds * tl.exp(b_gl)[:, None]
-                + tl.dot(tl.trans(b_qg), b_do.to(b_qg.dtype), input_precision=PREC)
-                - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype), input_precision=PREC))
+                + tl.dot(b_qgT, b_do.to(b_qgT.dtype), input_precision=PREC)
+                - tl.dot(b_wT, b_dvn.to(b_wT.dtype), input_precision=PREC))
     if HAS_H0:
         tl.store(dh0 + (i_n * H + i_h) * K * V + state_off, b_ds, mask=m_kv)
 
@@ -113,17 +115,19 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
         for v0 in range(0, V, BV):
             dvv = v0 + tl.arange(0, BV)
             m_v = dvv[None, :] < V
-            m_kv = (dk[:, None] < K) & m_v
             b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
             b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
             b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-            # states are bf16 for bf16 inputs: bf16 tensor-core dots, fp32 accumulation
-            b_h = tl.load(h + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
-            b_dh = tl.load(dh + sbase + dk[:, None] * V + dvv[None, :], mask=m_kv, other=0.)
-            b_dqg += tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
-            b_dw -= tl.dot(b_dvn.to(b_h.dtype), tl.trans(b_h), input_precision=PREC)
-            b_dkg += tl.dot(b_vn.to(b_dh.dtype), tl.trans(b_dh), input_precision=PREC)
-            b_dgl += tl.sum(b_dh.to(tl.float32) * b_h.to(tl.float32), axis=1)
+            # states are bf16 for bf16 inputs: bf16 tensor-core dots, fp32 accumulation. Loaded as
+            # [BV, 64] (S^T) directly: no tl.trans of a 16-bit dot operand
+            sT = sbase + dk[None, :] * V + dvv[:, None]
+            m_vk = (dk[None, :] < K) & (dvv[:, None] < V)
+            b_hT = tl.load(h + sT, mask=m_vk, other=0.)
+            b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
+            b_dqg += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
+            b_dw -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
+            b_dkg += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
+            b_dgl += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
         b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
         b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)

@@ -324,8 +324,9 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
         b_vn = b_u - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
         tl.store(Vn + (cbase + r64)[:, None] * V + dv[None, :], b_vn, mask=dv[None, :] < V)
         b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
-        b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
-        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg), b_vn.to(b_kg.dtype), input_precision=PREC)
+        # kg^T loaded transposed (no tl.trans of a 16-bit dot operand: a Hopper miscompile class)
+        b_kgT = tl.load(Kg + (cbase + r64)[None, :] * K + dk[:, None], mask=dk[:, None] < K, other=0.)
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(b_kgT, b_vn.to(b_kgT.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h) * K * V + state_off, b_h, mask=m_kv)
 
