@@ -15,8 +15,9 @@ import triton
 from kernels.kda.naive import _check_args, check_cu_ends, chunk_kda_reference, kda_log_decay
 from kernels.kda.l2norm import l2norm_scale
 from kernels.kda.chunk_fwd import (kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel,
-                                    kda_fwd_wy_kernel)
-from kernels.kda.chunk_bwd import kda_bwd_chunk_kernel, kda_bwd_dh_kernel, kda_bwd_intra_kernel
+                                   kda_fwd_wy_kernel)
+from kernels.kda.chunk_bwd import (kda_bwd_chunk_dk_kernel, kda_bwd_chunk_wy_kernel, kda_bwd_dh_kernel,
+                                   kda_bwd_intra_kernel)
 
 CHUNK = 64
 GATE_LOG, GATE_SOFTPLUS, GATE_BOUNDED = 0, 1, 2   # constexpr GATE of the intra kernels
@@ -70,8 +71,8 @@ def sequence_tables(cu_seqlens: torch.Tensor | None, batch: int, length: int, de
 # 16-bit inputs: precision of the diagonal-block inverse's dots, and whether W / q e^G / kg /
 # states are stored in the input dtype (bf16 tensor-core dots in the state passes). The
 # defaults are the configuration tested on the H200 (ieee, fp32). KDA_STATE_DTYPE=input is
-# experimental: on Triton 3.6 / H200 it ends in an illegal memory access inside kda_bwd_chunk
-# (cause not found, docs/kda_kernels.md v6); KDA_INV_PREC=tf32x3 has not been run on a GPU
+# experimental: on Triton 3.6 / H200 it ended in an illegal memory access inside kda_bwd_chunk (before
+# its v8 split; cause not found, docs/kda_kernels.md v6); KDA_INV_PREC=tf32x3 has not been run on a GPU
 # on its own. fp32 inputs always use ieee dots and fp32 buffers.
 INV_PREC_16 = os.environ.get("KDA_INV_PREC", "ieee")
 STATE_16 = os.environ.get("KDA_STATE_DTYPE", "fp32") == "input"
@@ -112,7 +113,9 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
     "fwd_h": dict(num_warps=4, num_stages=2, BV=64, few=dict(num_warps=2, num_stages=2, BV=16)),
     "fwd_o": dict(num_warps=4, num_stages=2),
     "bwd_dh": dict(num_warps=4, num_stages=1, BV=32, few=dict(num_warps=4, num_stages=1, BV=16)),
-    "bwd_chunk": dict(num_warps=8, num_stages=1),
+    # v8 split of kda_bwd_chunk (8 warps, 2.97 ms): not yet swept; 4 warps from the AOT report
+    "bwd_chunk_dk": dict(num_warps=4, num_stages=1),
+    "bwd_chunk_wy": dict(num_warps=4, num_stages=1),
     "bwd_intra": dict(num_warps=2, num_stages=1, BD=32),
 }
 
@@ -208,9 +211,17 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     dq_p, dk_p, dG_p = (torch.empty(NC, H, 64, K, **f32) for _ in range(3))
     dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
     dbeta = torch.empty(T, H, **f32)
-    kda_bwd_chunk_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
-                                  dAqk, dBkk, dq_p, dk_p, dG_p, dv, dbeta, cu, info,
-                                  H=H, K=K, V=V, BK=BK, BV=min(BV, 32), PREC=prec, **_cfg("bwd_chunk"))
+    # per 64-wide Dk block first (partial dq / dk / dG, and fp32 partials of dAinv and dbeta
+    # summed over the blocks by the WY kernel), then the WY backward per chunk-head
+    NKb = triton.cdiv(K, 64)
+    dAinv_p = torch.empty(NC, H, NKb, 64, 64, **f32)
+    dbeta_p = torch.empty(NC, H, NKb, 64, **f32)
+    kda_bwd_chunk_dk_kernel[(NC, H, NKb)](q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p,
+                                          dAinv_p, dbeta_p, cu, info, H=H, K=K, V=V, BV=min(BV, 32),
+                                          PREC=prec, **_cfg("bwd_chunk_dk"))
+    kda_bwd_chunk_wy_kernel[(NC, H)](v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, dAqk, dBkk, dv, dbeta,
+                                     cu, info, H=H, K=K, V=V, BV=min(BV, 32), PREC=prec,
+                                     **_cfg("bwd_chunk_wy"))
     dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
     dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
     dg = torch.empty(T, H, K, **f32)

@@ -7,9 +7,11 @@ Per chunk, with S the state entering it and S' the state leaving it (q already s
 Kernels:
   kda_bwd_dh     per (doc, head, V-block), reverse over chunks: dS' of every chunk,
                  dv_new = A_qk^T dO + kg dS', dS = e^{G_last} dS' + (q e^G)^T dO - W^T dv_new.
-  kda_bwd_chunk  per (chunk, head): everything that contracts over V (dA_qk, d(q e^G), dW, dkg,
-                 dG_last), the WY backward (dX, dY -> dv, dbeta, dAinv -> dA_kk), partial
-                 dq / dk / dG.
+  kda_bwd_chunk_dk  per (chunk, head, 64-wide Dk block): the contractions over V with the
+                 states (d(q e^G), dW, dkg, dG_last), dX = Ainv^T dW, partial dq / dk / dG, and
+                 the block's fp32 partials of dAinv (dW X^T) and dbeta.
+  kda_bwd_chunk_wy per (chunk, head), after kda_bwd_chunk_dk: dA_qk, dY -> dv, dbeta, the sum
+                 of the Dk blocks' partials, dAinv -> dA_kk -> dB_kk.
   kda_bwd_intra  per (chunk, head, Dk-slice): backward of the gated products A_qk and B_kk
                  (sub-chunks of 16 with reference rows, exact diagonal blocks), then the reverse
                  chunk-local cumsum dG -> dg.
@@ -70,10 +72,118 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
 
 
 @triton.jit
-def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
-                         dAqk, dBkk, dq_p, dk_p, dG_p, dv, dbeta, cu_seqlens, chunk_info,
-                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, PREC: tl.constexpr):
+def _bwd_x_cols(k, Gc, b_beta, tok, cbase, valid, r64, dk, K: tl.constexpr):
+    """X = beta k e^G on the columns dk of a chunk."""
+    m_k = dk[None, :] < K
+    b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
+    b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+    return b_k * tl.exp(b_G) * b_beta[:, None]
+
+
+@triton.jit
+def _bwd_dk_cols_out(b_dqg, b_dw, b_dkg, b_dgl, q, k, Gc, Ainv, dq_p, dk_p, dG_p, b_beta, tok, cbase, valid,
+                     r64, dk, K: tl.constexpr, PREC: tl.constexpr):
+    """From the V contractions of the columns dk (d(q e^G), dW, dkg, dG_last): dX = Ainv^T dW,
+    the partial dq / dk / dG of these columns (stored), and their share of dbeta (returned)."""
+    m_k = dk[None, :] < K
+    out = (cbase + r64)[:, None] * K + dk[None, :]
+    b_G = tl.load(Gc + out, mask=m_k, other=0.)
+    e_G = tl.exp(b_G)
+    b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_dx = tl.dot(tl.trans(b_inv), b_dw, input_precision=PREC)
+    b_dbeta = tl.sum(b_dx * b_k * e_G, axis=1)
+    b_dxe = b_dx * e_G * b_beta[:, None]               # dk through X = beta k e^G
+    b_dG = b_dxe * b_k
+    tl.store(dq_p + out, b_dqg * e_G, mask=m_k)
+    b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
+    b_dG += b_dqg * b_q * e_G
+    b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+    b_dkd = b_dkg * tl.exp(b_gl[None, :] - b_G)        # dk through kg = k e^{G_last - G}
+    tl.store(dk_p + out, b_dxe + b_dkd, mask=m_k)
+    b_dkk = b_dkd * b_k
+    extra = tl.sum(b_dkk, axis=0) + b_dgl * tl.exp(b_gl)
+    b_dG -= b_dkk
+    b_dG = tl.where(r64[:, None] == 63, b_dG + extra[None, :], b_dG)
+    tl.store(dG_p + out, b_dG, mask=m_k)
+    return b_dbeta
+
+
+@triton.jit
+def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p, dAinv_p, dbeta_p,
+                            cu_seqlens, chunk_info, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                            BV: tl.constexpr, PREC: tl.constexpr):
+    """One 64-wide Dk block of a chunk-head: the terms that contract over V with the states
+    (d(q e^G) = dO S^T, dW = -dv_new S^T, dkg = v_new dS'^T, dG_last), then dX = Ainv^T dW,
+    the partial dq / dk / dG of the block, and its shares of dAinv (dW X^T) and dbeta, summed
+    over the blocks by kda_bwd_chunk_wy. The accumulators are kept as two 32-column halves and
+    the epilogue runs per half, so that fewer [64, 64] tiles are live at once (no spills at 4
+    warps in the sm_90 AOT report with fp32 states)."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    i_k = tl.program_id(2)
+    bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
+    r64 = tl.arange(0, 64)
+    valid = r64 < L
+    tok = (bos + r64) * H + i_h
+    cbase = (i_c * H + i_h) * 64
+    sbase = (i_c * H + i_h) * K * V
+    dk0 = i_k * 64 + tl.arange(0, 32)
+    dk1 = dk0 + 32
+    b_dqg0 = tl.zeros([64, 32], dtype=tl.float32)    # d (q e^G)
+    b_dw0 = tl.zeros([64, 32], dtype=tl.float32)     # d W
+    b_dkg0 = tl.zeros([64, 32], dtype=tl.float32)    # d (k e^{G_last - G})
+    b_dgl0 = tl.zeros([32], dtype=tl.float32)        # d G_last through e^{G_last} S
+    b_dqg1 = tl.zeros([64, 32], dtype=tl.float32)
+    b_dw1 = tl.zeros([64, 32], dtype=tl.float32)
+    b_dkg1 = tl.zeros([64, 32], dtype=tl.float32)
+    b_dgl1 = tl.zeros([32], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        dvv = v0 + tl.arange(0, BV)
+        m_v = dvv[None, :] < V
+        b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
+        b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+        b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+        # states are bf16 for bf16 inputs: bf16 tensor-core dots, fp32 accumulation. Loaded as
+        # [BV, 32] (S^T) directly: no tl.trans of a 16-bit dot operand
+        sT = sbase + dk0[None, :] * V + dvv[:, None]
+        m_vk = (dk0[None, :] < K) & (dvv[:, None] < V)
+        b_hT = tl.load(h + sT, mask=m_vk, other=0.)
+        b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
+        b_dqg0 += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
+        b_dw0 -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
+        b_dkg0 += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
+        b_dgl0 += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
+        sT = sbase + dk1[None, :] * V + dvv[:, None]
+        m_vk = (dk1[None, :] < K) & (dvv[:, None] < V)
+        b_hT = tl.load(h + sT, mask=m_vk, other=0.)
+        b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
+        b_dqg1 += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
+        b_dw1 -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
+        b_dkg1 += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
+        b_dgl1 += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
+    b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
+    # this block's shares of the sums over Dk: row block i_k of [NC, H, cdiv(K, 64), 64, X]
+    pbase = ((i_c * H + i_h) * ((K + 63) // 64) + i_k) * 64
+    b_pinv = tl.dot(b_dw0, tl.trans(_bwd_x_cols(k, Gc, b_beta, tok, cbase, valid, r64, dk0, K)),
+                    input_precision=PREC)
+    b_pinv = tl.dot(b_dw1, tl.trans(_bwd_x_cols(k, Gc, b_beta, tok, cbase, valid, r64, dk1, K)), b_pinv,
+                    input_precision=PREC)
+    tl.store(dAinv_p + (pbase + r64)[:, None] * 64 + r64[None, :], b_pinv)
+    b_pbeta = _bwd_dk_cols_out(b_dqg0, b_dw0, b_dkg0, b_dgl0, q, k, Gc, Ainv, dq_p, dk_p, dG_p, b_beta, tok,
+                               cbase, valid, r64, dk0, K, PREC)
+    b_pbeta += _bwd_dk_cols_out(b_dqg1, b_dw1, b_dkg1, b_dgl1, q, k, Gc, Ainv, dq_p, dk_p, dG_p, b_beta, tok,
+                                cbase, valid, r64, dk1, K, PREC)
+    tl.store(dbeta_p + pbase + r64, b_pbeta)
+
+
+@triton.jit
+def kda_bwd_chunk_wy_kernel(v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, dAqk, dBkk, dv, dbeta,
+                            cu_seqlens, chunk_info, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                            BV: tl.constexpr, PREC: tl.constexpr):
+    """The WY backward of a chunk-head: a pass over V (dA_qk, dY -> dv and its dbeta part, its
+    dAinv part), plus the Dk blocks' dAinv / dbeta partials of kda_bwd_chunk_dk (launched
+    before), then dL = -Ainv^T dAinv Ainv^T -> dB_kk and the rest of dbeta."""
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
@@ -81,12 +191,11 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
     valid = r64 < L
     tok = (bos + r64) * H + i_h
     cbase = (i_c * H + i_h) * 64
-    sbase = (i_c * H + i_h) * K * V
     sq = (cbase + r64)[:, None] * 64 + r64[None, :]
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
     b_inv = tl.load(Ainv + sq)
 
-    # pass 1 over V: dA_qk = dO v_new^T, dY = Ainv^T dv_new (-> dv, dbeta), dAinv += dv_new Y^T
+    # over V: dA_qk = dO v_new^T, dY = Ainv^T dv_new (-> dv, dbeta), dAinv += dv_new Y^T
     b_dA = tl.zeros([64, 64], dtype=tl.float32)
     b_dinv = tl.zeros([64, 64], dtype=tl.float32)
     b_dbeta = tl.zeros([64], dtype=tl.float32)
@@ -104,48 +213,11 @@ def kda_bwd_chunk_kernel(q, k, v, beta, Gc, Bkk, Ainv, Vn, h, dh, dVn, do,
         b_dinv += tl.dot(b_dvn, tl.trans(b_v * b_beta[:, None]), input_precision=PREC)
     tl.store(dAqk + sq, tl.where(r64[:, None] >= r64[None, :], b_dA, 0.))
 
-    # pass 2, per 64-wide Dk block: the terms that contract over V with the states
-    for k0 in range(0, BK, 64):
-        dk = k0 + tl.arange(0, 64)
-        m_k = dk[None, :] < K
-        b_dqg = tl.zeros([64, 64], dtype=tl.float32)     # d (q e^G)
-        b_dw = tl.zeros([64, 64], dtype=tl.float32)      # d W
-        b_dkg = tl.zeros([64, 64], dtype=tl.float32)     # d (k e^{G_last - G})
-        b_dgl = tl.zeros([64], dtype=tl.float32)         # d G_last through e^{G_last} S
-        for v0 in range(0, V, BV):
-            dvv = v0 + tl.arange(0, BV)
-            m_v = dvv[None, :] < V
-            b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
-            b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-            b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-            # states are bf16 for bf16 inputs: bf16 tensor-core dots, fp32 accumulation. Loaded as
-            # [BV, 64] (S^T) directly: no tl.trans of a 16-bit dot operand
-            sT = sbase + dk[None, :] * V + dvv[:, None]
-            m_vk = (dk[None, :] < K) & (dvv[:, None] < V)
-            b_hT = tl.load(h + sT, mask=m_vk, other=0.)
-            b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
-            b_dqg += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
-            b_dw -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
-            b_dkg += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
-            b_dgl += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
-        b_G = tl.load(Gc + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
-        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
-        b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-        b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-        e_G = tl.exp(b_G)
-        b_x = b_k * e_G * b_beta[:, None]
-        b_dx = tl.dot(tl.trans(b_inv), b_dw, input_precision=PREC)
-        b_dinv += tl.dot(b_dw, tl.trans(b_x), input_precision=PREC)
-        b_dbeta += tl.sum(b_dx * b_k * e_G, axis=1)
-        k_dec = tl.exp(b_gl[None, :] - b_G)
-        b_kg = b_k * k_dec
-        out = (cbase + r64)[:, None] * K + dk[None, :]
-        tl.store(dq_p + out, b_dqg * e_G, mask=m_k)
-        tl.store(dk_p + out, b_dx * e_G * b_beta[:, None] + b_dkg * k_dec, mask=m_k)
-        b_dG = b_dqg * b_q * e_G + b_dx * b_x - b_dkg * b_kg
-        extra = tl.sum(b_dkg * b_kg, axis=0) + b_dgl * tl.exp(b_gl)
-        b_dG = tl.where(r64[:, None] == 63, b_dG + extra[None, :], b_dG)
-        tl.store(dG_p + out, b_dG, mask=m_k)
+    # the Dk blocks' parts: dAinv += dW X^T, dbeta += sum_d dX k e^G (kda_bwd_chunk_dk)
+    pbase = (i_c * H + i_h) * ((K + 63) // 64) * 64
+    for k0 in tl.static_range(0, K, 64):
+        b_dinv += tl.load(dAinv_p + (pbase + k0 + r64)[:, None] * 64 + r64[None, :])
+        b_dbeta += tl.load(dbeta_p + pbase + k0 + r64)
 
     # Ainv = L^-1  =>  dL = -Ainv^T dAinv Ainv^T ; A_kk = diag(beta) B_kk is the strict lower part
     b_dL = -tl.dot(tl.dot(tl.trans(b_inv), b_dinv, input_precision=PREC), tl.trans(b_inv), input_precision=PREC)
