@@ -3,11 +3,12 @@
 # fp64 reference, FLA comparison, int64 addressing) and the no-host-sync test, optional debug runs
 # of the experimental bf16 state storage, then benchmarks/kda.py. Each step has its own time limit.
 # Usage on the GPU machine (carry .whl):  bash benchmarks/gpu_kda.sh [steps...]
-#   steps: tests debug bench bench_raw tune   (default: tests bench)
+#   steps: tests debug sanitize bench bench_raw tune tune_each   (default: tests bench)
 #   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
 #   KDA_TESTS: the test paths of step tests (default tests/kernels)
 #   TUNE_ONLY: "kernel:index ..." candidates of kda_tune.py, each in its own process (step tune_each)
 #   KDA_DEBUG_ARGS: extra kda_debug.py variants, ';'-separated (step debug)
+#   SANITIZE_ARGS: kda_debug.py arguments run under compute-sanitizer's memcheck (step sanitize)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
@@ -18,7 +19,8 @@ debug() {  # each ';'-separated argument list of kda_debug.py in its own process
   IFS=';' read -ra variants <<< "${KDA_DEBUG_ARGS:-"--case dk_ne_dv --state bf16"}"
   for v in "${variants[@]}"; do
     read -ra args <<< "$v"
-    timeout 90 python3 benchmarks/kda_debug.py "${args[@]}" 2>&1 | grep -vE "Warning|warn" | tail -3
+    timeout 90 python3 benchmarks/kda_debug.py "${args[@]}" 2>&1 | grep -vE "Warning|warn" \
+      | grep -E "^\[|kda_|Error|error" | tail -6
   done
 }
 tune_each() {
@@ -40,6 +42,8 @@ tests() {  # the kernel tests in 6 parallel pytest processes (compilation is CPU
 step tune_each 220 bash -c "$(declare -f tune_each); tune_each"
 step tests 400 bash -c "$(declare -f tests); tests"
 step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
+step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 python3 benchmarks/kda_debug.py \
+  ${SANITIZE_ARGS:---shape 1x2048 --state bf16} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
 step bench 240 python3 benchmarks/kda.py --shapes 8x4096,1x32768 --out "$OUT/kda_bench.json"
 step bench_raw 200 python3 benchmarks/kda.py --gate raw --shapes 8x4096,1x32768 --out "$OUT/kda_bench_raw.json"
 step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
