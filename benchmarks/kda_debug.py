@@ -21,15 +21,13 @@ def main():
     ap.add_argument("--state", choices=["bf16", "f32"], default="bf16" if C.STATE_16 else "f32")
     ap.add_argument("--inv", default=C.INV_PREC_16)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--warps", default="", help="e.g. bwd_intra=4,fwd_wy=8 (num_warps overrides)")
+    ap.add_argument("--launch", default="", help="LAUNCH overrides as in KDA_LAUNCH, e.g. bwd_dh.few.BV=32")
     args = ap.parse_args()
-    for item in filter(None, args.warps.split(",")):
-        name, w = item.split("=")
-        C.LAUNCH[name] = dict(C.LAUNCH[name], num_warps=int(w))
+    C.override_launch(args.launch)
     C.STATE_16 = args.state == "bf16"
     C.INV_PREC_16 = args.inv
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    tag = f"[{args.case or args.shape} state={args.state} inv={args.inv} dtype={args.dtype} {args.warps}]"
+    tag = f"[{args.case or args.shape} state={args.state} inv={args.inv} dtype={args.dtype} {args.launch}]"
     if args.case:
         from tests.kernels.test_kda_reference import _case
         from tests.kernels.test_kda_triton import _on

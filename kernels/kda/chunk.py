@@ -120,6 +120,24 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
 }
 
 
+
+
+def override_launch(spec: str):
+    """Apply `KDA_LAUNCH`-style overrides to LAUNCH, e.g. "bwd_dh.few.BV=32,fwd_wy.num_warps=8"
+    (for GPU experiments: the same override reaches the tests, kda_debug.py and kda.py)."""
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        path, _, value = item.partition("=")
+        kernel, *middle, option = path.split(".")
+        if kernel not in LAUNCH or middle not in ([], ["few"]) or not value.isdigit():
+            raise ValueError(f"KDA_LAUNCH item {item!r}: expected kernel[.few].option=int, kernels {list(LAUNCH)}")
+        entry = LAUNCH[kernel] = dict(LAUNCH[kernel])
+        if middle:   # chained assignment: the kernel's "few" entry, then entry = that copy
+            entry["few"] = entry = dict(entry.get("few", {}))
+        entry[option] = int(value)
+
+
+override_launch(os.environ.get("KDA_LAUNCH", ""))
+
 _SM_COUNT: dict = {}
 
 
