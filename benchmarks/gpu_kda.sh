@@ -39,7 +39,7 @@ tests() {  # the kernel tests in 6 parallel pytest processes (compilation is CPU
   cat /tmp/kda_tests_[0-5].log | grep -E "passed|failed|FAILED|Error" 
   python3 -m pytest -q -p no:cacheprovider tests/model/test_no_host_sync_gpu.py 2>&1 | tail -3
 }
-step tune_each 220 bash -c "$(declare -f tune_each); tune_each"
+step tune_each 420 bash -c "$(declare -f tune_each); tune_each"
 step tests 400 bash -c "$(declare -f tests); tests"
 step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
 step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 python3 benchmarks/kda_debug.py \
