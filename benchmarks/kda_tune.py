@@ -29,7 +29,7 @@ CANDIDATES = {
     "fwd_h": [W(4, 2, BV=64), W(2, 2, BV=16), W(2, 2, BV=32), W(2, 2, BV=64), W(2, 1, BV=16),
               W(4, 2, BV=32), W(4, 2, BV=16), W(8, 2, BV=32)],
     "fwd_o": [W(4, 2), W(4, 3), W(8, 2)],
-    # 8 warps with BV 16 ended in an illegal memory access on the H200 (Triton 3.6)
+    # bf16 states: 4 and 8 warps end in an illegal memory access on the H200 (Triton 3.6; fp32: 8 warps BV 16)
     "bwd_dh": [W(8, 1, BV=32), W(4, 1, BV=16), W(2, 1, BV=16), W(4, 1, BV=32), W(8, 1, BV=16),
                W(4, 2, BV=16), W(8, 2, BV=32), W(2, 1, BV=32), W(2, 2, BV=16), W(2, 2, BV=32)],
     "bwd_chunk_dk": [W(4), W(8), W(2)],

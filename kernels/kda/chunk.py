@@ -68,14 +68,13 @@ def sequence_tables(cu_seqlens: torch.Tensor | None, batch: int, length: int, de
     return tables
 
 
-# 16-bit inputs: precision of the diagonal-block inverse's dots, and whether W / q e^G / kg /
-# states are stored in the input dtype (bf16 tensor-core dots in the state passes). The
-# defaults are the configuration tested on the H200 (ieee, fp32). KDA_STATE_DTYPE=input is
-# experimental: on Triton 3.6 / H200 it ended in an illegal memory access inside kda_bwd_chunk (before
-# its v8 split; cause not found, docs/kda_kernels.md v6); KDA_INV_PREC=tf32x3 has not been run on a GPU
-# on its own. fp32 inputs always use ieee dots and fp32 buffers.
+# bf16 inputs store what feeds the state passes' dots (W, q e^G, kg, the per-chunk states h and
+# dS') in bf16 and take bf16 tensor-core dots there (fp32 accumulation, fp32 state in registers):
+# half the bytes of those passes (v8, docs/kda_kernels.md). KDA_STATE_DTYPE=fp32 keeps them fp32.
+# fp16 and fp32 inputs always keep fp32 buffers (fp16 states are not tested on a GPU).
+# KDA_INV_PREC: precision of the diagonal-block inverse's dots for 16-bit inputs (ieee tested).
 INV_PREC_16 = os.environ.get("KDA_INV_PREC", "ieee")
-STATE_16 = os.environ.get("KDA_STATE_DTYPE", "fp32") == "input"
+STATE_16 = os.environ.get("KDA_STATE_DTYPE", "input") == "input"
 
 
 # Diagonal 16x16 tiles of the intra-chunk products take tensor-core dots with one reference row
@@ -86,7 +85,7 @@ DIAG_SPAN_MAX = 60.0
 
 
 def _state_dtype(dtype):
-    return dtype if STATE_16 and dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return dtype if STATE_16 and dtype == torch.bfloat16 else torch.float32
 
 
 def _meta(K, V, dtype):
@@ -112,7 +111,9 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
     "fwd_wy": dict(num_warps=4, num_stages=1),
     "fwd_h": dict(num_warps=4, num_stages=2, BV=64, few=dict(num_warps=2, num_stages=2, BV=16)),
     "fwd_o": dict(num_warps=4, num_stages=2),
-    "bwd_dh": dict(num_warps=4, num_stages=1, BV=32, few=dict(num_warps=4, num_stages=1, BV=16)),
+    # bf16 states: 4 or 8 warps (wgmma) end in an illegal memory access at the dot (q e^G)^T dO
+    # on the H200 with Triton 3.6 (compute-sanitizer); 2 warps (mma.sync) are correct
+    "bwd_dh": dict(num_warps=2, num_stages=1, BV=32, few=dict(num_warps=2, num_stages=2, BV=16)),
     # v8 split of kda_bwd_chunk (8 warps, 2.97 ms): not yet swept; 4 warps from the AOT report
     "bwd_chunk_dk": dict(num_warps=4, num_stages=1),
     "bwd_chunk_wy": dict(num_warps=4, num_stages=1),
@@ -157,12 +158,16 @@ def _state_launch(name, n_seq, H, V, BV, BK, device):
     return entry
 
 
-def _cfg(name, BK=128, entry=None):
+def _cfg(name, BK=128, entry=None, fp32_state=False):
     """num_warps / num_stages of kernel `name` (or of a given LAUNCH entry); Dk > 128 keeps the
-    shared-memory-safe defaults."""
+    shared-memory-safe defaults, and the backward state pass on fp32 states one stage."""
     cfg = {key: val for key, val in (entry or LAUNCH[name]).items() if key.startswith("num_")}
     if BK > 128 and name in ("fwd_h", "bwd_dh"):
-        cfg = dict(num_warps=8, num_stages=1)   # 2 stages at Dk=256 need 312 KiB of shared memory
+        # 2 stages at Dk=256 need 312 KiB of shared memory; the backward pass on bf16 states
+        # keeps 2 warps (mma.sync instead of wgmma, which crashed there, see LAUNCH)
+        cfg = dict(num_warps=2 if name == "bwd_dh" and not fp32_state else 8, num_stages=1)
+    if fp32_state and name == "bwd_dh":
+        cfg["num_stages"] = 1   # its fp32 operand tiles, double-buffered, exceed 227 KiB at Dk=128
     return cfg
 
 
@@ -224,7 +229,8 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
     kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
                                                    H=H, K=K, V=V, BK=BK, BV=BVs, HAS_DHT=dht is not None,
-                                                   HAS_H0=h0 is not None, PREC=prec, **_cfg("bwd_dh", BK, launch))
+                                                   HAS_H0=h0 is not None, PREC=prec,
+                                                   **_cfg("bwd_dh", BK, launch, dh.dtype == torch.float32))
     dAqk, dBkk = (torch.empty(NC, H, 64, 64, **f32) for _ in range(2))
     dq_p, dk_p, dG_p = (torch.empty(NC, H, 64, K, **f32) for _ in range(3))
     dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)
