@@ -198,7 +198,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     mode, A_log, dt_bias, lower = gate
     kda_fwd_cumsum_kernel[(NC, H)](g, A_log, dt_bias, lower, Gc, cu, info, H=H, K=K, BK=BK, GATE=mode,
                                    **_cfg("fwd_cumsum"))
-    kda_fwd_intra_kernel[(NC, H, 4)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
+    kda_fwd_intra_kernel[(NC * 4, H)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
                                      PREC=prec, SPAN=DIAG_SPAN_MAX, **_cfg("fwd_intra"))
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
                                BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
@@ -210,7 +210,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
                                                   BK=BK, BV=BVs, HAS_H0=h0 is not None,
                                                   STORE_HT=want_ht, PREC=prec, **_cfg("fwd_h", BK, launch))
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    kda_fwd_o_kernel[(NC, H, triton.cdiv(V, BV))](Qg, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
+    kda_fwd_o_kernel[(NC * triton.cdiv(V, BV), H)](Qg, Aqk, Vn, h, o, cu, info, H=H, K=K, V=V, BK=BK,
                                                   BV=BV, PREC=prec, **_cfg("fwd_o"))
     return o, ht, (Gc, Aqk, Bkk, Ainv, W, Vn, h, Qg, Kg)
 
@@ -240,7 +240,7 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     NKb = triton.cdiv(K, 64)
     dAinv_p = torch.empty(NC, H, NKb, 64, 64, **f32)
     dbeta_p = torch.empty(NC, H, NKb, 64, **f32)
-    kda_bwd_chunk_dk_kernel[(NC, H, NKb)](q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p,
+    kda_bwd_chunk_dk_kernel[(NC * NKb, H)](q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p,
                                           dAinv_p, dbeta_p, cu, info, H=H, K=K, V=V, BV=min(BV, 32),
                                           PREC=prec, **_cfg("bwd_chunk_dk"))
     kda_bwd_chunk_wy_kernel[(NC, H)](v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, dAqk, dBkk, dv, dbeta,
@@ -254,7 +254,7 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     d_bias_p = dA_p = None
     if mode != 0:   # per-chunk partial sums of the gate-parameter gradients
         d_bias_p, dA_p = (torch.empty(NC, H, K, **f32) for _ in range(2))
-    kda_bwd_intra_kernel[(NC, H, triton.cdiv(K, BDi))](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
+    kda_bwd_intra_kernel[(NC * triton.cdiv(K, BDi), H)](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
                                                         dq, dk, dg, g, A_log, dt_bias, lower,
                                                         d_bias_p, dA_p, cu, info, H=H, K=K, BD=BDi,
                                                         GATE=mode, PREC=prec, SPAN=DIAG_SPAN_MAX,

@@ -19,7 +19,7 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import _chunk_coords, _diag_block_decay, gate_backward
+from kernels.kda.chunk_fwd import _chunk_and_part, _chunk_coords, _diag_block_decay, gate_backward
 
 
 @triton.jit
@@ -119,9 +119,8 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
     over the blocks by kda_bwd_chunk_wy. The accumulators are kept as two 32-column halves and
     the epilogue runs per half, so that fewer [64, 64] tiles are live at once (no spills at 4
     warps in the sm_90 AOT report with fp32 states)."""
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c, i_k = _chunk_and_part((K + 63) // 64)
     i_h = tl.program_id(1)
-    i_k = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64 = tl.arange(0, 64)
     valid = r64 < L
@@ -233,9 +232,8 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, g, 
                          lower_bound, d_bias_p, dA_p, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr,
                          PREC: tl.constexpr, SPAN: tl.constexpr):
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c, i_k = _chunk_and_part((K + BD - 1) // BD)
     i_h = tl.program_id(1)
-    i_k = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r16 = tl.arange(0, 16)
     cbase = (i_c * H + i_h) * 64

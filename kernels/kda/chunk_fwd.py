@@ -35,6 +35,15 @@ def _chunk_coords(cu_seqlens, chunk_info, i_c):
 
 
 @triton.jit
+def _chunk_and_part(N_PARTS: tl.constexpr):
+    """(chunk as int64, part) of a program on a (chunks * N_PARTS, heads) grid. The parts of one
+    chunk-head (row blocks, Dk or V slices) are adjacent program ids, so they run together and
+    share that chunk's tiles in L2; axis 0 also has no 65535 limit for long inputs."""
+    pid = tl.program_id(0)
+    return (pid // N_PARTS).to(tl.int64), pid % N_PARTS
+
+
+@triton.jit
 def softplus(z):
     """log(1 + e^z) with PyTorch's threshold 20; for e^-|z| < 1e-2 a 3-term series replaces
     log(1 + t), which in fp32 loses the low bits of small t (no log1p in tl)."""
@@ -123,9 +132,8 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     """Per (chunk, head, 16-row block i): rows 16i..16i+15 of A_qk and B_kk (one program per
     block so that the four blocks of a chunk run in parallel). SPAN: the largest decay
     G_16i - G_16i+15 over a block's Dk slice for which its diagonal tile takes tensor cores."""
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c, i = _chunk_and_part(4)
     i_h = tl.program_id(1)
-    i = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r16 = tl.arange(0, 16)
     cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
@@ -335,9 +343,8 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
 def kda_fwd_o_kernel(Qg, Aqk, Vn, h, o, cu_seqlens, chunk_info,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, PREC: tl.constexpr):
-    i_c = tl.program_id(0).to(tl.int64)
+    i_c, i_v = _chunk_and_part((V + BV - 1) // BV)
     i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64 = tl.arange(0, 64)
     valid = r64 < L
