@@ -105,7 +105,7 @@ def _meta(K, V, dtype):
 # so that benchmarks/kda_tune.py can sweep it; other head sizes use the same values.
 # The sequential state passes run one program per (sequence, head, V-block); an entry's "few" is
 # the launch used when the regular one would leave SMs idle (few sequences x heads, 1x32768).
-LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
+LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5, v7 and v8)
     "fwd_cumsum": dict(num_warps=4, num_stages=1),
     "fwd_intra": dict(num_warps=2, num_stages=1),
     "fwd_wy": dict(num_warps=4, num_stages=1),
@@ -114,7 +114,7 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5 and v7)
     # bf16 states: 4 or 8 warps (wgmma) end in an illegal memory access at the dot (q e^G)^T dO
     # on the H200 with Triton 3.6 (compute-sanitizer); 2 warps (mma.sync) are correct
     "bwd_dh": dict(num_warps=2, num_stages=1, BV=32, few=dict(num_warps=2, num_stages=2, BV=16)),
-    # v8 split of kda_bwd_chunk (8 warps, 2.97 ms): not yet swept; 4 warps from the AOT report
+    # v8 split of kda_bwd_chunk; swept on the H200 with bf16 states (8 and 2 warps slower)
     "bwd_chunk_dk": dict(num_warps=4, num_stages=1),
     "bwd_chunk_wy": dict(num_warps=4, num_stages=1),
     "bwd_intra": dict(num_warps=2, num_stages=1, BD=32),

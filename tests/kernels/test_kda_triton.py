@@ -274,3 +274,22 @@ def test_state_pass_launch_options(which, dtype, monkeypatch):
         _assert_within(errs)
     else:
         _assert_within(errs, lambda key: TOL_BF16)
+
+
+def test_launch_overrides(monkeypatch):
+    """KDA_LAUNCH-style overrides reach the regular and the "few" launch of a kernel and leave
+    the rest of LAUNCH alone; a malformed item names itself and the expected form."""
+    from kernels.kda import chunk as chunk_module
+    for name in ("bwd_dh", "fwd_wy"):
+        monkeypatch.setitem(chunk_module.LAUNCH, name, dict(chunk_module.LAUNCH[name]))
+    before = {name: dict(entry) for name, entry in chunk_module.LAUNCH.items()}
+    few_bv = before["bwd_dh"]["few"]["BV"]
+    chunk_module.override_launch(f"bwd_dh.few.BV={2 * few_bv}, fwd_wy.num_warps=8")
+    assert chunk_module.LAUNCH["bwd_dh"]["few"]["BV"] == 2 * few_bv
+    assert chunk_module.LAUNCH["bwd_dh"]["BV"] == before["bwd_dh"]["BV"]
+    assert before["bwd_dh"]["few"]["BV"] == few_bv   # the override copied "few", it did not edit it
+    assert chunk_module.LAUNCH["fwd_wy"] == dict(before["fwd_wy"], num_warps=8)
+    assert all(chunk_module.LAUNCH[n] == before[n] for n in before if n not in ("bwd_dh", "fwd_wy"))
+    for bad in ("bwd_dh.BV", "nokernel.num_warps=2", "bwd_dh.more.BV=2", "fwd_wy.num_warps=x"):
+        with pytest.raises(ValueError, match="KDA_LAUNCH item .*kernel\\[.few\\].option=int"):
+            chunk_module.override_launch(bad)
