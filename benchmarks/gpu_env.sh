@@ -3,6 +3,12 @@
 # repository on PYTHONPATH, prints the GPU and the versions the run used, and defines `step`.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# TRITON_PACK=.triton/triton-X.tar.xz (scripts/pack_triton.sh; carry .triton): that Triton instead of
+# the machine's, first on PYTHONPATH (the machine has 3.6; FLA's backward needs >= 3.7.1 on Hopper)
+if [ -n "${TRITON_PACK:-}" ]; then
+  mkdir -p /tmp/triton_pack && tar -C /tmp/triton_pack -xJf "$TRITON_PACK" || exit 1
+  export PYTHONPATH=/tmp/triton_pack:$PYTHONPATH
+fi
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 # step NAME SECONDS COMMAND...: runs COMMAND when NAME is in $STEPS, under its own time limit, its log

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The KDA-kernel GPU call (issue 3) on the lent H200: the kernel tests (Triton kernels against the
 # fp64 reference, FLA comparison, int64 addressing) and the no-host-sync test, optional debug runs
-# of the experimental bf16 state storage, then benchmarks/kda.py. Each step has its own time limit.
-# Usage on the GPU machine (carry .whl):  bash benchmarks/gpu_kda.sh [steps...]
+# (kda_debug.py variants, compute-sanitizer) and launch sweeps, then benchmarks/kda.py. Each step
+# has its own time limit.
+# Usage on the GPU machine (carry .whl, and .triton with TRITON_PACK):  bash benchmarks/gpu_kda.sh [steps...]
 #   steps: tests debug sanitize bench bench_raw tune tune_each   (default: tests bench)
 #   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
 #   KDA_TESTS: the test paths of step tests (default tests/kernels)
+#   TRITON_PACK: a packed Triton to use instead of the machine's (gpu_env.sh, scripts/pack_triton.sh)
 #   TUNE_ONLY: "kernel:index ..." candidates of kda_tune.py, each in its own process (step tune_each)
 #   KDA_DEBUG_ARGS: extra kda_debug.py variants, ';'-separated (step debug)
 #   SANITIZE_ARGS: kda_debug.py arguments run under compute-sanitizer's memcheck (step sanitize)
