@@ -7,6 +7,7 @@
 #   steps: tests debug sanitize bench bench_raw tune tune_each   (default: tests bench)
 #   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
 #   KDA_TESTS: the test paths of step tests (default tests/kernels)
+#   BENCH_SHAPES: the shapes of step bench (default the issue's three: 8x4096,1x32768,2x65536)
 #   TRITON_PACK: a packed Triton to use instead of the machine's (gpu_env.sh, scripts/pack_triton.sh)
 #   TUNE_ONLY: "kernel:index ..." candidates of kda_tune.py, each in its own process (step tune_each)
 #   KDA_DEBUG_ARGS: extra kda_debug.py variants, ';'-separated (step debug)
@@ -46,6 +47,6 @@ step tests 400 bash -c "$(declare -f tests); tests"
 step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
 step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 python3 benchmarks/kda_debug.py \
   ${SANITIZE_ARGS:---shape 1x2048 --state bf16} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
-step bench 240 python3 benchmarks/kda.py --shapes 8x4096,1x32768 --out "$OUT/kda_bench.json"
+step bench 300 python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,2x65536}" --out "$OUT/kda_bench.json"
 step bench_raw 200 python3 benchmarks/kda.py --gate raw --shapes 8x4096,1x32768 --out "$OUT/kda_bench_raw.json"
 step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
