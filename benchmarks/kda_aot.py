@@ -1,9 +1,11 @@
 """Compile the chunkwise KDA kernels for Hopper (sm_90) without a GPU and report their resources.
 
 Triton's wheel ships ptxas and cuobjdump, so `triton.compile` for a GPUTarget works on a CPU-only
-machine. Each kernel is compiled as kernels/kda/chunk.py launches it at the model's head size
-(K = V = 128, bf16 inputs, the LAUNCH table's options, regular and "few" launches of the state
-passes), with 16-byte-aligned pointers as Triton's JIT specialises them. Prints registers,
+machine. The launches are recorded from chunk.py's own launch code (a chunk_kda forward and
+backward on empty CPU tensors with the kernels replaced by recorders) at the model's head size
+(K = V = 128, bf16 inputs, fused gate; regular and "few" launches of the state passes), and each
+is compiled with its arguments' types, constexprs and options, 16-byte-aligned pointers as
+Triton's JIT specialises them. Prints registers,
 spilled bytes (stack) and shared memory per kernel; a kernel that does not compile prints its
 error. This checks a Triton release (e.g. the 3.7.1 pack of scripts/pack_triton.sh) before any
 GPU time is spent, and shows what a kernel change does to registers and spills.
@@ -23,32 +25,62 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import torch  # noqa: E402
+
 import kernels.kda.chunk as C  # noqa: E402
-import kernels.kda.chunk_bwd as B  # noqa: E402
-import kernels.kda.chunk_fwd as F  # noqa: E402
 
-TOKEN_16 = {"q", "k", "v", "do", "dv", "beta", "o", "dq", "dk"}      # bf16 in the model's call
-STATE = {"W", "Qg", "Kg", "h", "dh"}                                 # bf16 states (v8) or fp32
-INDEX = {"cu_seqlens", "chunk_info", "chunk_offsets"}
-SCALAR = {"lower_bound": "fp32"}
+KERNELS = ("kda_fwd_cumsum_kernel", "kda_fwd_intra_kernel", "kda_fwd_wy_kernel", "kda_fwd_h_kernel",
+           "kda_fwd_o_kernel", "kda_bwd_dh_kernel", "kda_bwd_chunk_dk_kernel", "kda_bwd_chunk_wy_kernel",
+           "kda_bwd_intra_kernel")
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64"}
 
 
-def signature(fn, consts, state):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in SCALAR:
-            sig[name] = SCALAR[name]
-        elif name in INDEX:
-            sig[name] = "*i32"
-        elif name in TOKEN_16:
-            sig[name] = "*bf16"
-        elif name in STATE:
-            sig[name] = f"*{state}"
-        else:
-            sig[name] = "*fp32"
-    return sig
+class _Recorder:
+    """Stands in for a kernel of kernels/kda/chunk.py: `kernel[grid](*args, **kwargs)` records the
+    launch (the arguments fix the signature, the keywords the constexprs and options) and runs
+    nothing, so the real launch code of chunk.py runs on empty CPU tensors."""
+
+    def __init__(self, fn, launches):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+
+
+def record_launches(state, sequences):
+    """Every kernel launch of one chunk_kda forward + backward as the model calls it (bf16 q/k/v/beta,
+    raw gate fused, K = V = 128, H = 16), `sequences` documents of one chunk each (8: the state passes'
+    regular launch, 1: their "few" launch)."""
+    launches = []
+    saved = {name: getattr(C, name) for name in KERNELS}
+    saved_state = C.STATE_16
+    try:
+        for name, fn in saved.items():
+            setattr(C, name, _Recorder(fn, launches))
+        C.STATE_16 = state == "bf16"
+        bf = dict(dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = (torch.zeros(sequences, 64, 16, 128, **bf) for _ in range(3))
+        g = torch.zeros(sequences, 64, 16, 128, **bf)
+        beta = torch.zeros(sequences, 64, 16, **bf)
+        gate = (torch.zeros(16), torch.zeros(16 * 128), None)
+        o, _ = C.chunk_kda_triton(q, k, v, g, beta, use_qk_l2norm=False, gate=gate)
+        torch.autograd.grad(o, [q, k, v, g, beta], torch.zeros_like(o))
+    finally:
+        for name, fn in saved.items():
+            setattr(C, name, fn)
+        C.STATE_16 = saved_state
+    return launches
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + DTYPES[value.dtype]
+    if isinstance(value, float):
+        return "fp32"
+    if isinstance(value, int):
+        return "i32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
 def resources(cubin: bytes):
@@ -65,10 +97,17 @@ def resources(cubin: bytes):
     return int(fields.get("REG", -1)), int(fields.get("STACK", -1))
 
 
-def compile_one(label, fn, consts, options, state):
-    sig = signature(fn, consts, state)
+def compile_launch(fn, args, kwargs):
+    """Compile one recorded launch for sm_90, 16-byte-aligned pointers as the JIT assumes."""
+    options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
+    values = dict(zip(fn.arg_names, args))
+    consts = {key: val for key, val in kwargs.items() if key not in options}
+    consts.update({name: None for name, val in values.items() if val is None})
+    sig = {name: "constexpr" if name in consts else _arg_type(values[name]) for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
-    row = dict(kernel=label, **{k: v for k, v in options.items()})
+    label = fn.__name__.removeprefix("kda_").removesuffix("_kernel")
+    label += "".join(f" {key}{consts[key]}" for key in ("BV", "BD") if key in consts)
+    row = dict(kernel=label, **options)
     try:
         compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options=options)
@@ -81,28 +120,13 @@ def compile_one(label, fn, consts, options, state):
 
 
 def plan(state):
-    """(label, kernel, constexprs, launch options) as chunk.py launches them at K = V = 128."""
-    K = V = BK = 128
-    BV = 64
-    prec = "tf32"
-    fp32_state = state == "fp32"
-    gate = 1   # the model's fused gate (softplus form), which compiles the gate code paths
-    yield "fwd_cumsum", F.kda_fwd_cumsum_kernel, dict(H=16, K=K, BK=BK, GATE=gate), C._cfg("fwd_cumsum")
-    yield ("fwd_intra", F.kda_fwd_intra_kernel, dict(H=16, K=K, BK=BK, BD=32, PREC=prec, SPAN=C.DIAG_SPAN_MAX),
-           C._cfg("fwd_intra"))
-    yield ("fwd_wy", F.kda_fwd_wy_kernel, dict(H=16, K=K, V=V, BK=BK, BV=BV, BKS=64, PREC=prec,
-                                               INV_PREC=C.INV_PREC_16), C._cfg("fwd_wy"))
-    for name, fn in (("fwd_h", F.kda_fwd_h_kernel), ("bwd_dh", B.kda_bwd_dh_kernel)):
-        for which, entry in (("", C.LAUNCH[name]), (" few", C.LAUNCH[name]["few"])):
-            consts = dict(H=16, K=K, V=V, BK=BK, BV=C._blk(name, "BV", BV, BK, entry), PREC=prec)
-            consts.update(dict(HAS_H0=False, STORE_HT=False) if name == "fwd_h" else dict(HAS_DHT=False, HAS_H0=False))
-            yield f"{name}{which} BV{consts['BV']}", fn, consts, C._cfg(name, BK, entry, fp32_state)
-    yield "fwd_o", F.kda_fwd_o_kernel, dict(H=16, K=K, V=V, BK=BK, BV=BV, PREC=prec), C._cfg("fwd_o")
-    for name, fn in (("bwd_chunk_dk", B.kda_bwd_chunk_dk_kernel), ("bwd_chunk_wy", B.kda_bwd_chunk_wy_kernel)):
-        yield name, fn, dict(H=16, K=K, V=V, BV=32, PREC=prec), C._cfg(name)
-    BD = C._blk("bwd_intra", "BD", BK, BK)
-    yield (f"bwd_intra BD{BD}", B.kda_bwd_intra_kernel,
-           dict(H=16, K=K, BD=BD, GATE=gate, PREC=prec, SPAN=C.DIAG_SPAN_MAX), C._cfg("bwd_intra"))
+    """The distinct launches of both state-pass regimes, in launch order."""
+    seen = set()
+    for fn, args, kwargs in record_launches(state, 8) + record_launches(state, 1):
+        key = (fn.__name__, tuple(sorted(kwargs.items())))
+        if key not in seen:
+            seen.add(key)
+            yield fn, args, kwargs
 
 
 def main():
@@ -113,13 +137,13 @@ def main():
     print(f"triton {triton.__version__}, sm_90, K = V = 128, bf16 inputs, {args.state} states")
     print(f"{'kernel':22s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'stack B':>8s} {'shared KiB':>10s}")
     rows = []
-    for label, fn, consts, options in plan(args.state):
-        row = compile_one(label, fn, consts, options, args.state)
+    for fn, launch_args, kwargs in plan(args.state):
+        row = compile_launch(fn, launch_args, kwargs)
         rows.append(row)
         if "error" in row:
-            print(f"{label:22s} ERROR {row['error']}")
+            print(f"{row['kernel']:22s} ERROR {row['error']}")
         else:
-            print(f"{label:22s} {row['num_warps']:5d} {row['num_stages']:6d} {row['registers']!s:>5s} "
+            print(f"{row['kernel']:22s} {row['num_warps']:5d} {row['num_stages']:6d} {row['registers']!s:>5s} "
                   f"{row['stack_bytes']!s:>8s} {row['shared_kib']:10.1f}", flush=True)
     if args.out:
         with open(args.out, "w") as f:

@@ -121,8 +121,6 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5, v7 and v8)
 }
 
 
-
-
 def override_launch(spec: str):
     """Apply `KDA_LAUNCH`-style overrides to LAUNCH, e.g. "bwd_dh.few.BV=32,fwd_wy.num_warps=8"
     (for GPU experiments: the same override reaches the tests, kda_debug.py and kda.py)."""

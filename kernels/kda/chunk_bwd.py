@@ -110,6 +110,23 @@ def _bwd_dk_cols_out(b_dqg, b_dw, b_dkg, b_dgl, q, k, Gc, Ainv, dq_p, dk_p, dG_p
 
 
 @triton.jit
+def _bwd_state_contractions(h, dh, sbase, dk, dvv, b_do, b_dvn, b_vn, b_dqg, b_dw, b_dkg, b_dgl,
+                            K: tl.constexpr, V: tl.constexpr, PREC: tl.constexpr):
+    """One V-block's share of d(q e^G) = dO S^T, dW = -dv_new S^T, dkg = v_new dS'^T and dG_last on
+    the columns dk, added to the accumulators. States are bf16 for bf16 inputs (bf16 tensor-core
+    dots, fp32 accumulation), loaded as [BV, |dk|] (S^T) directly: no tl.trans of a 16-bit dot operand."""
+    sT = sbase + dk[None, :] * V + dvv[:, None]
+    m_vk = (dk[None, :] < K) & (dvv[:, None] < V)
+    b_hT = tl.load(h + sT, mask=m_vk, other=0.)
+    b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
+    b_dqg += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
+    b_dw -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
+    b_dkg += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
+    b_dgl += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
+    return b_dqg, b_dw, b_dkg, b_dgl
+
+
+@triton.jit
 def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p, dAinv_p, dbeta_p,
                             cu_seqlens, chunk_info, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BV: tl.constexpr, PREC: tl.constexpr):
@@ -143,24 +160,10 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
         b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
         b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
         b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-        # states are bf16 for bf16 inputs: bf16 tensor-core dots, fp32 accumulation. Loaded as
-        # [BV, 32] (S^T) directly: no tl.trans of a 16-bit dot operand
-        sT = sbase + dk0[None, :] * V + dvv[:, None]
-        m_vk = (dk0[None, :] < K) & (dvv[:, None] < V)
-        b_hT = tl.load(h + sT, mask=m_vk, other=0.)
-        b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
-        b_dqg0 += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
-        b_dw0 -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
-        b_dkg0 += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
-        b_dgl0 += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
-        sT = sbase + dk1[None, :] * V + dvv[:, None]
-        m_vk = (dk1[None, :] < K) & (dvv[:, None] < V)
-        b_hT = tl.load(h + sT, mask=m_vk, other=0.)
-        b_dhT = tl.load(dh + sT, mask=m_vk, other=0.)
-        b_dqg1 += tl.dot(b_do.to(b_hT.dtype), b_hT, input_precision=PREC)
-        b_dw1 -= tl.dot(b_dvn.to(b_hT.dtype), b_hT, input_precision=PREC)
-        b_dkg1 += tl.dot(b_vn.to(b_dhT.dtype), b_dhT, input_precision=PREC)
-        b_dgl1 += tl.sum(b_dhT.to(tl.float32) * b_hT.to(tl.float32), axis=0)
+        b_dqg0, b_dw0, b_dkg0, b_dgl0 = _bwd_state_contractions(h, dh, sbase, dk0, dvv, b_do, b_dvn, b_vn, b_dqg0,
+                                                                b_dw0, b_dkg0, b_dgl0, K, V, PREC)
+        b_dqg1, b_dw1, b_dkg1, b_dgl1 = _bwd_state_contractions(h, dh, sbase, dk1, dvv, b_do, b_dvn, b_vn, b_dqg1,
+                                                                b_dw1, b_dkg1, b_dgl1, K, V, PREC)
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
     # this block's shares of the sums over Dk: row block i_k of [NC, H, cdiv(K, 64), 64, X]
     pbase = ((i_c * H + i_h) * ((K + 63) // 64) + i_k) * 64
