@@ -1,14 +1,19 @@
 # Sourced by the GPU-call scripts (gpu_check.sh, gpu_throughput.sh, gpu_kda.sh) on the lent GPU machine:
 # installs the carried wheels (.whl: megatron-core, fla-core) into /tmp/site, puts them and the
 # repository on PYTHONPATH, prints the GPU and the versions the run used, and defines `step`.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ -d /tmp/site/fla ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # TRITON_PACK=.triton/triton-X.tar.xz (scripts/pack_triton.sh; carry .triton): that Triton instead of
 # the machine's, first on PYTHONPATH (the machine has 3.6; FLA's backward needs >= 3.7.1 on Hopper)
 if [ -n "${TRITON_PACK:-}" ]; then
-  mkdir -p /tmp/triton_pack && tar -C /tmp/triton_pack -xJf "$TRITON_PACK" || exit 1
+  [ -f /tmp/triton_pack/triton/__init__.py ] || { mkdir -p /tmp/triton_pack && tar -C /tmp/triton_pack -xJf "$TRITON_PACK"; } || exit 1
   export PYTHONPATH=/tmp/triton_pack:$PYTHONPATH
 fi
+# FLA autotunes its kernels for minutes in every new process; Triton keeps the results
+# (cache_results) in its cache dir, and gpu_kda.sh returns them as $OUT/autotune.tar: copied to
+# .triton/autotune.tar (carried), a later call starts from them
+TRITON_CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -f .triton/autotune.tar ]; then mkdir -p "$TRITON_CACHE" && tar -C "$TRITON_CACHE" -xf .triton/autotune.tar; fi
 python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 # step NAME SECONDS COMMAND...: runs COMMAND when NAME is in $STEPS, under its own time limit, its log

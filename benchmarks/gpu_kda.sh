@@ -6,14 +6,19 @@
 # Usage on the GPU machine (carry .whl, and .triton with TRITON_PACK):  bash benchmarks/gpu_kda.sh [steps...]
 #   steps: tests debug sanitize bench bench_raw tune tune_each   (default: tests bench)
 #   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
-#   KDA_TESTS: the test paths of step tests (default tests/kernels)
+#   KDA_TESTS, TEST_K: the test paths of step tests (default tests/kernels) and a pytest -k filter
+#   TEST_SHARDS, TEST_TIMEOUT: parallel pytest processes (10) and each one's limit in s (380)
+#   SKIP_SYNC_TEST: set to leave out tests/model/test_no_host_sync_gpu.py
+#   KDA_COMPARE_FLA=0: the bf16 tests skip FLA's error comparison (FLA autotunes for minutes)
 #   BENCH_SHAPES: the shapes of step bench (default the issue's three: 8x4096,1x32768,2x65536)
+#   BENCH_OPS: what step bench times (default ours,sdpa_flash,fla)
+#   BENCH_LIMIT: seconds for step bench (default 300; the first FLA backward autotunes for minutes)
 #   TRITON_PACK: a packed Triton to use instead of the machine's (gpu_env.sh, scripts/pack_triton.sh)
 #   TUNE_ONLY: "kernel:index ..." candidates of kda_tune.py, each in its own process (step tune_each)
 #   KDA_DEBUG_ARGS: extra kda_debug.py variants, ';'-separated (step debug)
 #   SANITIZE_ARGS: kda_debug.py arguments run under compute-sanitizer's memcheck (step sanitize)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 source benchmarks/gpu_env.sh
 STEPS=${*:-"tests bench"}
 STEP_HIDE="^\\{|^[a-z_]+ \\{" STEP_TAIL=30  # tune rows and JSON stay in the logs
@@ -32,21 +37,33 @@ tune_each() {
       | grep -E "^[a-z_]+ \{" | cut -c1-200
   done
 }
-tests() {  # the kernel tests in 6 parallel pytest processes (compilation is CPU-bound), then the sync test
-  python3 -m pytest -q -p no:cacheprovider --collect-only ${KDA_TESTS:-tests/kernels} | grep "::" > /tmp/kda_tests.txt
-  for i in 0 1 2 3 4 5; do
-    awk -v i=$i 'NR % 6 == i' /tmp/kda_tests.txt > /tmp/kda_tests_$i.txt
-    python3 -m pytest -q -p no:cacheprovider $(cat /tmp/kda_tests_$i.txt) > /tmp/kda_tests_$i.log 2>&1 &
+tests() {  # the kernel tests in parallel pytest shards (compilation is CPU-bound), then the sync test;
+  # each test's result line lands in $OUT/tests_progress.txt as it finishes (kept if a limit cuts the run)
+  local dir n=${TEST_SHARDS:-10}
+  dir=$(mktemp -d)
+  python3 -m pytest -q -p no:cacheprovider --collect-only ${KDA_TESTS:-tests/kernels} ${TEST_K:+-k "$TEST_K"} \
+    | grep "::" > "$dir/all.txt"
+  for i in $(seq 0 $((n - 1))); do
+    awk -v i="$i" -v n="$n" 'NR % n == i' "$dir/all.txt" > "$dir/$i.txt"
+    timeout "${TEST_TIMEOUT:-380}" python3 -m pytest -v -p no:cacheprovider $(cat "$dir/$i.txt") 2>&1 \
+      | grep --line-buffered -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)|^E  " >> "$OUT/tests_progress.txt" &
   done
   wait
-  cat /tmp/kda_tests_[0-5].log | grep -E "passed|failed|FAILED|Error" 
-  python3 -m pytest -q -p no:cacheprovider tests/model/test_no_host_sync_gpu.py 2>&1 | tail -3
+  echo "$(wc -l < "$dir/all.txt") collected: $(grep -c " PASSED" "$OUT/tests_progress.txt") passed," \
+    "$(grep -c " FAILED" "$OUT/tests_progress.txt") failed, $(grep -c " ERROR" "$OUT/tests_progress.txt") errors," \
+    "$(grep -c " SKIPPED" "$OUT/tests_progress.txt") skipped"
+  grep -E " FAILED| ERROR|^E  " "$OUT/tests_progress.txt" | head -20
+  [ -n "${SKIP_SYNC_TEST:-}" ] || python3 -m pytest -q -p no:cacheprovider tests/model/test_no_host_sync_gpu.py 2>&1 | tail -3
 }
 step tune_each 420 bash -c "$(declare -f tune_each); tune_each"
 step tests 400 bash -c "$(declare -f tests); tests"
 step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
 step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 python3 benchmarks/kda_debug.py \
   ${SANITIZE_ARGS:---shape 1x2048 --state bf16} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
-step bench 300 python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,2x65536}" --out "$OUT/kda_bench.json"
+step bench ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,2x65536}" \
+  --ops "${BENCH_OPS:-ours,sdpa_flash,fla}" --out "$OUT/kda_bench.json"
 step bench_raw 200 python3 benchmarks/kda.py --gate raw --shapes 8x4096,1x32768 --out "$OUT/kda_bench_raw.json"
 step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
+# the autotune results of this call (FLA's), for .triton/autotune.tar of the next one (gpu_env.sh)
+(cd "$TRITON_CACHE" 2>/dev/null && find . -name "*.autotune.json" | grep -q . \
+  && find . -name "*.autotune.json" | tar -cf "$OUT/autotune.tar" -T -) || true

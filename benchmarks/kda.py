@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -93,9 +94,20 @@ def fwd_bwd_fns(op, inputs):
     return fwd, fwd_bwd
 
 
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def save(env, rows, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="8x4096,1x32768,2x65536")
+    ap.add_argument("--ops", default="ours,sdpa_flash,fla", help="which of ours, sdpa_flash, fla to time")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--gate", choices=["log", "raw"], default="log",
@@ -113,7 +125,7 @@ def main():
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                fla=fla_version, gate=args.gate)
     print(env)
-    rows = []
+    rows, start = [], time.time()
     for shape in args.shapes.split(","):
         B, T = map(int, shape.split("x"))
         (q, k, v, g, beta), (A_log, dt_bias) = make_inputs(B, T, H, D, raw_gate=args.gate == "raw")
@@ -124,13 +136,15 @@ def main():
             "sdpa_flash": lambda q, k, v, g, beta: torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
         }
-        if fla_chunk_kda is not None:
+        if fla_chunk_kda is not None and "fla" in args.ops:
             ops["fla"] = lambda q, k, v, g, beta: fla_chunk_kda(q, k, v, g, beta,
                                                                 use_qk_l2norm_in_kernel=True,
                                                                 **fla_gate)[0]
         for name, op in ops.items():
+            if name not in args.ops.split(","):
+                continue
             inputs = [q, k, v] if name == "sdpa_flash" else [q, k, v, g, beta]
-            call = (lambda op: (lambda *a: op(*a, g, beta)))(op) if name == "sdpa_flash" else op
+            call = (lambda *a, op=op, g=g, beta=beta: op(*a, g, beta)) if name == "sdpa_flash" else op
             flops = attn_flops(B, T, H, D) if name == "sdpa_flash" else kda_flops(B, T, H, D)
             fwd, fwd_bwd = fwd_bwd_fns(call, inputs)
             row = dict(name=name, B=B, T=T, H=H, D=D)
@@ -154,6 +168,11 @@ def main():
                 row["fwdbwd_tok_s"] = B * T / row["fwdbwd_ms"] * 1e3
             row["fwd_tok_s"] = B * T / row["fwd_ms"] * 1e3
             rows.append(row)
+            # each row as it lands: FLA's first calls autotune for minutes, and a time limit
+            # should leave the rows already measured
+            print(f"[{time.time() - start:.0f} s] {name} {B}x{T}: fwd {row['fwd_ms']:.2f} ms, "
+                  f"f+b {fmt(row['fwdbwd_ms'])} ms", flush=True)
+            save(env, rows, args.out)
             torch.cuda.empty_cache()
         del q, k, v, g, beta
     # ratios to FLA
@@ -166,7 +185,6 @@ def main():
     hdr = f"{'op':11s} {'shape':>10s} {'fwd ms':>8s} {'fwd TF/s':>8s} {'f+b ms':>8s} {'f+b TF/s':>8s} " \
           f"{'Mtok/s f+b':>10s} {'mem GiB':>7s} {'xFLA fwd':>8s} {'xFLA f+b':>8s}"
     print(hdr)
-    fmt = lambda x, f=".2f": "-" if x is None else format(x, f)
     for r in rows:
         print(f"{r['name']:11s} {str(r['B']) + 'x' + str(r['T']):>10s} {fmt(r['fwd_ms']):>8s} "
               f"{fmt(r['fwd_tflops'], '.1f'):>8s} {fmt(r.get('fwdbwd_ms')):>8s} "
@@ -177,9 +195,7 @@ def main():
             print(f"    backward not run: {r['fwdbwd_error']}")
         if r.get("kernels_fwdbwd_ms"):
             print("    " + ", ".join(f"{k.split('(')[0][:34]}={v:.2f}" for k, v in r["kernels_fwdbwd_ms"].items()))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    save(env, rows, args.out)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,10 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def record_launches(state, sequences):
+def record_launches(state, sequences, dtype=torch.bfloat16, dim=128):
     """Every kernel launch of one chunk_kda forward + backward as the model calls it (bf16 q/k/v/beta,
-    raw gate fused, K = V = 128, H = 16), `sequences` documents of one chunk each (8: the state passes'
-    regular launch, 1: their "few" launch)."""
+    raw gate fused, K = V = 128, H = 16; other dtypes and head sizes for the tests' launches),
+    `sequences` documents of one chunk each (8: the state passes' regular launch, 1: their "few" launch)."""
     launches = []
     saved = {name: getattr(C, name) for name in KERNELS}
     saved_state = C.STATE_16
@@ -59,11 +59,11 @@ def record_launches(state, sequences):
         for name, fn in saved.items():
             setattr(C, name, _Recorder(fn, launches))
         C.STATE_16 = state == "bf16"
-        bf = dict(dtype=torch.bfloat16, requires_grad=True)
-        q, k, v = (torch.zeros(sequences, 64, 16, 128, **bf) for _ in range(3))
-        g = torch.zeros(sequences, 64, 16, 128, **bf)
+        bf = dict(dtype=dtype, requires_grad=True)
+        q, k, v = (torch.zeros(sequences, 64, 16, dim, **bf) for _ in range(3))
+        g = torch.zeros(sequences, 64, 16, dim, **bf)
         beta = torch.zeros(sequences, 64, 16, **bf)
-        gate = (torch.zeros(16), torch.zeros(16 * 128), None)
+        gate = (torch.zeros(16), torch.zeros(16 * dim), None)
         o, _ = C.chunk_kda_triton(q, k, v, g, beta, use_qk_l2norm=False, gate=gate)
         torch.autograd.grad(o, [q, k, v, g, beta], torch.zeros_like(o))
     finally:
@@ -99,7 +99,7 @@ def resources(cubin: bytes):
 
 def compile_launch(fn, args, kwargs):
     """Compile one recorded launch for sm_90, 16-byte-aligned pointers as the JIT assumes."""
-    options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
+    options = {key: kwargs[key] for key in ("num_warps", "num_stages", "maxnreg") if key in kwargs}
     values = dict(zip(fn.arg_names, args))
     consts = {key: val for key, val in kwargs.items() if key not in options}
     consts.update({name: None for name, val in values.items() if val is None})
@@ -119,10 +119,10 @@ def compile_launch(fn, args, kwargs):
     return row
 
 
-def plan(state):
+def plan(state, dtype=torch.bfloat16, dim=128):
     """The distinct launches of both state-pass regimes, in launch order."""
     seen = set()
-    for fn, args, kwargs in record_launches(state, 8) + record_launches(state, 1):
+    for fn, args, kwargs in record_launches(state, 8, dtype, dim) + record_launches(state, 1, dtype, dim):
         key = (fn.__name__, tuple(sorted(kwargs.items())))
         if key not in seen:
             seen.add(key)
@@ -132,12 +132,15 @@ def plan(state):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--state", choices=["bf16", "fp32"], default="bf16", help="dtype of W / q e^G / kg / states")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of q / k / v")
+    ap.add_argument("--dim", type=int, default=128, help="head size K = V")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    print(f"triton {triton.__version__}, sm_90, K = V = 128, bf16 inputs, {args.state} states")
+    dtype = {name: dt for dt, name in DTYPES.items()}[args.dtype]
+    print(f"triton {triton.__version__}, sm_90, K = V = {args.dim}, {args.dtype} inputs, {args.state} states")
     print(f"{'kernel':22s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'stack B':>8s} {'shared KiB':>10s}")
     rows = []
-    for fn, launch_args, kwargs in plan(args.state):
+    for fn, launch_args, kwargs in plan(args.state, dtype, args.dim):
         row = compile_launch(fn, launch_args, kwargs)
         rows.append(row)
         if "error" in row:

@@ -23,8 +23,10 @@ from kernels.kda import chunk as kda_chunk  # noqa: E402
 W = lambda w, s=1, **kw: dict(num_warps=w, num_stages=s, **kw)
 CANDIDATES = {
     "fwd_cumsum": [W(4), W(8)],
-    "fwd_intra": [W(2), W(4), W(8)],
-    "fwd_wy": [W(4), W(8), W(2)],
+    # maxnreg caps registers per thread (spilling the rest) so that more programs share an SM:
+    # the intra and chunk kernels reach 255 registers, which leaves an SM 4-8 warps
+    "fwd_intra": [W(2), W(4), W(8), W(2, maxnreg=128), W(2, 2), W(2, maxnreg=168)],
+    "fwd_wy": [W(4), W(8), W(2), W(4, maxnreg=128)],
     # BV 16: twice the programs of BV 32 for the sequential state passes when B*H is small
     "fwd_h": [W(4, 2, BV=64), W(2, 2, BV=16), W(2, 2, BV=32), W(2, 2, BV=64), W(2, 1, BV=16),
               W(4, 2, BV=32), W(4, 2, BV=16), W(8, 2, BV=32)],
@@ -32,9 +34,11 @@ CANDIDATES = {
     # bf16 states: 4 and 8 warps end in an illegal memory access on the H200 (Triton 3.6; fp32: 8 warps BV 16)
     "bwd_dh": [W(8, 1, BV=32), W(4, 1, BV=16), W(2, 1, BV=16), W(4, 1, BV=32), W(8, 1, BV=16),
                W(4, 2, BV=16), W(8, 2, BV=32), W(2, 1, BV=32), W(2, 2, BV=16), W(2, 2, BV=32)],
-    "bwd_chunk_dk": [W(4), W(8), W(2)],
-    "bwd_chunk_wy": [W(4), W(8), W(2)],
-    "bwd_intra": [W(2, BD=32), W(4, BD=32), W(8, BD=32), W(4, BD=64), W(8, BD=64)],
+    "bwd_chunk_dk": [W(4), W(8), W(2), W(4, maxnreg=168), W(4, maxnreg=128), W(4, 2)],
+    "bwd_chunk_wy": [W(4), W(8), W(2), W(4, maxnreg=168)],
+    "bwd_intra": [W(2, BD=32), W(4, BD=32), W(8, BD=32), W(4, BD=64), W(8, BD=64), W(2, BD=16),
+                  W(2, BD=32, maxnreg=168), W(2, BD=32, maxnreg=128), W(2, 2, BD=32), W(4, BD=16),
+                  W(2, BD=16, maxnreg=128), W(4, BD=32, maxnreg=128)],
 }
 
 

@@ -105,19 +105,21 @@ def _meta(K, V, dtype):
 # so that benchmarks/kda_tune.py can sweep it; other head sizes use the same values.
 # The sequential state passes run one program per (sequence, head, V-block); an entry's "few" is
 # the launch used when the regular one would leave SMs idle (few sequences x heads, 1x32768).
-LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5, v7 and v8)
+LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5, v7, v8 and v9)
     "fwd_cumsum": dict(num_warps=4, num_stages=1),
-    "fwd_intra": dict(num_warps=2, num_stages=1),
-    "fwd_wy": dict(num_warps=4, num_stages=1),
+    # v9: two stages pipeline the loads of the column-block loops (the kernels wait on memory)
+    "fwd_intra": dict(num_warps=2, num_stages=2),
+    # v9: a register cap (spills ~100 B) lets a third program share an SM
+    "fwd_wy": dict(num_warps=4, num_stages=1, maxnreg=128),
     "fwd_h": dict(num_warps=4, num_stages=2, BV=64, few=dict(num_warps=2, num_stages=2, BV=16)),
     "fwd_o": dict(num_warps=4, num_stages=2),
     # bf16 states: 4 or 8 warps (wgmma) end in an illegal memory access at the dot (q e^G)^T dO
-    # on the H200 with Triton 3.6 (compute-sanitizer); 2 warps (mma.sync) are correct
+    # on the H200 with Triton 3.6 and 3.7.1 (compute-sanitizer); 2 warps (mma.sync) are correct
     "bwd_dh": dict(num_warps=2, num_stages=1, BV=32, few=dict(num_warps=2, num_stages=2, BV=16)),
     # v8 split of kda_bwd_chunk; swept on the H200 with bf16 states (8 and 2 warps slower)
-    "bwd_chunk_dk": dict(num_warps=4, num_stages=1),
-    "bwd_chunk_wy": dict(num_warps=4, num_stages=1),
-    "bwd_intra": dict(num_warps=2, num_stages=1, BD=32),
+    "bwd_chunk_dk": dict(num_warps=4, num_stages=2),
+    "bwd_chunk_wy": dict(num_warps=4, num_stages=1, maxnreg=168),
+    "bwd_intra": dict(num_warps=2, num_stages=2, BD=32),
 }
 
 
@@ -159,13 +161,15 @@ def _state_launch(name, n_seq, H, V, BV, BK, device):
 def _cfg(name, BK=128, entry=None, fp32_state=False):
     """num_warps / num_stages of kernel `name` (or of a given LAUNCH entry); Dk > 128 keeps the
     shared-memory-safe defaults, and the backward state pass on fp32 states one stage."""
-    cfg = {key: val for key, val in (entry or LAUNCH[name]).items() if key.startswith("num_")}
+    cfg = {key: val for key, val in (entry or LAUNCH[name]).items() if key.startswith("num_") or key == "maxnreg"}
     if BK > 128 and name in ("fwd_h", "bwd_dh"):
         # 2 stages at Dk=256 need 312 KiB of shared memory; the backward pass on bf16 states
         # keeps 2 warps (mma.sync instead of wgmma, which crashed there, see LAUNCH)
         cfg = dict(num_warps=2 if name == "bwd_dh" and not fp32_state else 8, num_stages=1)
     if fp32_state and name == "bwd_dh":
         cfg["num_stages"] = 1   # its fp32 operand tiles, double-buffered, exceed 227 KiB at Dk=128
+    if BK > 128:
+        cfg["num_stages"] = 1   # the v9 pipelined launches were measured at Dk <= 128 only
     return cfg
 
 
@@ -197,7 +201,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
     kda_fwd_cumsum_kernel[(NC, H)](g, A_log, dt_bias, lower, Gc, cu, info, H=H, K=K, BK=BK, GATE=mode,
                                    **_cfg("fwd_cumsum"))
     kda_fwd_intra_kernel[(NC * 4, H)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
-                                     PREC=prec, SPAN=DIAG_SPAN_MAX, **_cfg("fwd_intra"))
+                                     PREC=prec, SPAN=DIAG_SPAN_MAX, **_cfg("fwd_intra", BK))
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
                                BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
                                # the inverse's doubling product: ~fp32 accuracy on tensor cores
@@ -240,7 +244,7 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     dbeta_p = torch.empty(NC, H, NKb, 64, **f32)
     kda_bwd_chunk_dk_kernel[(NC * NKb, H)](q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p,
                                           dAinv_p, dbeta_p, cu, info, H=H, K=K, V=V, BV=min(BV, 32),
-                                          PREC=prec, **_cfg("bwd_chunk_dk"))
+                                          PREC=prec, **_cfg("bwd_chunk_dk", BK))
     kda_bwd_chunk_wy_kernel[(NC, H)](v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, dAqk, dBkk, dv, dbeta,
                                      cu, info, H=H, K=K, V=V, BV=min(BV, 32), PREC=prec,
                                      **_cfg("bwd_chunk_wy"))
@@ -256,7 +260,7 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
                                                         dq, dk, dg, g, A_log, dt_bias, lower,
                                                         d_bias_p, dA_p, cu, info, H=H, K=K, BD=BDi,
                                                         GATE=mode, PREC=prec, SPAN=DIAG_SPAN_MAX,
-                                                        **_cfg("bwd_intra"))
+                                                        **_cfg("bwd_intra", BK))
     d_A = d_bias = None
     if mode != 0:
         d_A, d_bias = dA_p.sum((0, 2)), d_bias_p.sum(0).reshape(-1)
