@@ -168,7 +168,8 @@ def _label(row: dict) -> str:
 
 
 def markdown(rows: list[dict], ceiling: float | None) -> str:
-    lines = ["| system | arm | context | tokens/step | tokens/s | TFLOP/s/GPU | MFU | of matmul ceiling | peak mem GiB |",
+    lines = ["| system | arm | context | tokens/step | tokens/s | TFLOP/s/GPU | MFU | of matmul ceiling "
+             "| peak mem GiB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         label = _label(r)
@@ -300,7 +301,8 @@ def main(argv=None) -> int:
     for context in contexts:
         for arm in arms:
             record(measure("ours", arm, context, recompute, args.tokens_per_step, args.steps))
-        hf_contexts = [int(c) for c in args.transformers_contexts.split(",")] if args.transformers_contexts else contexts
+        hf_contexts = ([int(c) for c in args.transformers_contexts.split(",")] if args.transformers_contexts
+                       else contexts)
         if not args.no_transformers and context in hf_contexts:
             record(measure("transformers", "kimi-linear", context, args.recompute, args.tokens_per_step, args.steps))
     for arm in arms if args.longest else ():
