@@ -114,7 +114,7 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5, v7, v8 and v9)
     "fwd_h": dict(num_warps=4, num_stages=2, BV=64, few=dict(num_warps=2, num_stages=2, BV=16)),
     "fwd_o": dict(num_warps=4, num_stages=2),
     # bf16 states: 4 or 8 warps (wgmma) end in an illegal memory access at the dot (q e^G)^T dO
-    # on the H200 with Triton 3.6 and 3.7.1 (compute-sanitizer); 2 warps (mma.sync) are correct
+    # on the H200 with Triton 3.6 (located by compute-sanitizer) and 3.7.1; 2 warps (mma.sync) are correct
     "bwd_dh": dict(num_warps=2, num_stages=1, BV=32, few=dict(num_warps=2, num_stages=2, BV=16)),
     # v8 split of kda_bwd_chunk; swept on the H200 with bf16 states (8 and 2 warps slower)
     "bwd_chunk_dk": dict(num_warps=4, num_stages=2),
@@ -159,7 +159,7 @@ def _state_launch(name, n_seq, H, V, BV, BK, device):
 
 
 def _cfg(name, BK=128, entry=None, fp32_state=False):
-    """num_warps / num_stages of kernel `name` (or of a given LAUNCH entry); Dk > 128 keeps the
+    """num_warps / num_stages / maxnreg of kernel `name` (or of a given LAUNCH entry); Dk > 128 keeps the
     shared-memory-safe defaults, and the backward state pass on fp32 states one stage."""
     cfg = {key: val for key, val in (entry or LAUNCH[name]).items() if key.startswith("num_") or key == "maxnreg"}
     if BK > 128 and name in ("fwd_h", "bwd_dh"):
