@@ -19,7 +19,7 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import _chunk_and_part, _chunk_coords, _diag_block_decay, gate_backward
+from kernels.kda.chunk_fwd import _chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay, gate_backward
 
 
 @triton.jit
@@ -127,6 +127,16 @@ def _bwd_state_contractions(h, dh, sbase, dk, dvv, b_do, b_dvn, b_vn, b_dqg, b_d
 
 
 @triton.jit
+def _v_block_loads(do, Vn, dVn, tok, cbase, valid, r64, dvv, V: tl.constexpr):
+    """dO (token layout, fp32) and v_new, dv_new (padded layout) of a chunk on the V columns dvv."""
+    m_v = dvv[None, :] < V
+    b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
+    b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+    b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+    return b_do, b_vn, b_dvn
+
+
+@triton.jit
 def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p, dG_p, dAinv_p, dbeta_p,
                             cu_seqlens, chunk_info, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                             BV: tl.constexpr, PREC: tl.constexpr):
@@ -139,10 +149,7 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
     i_c, i_k = _chunk_and_part((K + 63) // 64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h
-    cbase = (i_c * H + i_h) * 64
+    r64, valid, tok, cbase = _chunk_rows(bos, L, i_c, i_h, H)
     sbase = (i_c * H + i_h) * K * V
     dk0 = i_k * 64 + tl.arange(0, 32)
     dk1 = dk0 + 32
@@ -156,10 +163,7 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
     b_dgl1 = tl.zeros([32], dtype=tl.float32)
     for v0 in range(0, V, BV):
         dvv = v0 + tl.arange(0, BV)
-        m_v = dvv[None, :] < V
-        b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
-        b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-        b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+        b_do, b_vn, b_dvn = _v_block_loads(do, Vn, dVn, tok, cbase, valid, r64, dvv, V)
         b_dqg0, b_dw0, b_dkg0, b_dgl0 = _bwd_state_contractions(h, dh, sbase, dk0, dvv, b_do, b_dvn, b_vn, b_dqg0,
                                                                 b_dw0, b_dkg0, b_dgl0, K, V, PREC)
         b_dqg1, b_dw1, b_dkg1, b_dgl1 = _bwd_state_contractions(h, dh, sbase, dk1, dvv, b_do, b_dvn, b_vn, b_dqg1,
@@ -189,10 +193,7 @@ def kda_bwd_chunk_wy_kernel(v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, d
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h
-    cbase = (i_c * H + i_h) * 64
+    r64, valid, tok, cbase = _chunk_rows(bos, L, i_c, i_h, H)
     sq = (cbase + r64)[:, None] * 64 + r64[None, :]
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
     b_inv = tl.load(Ainv + sq)
@@ -204,10 +205,8 @@ def kda_bwd_chunk_wy_kernel(v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, d
     for v0 in range(0, V, BV):
         dvv = v0 + tl.arange(0, BV)
         m_v = dvv[None, :] < V
-        b_do = tl.load(do + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
         b_v = tl.load(v + tok[:, None] * V + dvv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
-        b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
-        b_dvn = tl.load(dVn + (cbase + r64)[:, None] * V + dvv[None, :], mask=m_v, other=0.)
+        b_do, b_vn, b_dvn = _v_block_loads(do, Vn, dVn, tok, cbase, valid, r64, dvv, V)
         b_dA += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         b_dy = tl.dot(tl.trans(b_inv), b_dvn, input_precision=PREC)
         tl.store(dv + tok[:, None] * V + dvv[None, :], b_dy * b_beta[:, None], mask=valid[:, None] & m_v)

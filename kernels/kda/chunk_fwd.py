@@ -35,6 +35,14 @@ def _chunk_coords(cu_seqlens, chunk_info, i_c):
 
 
 @triton.jit
+def _chunk_rows(bos, L, i_c, i_h, H: tl.constexpr):
+    """A chunk-head's 64 rows: their index, which are valid tokens, their token-layout row
+    (token * H + head) and the padded-layout row of chunk row 0."""
+    r64 = tl.arange(0, 64)
+    return r64, r64 < L, (bos + r64) * H + i_h, (i_c * H + i_h) * 64
+
+
+@triton.jit
 def _chunk_and_part(N_PARTS: tl.constexpr):
     """(chunk as int64, part) of a program on a (chunks * N_PARTS, heads) grid. The parts of one
     chunk-head (row blocks, Dk or V slices) are adjacent program ids, so they run together and
@@ -226,11 +234,8 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
+    r64, valid, tok, cbase = _chunk_rows(bos, L, i_c, i_h, H)
     c64 = tl.arange(0, 64)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h
-    cbase = (i_c * H + i_h) * 64
 
     # 3) (I + A)^-1 with A = diag(beta) B_kk (strictly lower): the four 16x16 diagonal blocks
     #    by a doubling product of tensor-core dots (no sequential substitution), then merged
@@ -346,10 +351,7 @@ def kda_fwd_o_kernel(Qg, Aqk, Vn, h, o, cu_seqlens, chunk_info,
     i_c, i_v = _chunk_and_part((V + BV - 1) // BV)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
-    valid = r64 < L
-    tok = (bos + r64) * H + i_h
-    cbase = (i_c * H + i_h) * 64
+    r64, valid, tok, cbase = _chunk_rows(bos, L, i_c, i_h, H)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     b_qg = tl.load(Qg + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
