@@ -66,5 +66,5 @@ step bench ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPE
 step bench_raw 200 python3 benchmarks/kda.py --gate raw --shapes 8x4096,1x32768 --out "$OUT/kda_bench_raw.json"
 step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
 # the autotune results of this call (FLA's), for .triton/autotune.tar of the next one (gpu_env.sh)
-(cd "$TRITON_CACHE" 2>/dev/null && find . -name "*.autotune.json" | grep -q . \
-  && find . -name "*.autotune.json" | tar -cf "$OUT/autotune.tar" -T -) || true
+(cd "$TRITON_CACHE" 2>/dev/null && find . -name "*.autotune.json" > /tmp/autotune.list \
+  && [ -s /tmp/autotune.list ] && tar -cf "$OUT/autotune.tar" -T /tmp/autotune.list) || true

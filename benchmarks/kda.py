@@ -125,7 +125,7 @@ def main():
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                fla=fla_version, gate=args.gate)
     print(env)
-    rows, start = [], time.time()
+    rows, start, wanted = [], time.time(), set(args.ops.split(","))
     for shape in args.shapes.split(","):
         B, T = map(int, shape.split("x"))
         (q, k, v, g, beta), (A_log, dt_bias) = make_inputs(B, T, H, D, raw_gate=args.gate == "raw")
@@ -136,12 +136,12 @@ def main():
             "sdpa_flash": lambda q, k, v, g, beta: torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
         }
-        if fla_chunk_kda is not None and "fla" in args.ops:
+        if fla_chunk_kda is not None:
             ops["fla"] = lambda q, k, v, g, beta: fla_chunk_kda(q, k, v, g, beta,
                                                                 use_qk_l2norm_in_kernel=True,
                                                                 **fla_gate)[0]
         for name, op in ops.items():
-            if name not in args.ops.split(","):
+            if name not in wanted:
                 continue
             inputs = [q, k, v] if name == "sdpa_flash" else [q, k, v, g, beta]
             call = (lambda *a, op=op, g=g, beta=beta: op(*a, g, beta)) if name == "sdpa_flash" else op
