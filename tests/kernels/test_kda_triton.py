@@ -143,9 +143,11 @@ def test_chunk_kda_triton_bf16(name):
 @pytest.mark.gpu
 def test_bf16_errors_no_worse_than_fla_at_model_size():
     """The model's head size (H 16, Dk = Dv = 128; one 1000-token sequence, initial state): our
-    bf16 output, final state and every gradient no further from the fp64 recurrence than 1.25x
-    FLA's on the same inputs. FLA autotunes once, at the benchmark's sizes (KDA_COMPARE_FLA=model
-    runs this comparison alone); needs fla and, on Hopper, Triton >= 3.7.1."""
+    bf16 output, final state and every gradient no further from the fp64 recurrence than 1.1x
+    FLA's on the same inputs (the margin covers two bf16 implementations rounding differently;
+    measured on the H200 2026-11-25: ours / FLA 0.89-1.05). FLA autotunes once, at the
+    benchmark's sizes (KDA_COMPARE_FLA=model runs this comparison alone); needs fla and, on
+    Hopper, Triton >= 3.7.1."""
     if os.environ.get("KDA_COMPARE_FLA", "1") == "0":
         pytest.skip("KDA_COMPARE_FLA=0")
     try:
@@ -159,7 +161,7 @@ def test_bf16_errors_no_worse_than_fla_at_model_size():
     fla = _fla_errors("model_size", inputs, cu, ref)
     assert {"o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dinitial_state"} <= set(fla)
     for key, (actual, expected) in _errors_of(inputs, cu, torch.bfloat16, "cuda", ref).items():
-        err, limit = rel_rms(actual, expected), max(1.25 * fla[key], 2e-3)
+        err, limit = rel_rms(actual, expected), max(1.1 * fla[key], 2e-3)
         print(f"{key}: ours {err:.3e}, fla {fla[key]:.3e}")
         assert err <= limit, f"{key}: {err:.3e} > {limit:.3e} (fla {fla[key]:.3e})"
 
