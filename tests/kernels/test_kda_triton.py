@@ -41,8 +41,10 @@ def _on(inputs, device, dtype=None):
 
 
 def _errors(name, dtype, device):
+    """(errors, inputs, cu_seqlens, fp64 reference) of case `name`."""
     inputs, cu = _case(name)
-    return _errors_of(inputs, cu, dtype, device), inputs, cu
+    ref = run_with_grads(recurrent_kda_reference, inputs, cu)
+    return _errors_of(inputs, cu, dtype, device, ref), inputs, cu, ref
 
 
 def _errors_of(inputs, cu, dtype, device, ref=None):
@@ -65,7 +67,7 @@ def _assert_within(errs, tol=lambda key: TOL_FP32.get(key, TOL_FP32_GRAD)):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_chunk_kda_triton_fp32(name):
-    errs, _, _ = _errors(name, torch.float32, DEVICE)
+    errs = _errors(name, torch.float32, DEVICE)[0]
     _assert_within(errs)
 
 
@@ -89,13 +91,13 @@ def test_chunk_kda_uses_triton_on_cuda():
     assert calls
 
 
-def _fla_errors(name, inputs, cu, ref=None):
-    """Errors of FLA's chunk_kda (bf16) vs the same fp64 reference, or None if unavailable."""
+def _fla_errors(inputs, cu, ref):
+    """Errors of FLA's chunk_kda (bf16) vs the fp64 reference `ref` (run_with_grads of the
+    recurrence on `inputs`), or None if fla is not importable."""
     try:
         from fla.ops.kda import chunk_kda as fla_chunk_kda
     except Exception:
         return None
-    ref = ref or run_with_grads(recurrent_kda_reference, inputs, cu)
     dev = _on(inputs, "cuda", torch.bfloat16)
     leaves = {k: dev[k].detach().clone().requires_grad_(True) for k in ("q", "k", "v", "beta")}
     g = dev["g"].detach().clone().requires_grad_(True)
@@ -127,10 +129,10 @@ def _fla_errors(name, inputs, cu, ref=None):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_chunk_kda_triton_bf16(name):
-    errs, inputs, cu = _errors(name, torch.bfloat16, "cuda")
+    errs, inputs, cu, ref = _errors(name, torch.bfloat16, "cuda")
     # FLA autotunes its kernels for minutes in each process at every new shape: KDA_COMPARE_FLA=0
     # leaves out every comparison with FLA, =model all but the model-size test's
-    fla = _fla_errors(name, inputs, cu) if os.environ.get("KDA_COMPARE_FLA", "1") == "1" else None
+    fla = _fla_errors(inputs, cu, ref) if os.environ.get("KDA_COMPARE_FLA", "1") == "1" else None
     for key, (actual, expected) in errs.items():
         err = rel_rms(actual, expected)
         limit = TOL_BF16
@@ -158,7 +160,7 @@ def test_bf16_errors_no_worse_than_fla_at_model_size():
         pytest.skip("FLA's backward needs Triton >= 3.7.1 on Hopper (fla#640)")
     inputs, cu = make_inputs(1, 1000, 16, 128, 128), None
     ref = run_with_grads(recurrent_kda_reference, inputs, cu)  # once: ~4 s of fp64 on the CPU
-    fla = _fla_errors("model_size", inputs, cu, ref)
+    fla = _fla_errors(inputs, cu, ref)
     assert {"o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dinitial_state"} <= set(fla)
     for key, (actual, expected) in _errors_of(inputs, cu, torch.bfloat16, "cuda", ref).items():
         err, limit = rel_rms(actual, expected), max(1.1 * fla[key], 2e-3)
