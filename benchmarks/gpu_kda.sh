@@ -4,7 +4,7 @@
 # (kda_debug.py variants, compute-sanitizer) and launch sweeps, then benchmarks/kda.py. Each step
 # has its own time limit.
 # Usage on the GPU machine (carry .whl, and .triton with TRITON_PACK):  bash benchmarks/gpu_kda.sh [steps...]
-#   steps: tests debug sanitize bench bench_raw tune tune_each   (default: tests bench)
+#   steps: tests debug sanitize bench bench_log tune tune_each   (default: tests bench)
 #   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
 #   KDA_TESTS, TEST_K: the test paths of step tests (default tests/kernels) and a pytest -k filter
 #   TEST_SHARDS, TEST_TIMEOUT: parallel pytest processes (10) and each one's limit in s (380)
@@ -12,7 +12,8 @@
 #   KDA_COMPARE_FLA=0 / model: no error comparison with FLA / only the model-size one (FLA autotunes
 #     for minutes per process; .triton/autotune.tar from an earlier bench call saves most of it; the
 #     model-size comparison took 190 s with those results, so give it TEST_TIMEOUT >= 300)
-#   BENCH_SHAPES: the shapes of step bench (default the issue's three: 8x4096,1x32768,2x65536)
+#   BENCH_SHAPES: the shapes of step bench (default 8x4096,1x32768,1x32768v; v = book-length documents)
+#   BENCH_DT: the dt_bias points of step bench (default -4,0,2); BENCH_BREAKDOWN=1: per-kernel times
 #   BENCH_OPS: what step bench times (default ours,sdpa_flash,fla)
 #   BENCH_LIMIT: seconds for step bench (default 300; the first FLA backward autotunes for minutes)
 #   TRITON_PACK: a packed Triton to use instead of the machine's (gpu_env.sh, scripts/pack_triton.sh)
@@ -62,9 +63,10 @@ step tests 400 bash -c "$(declare -f tests); tests"
 step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
 step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 python3 benchmarks/kda_debug.py \
   ${SANITIZE_ARGS:---shape 1x2048 --state bf16} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
-step bench ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,2x65536}" \
-  --ops "${BENCH_OPS:-ours,sdpa_flash,fla}" --out "$OUT/kda_bench.json"
-step bench_raw 200 python3 benchmarks/kda.py --gate raw --shapes 8x4096,1x32768 --out "$OUT/kda_bench_raw.json"
+step bench ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,1x32768v}" \
+  --dt-bias="${BENCH_DT:--4,0,2}" --ops "${BENCH_OPS:-ours,sdpa_flash,fla}" ${BENCH_BREAKDOWN:+--breakdown} \
+  --out "$OUT/kda_bench.json"
+step bench_log 200 python3 benchmarks/kda.py --gate log --shapes 8x4096,1x32768 --out "$OUT/kda_bench_log.json"
 step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
 # the autotune results of this call (FLA's), for .triton/autotune.tar of the next one (gpu_env.sh)
 (cd "$TRITON_CACHE" 2>/dev/null && find . -name "*.autotune.json" > /tmp/autotune.list \

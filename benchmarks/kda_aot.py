@@ -31,7 +31,7 @@ import kernels.kda.chunk as C  # noqa: E402
 
 KERNELS = ("kda_fwd_cumsum_kernel", "kda_fwd_intra_kernel", "kda_fwd_wy_kernel", "kda_fwd_h_kernel",
            "kda_fwd_o_kernel", "kda_bwd_dh_kernel", "kda_bwd_chunk_dk_kernel", "kda_bwd_chunk_wy_kernel",
-           "kda_bwd_intra_kernel")
+           "kda_bwd_intra_kernel", "kda_gate_bwd_kernel")
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
 

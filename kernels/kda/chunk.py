@@ -17,7 +17,7 @@ from kernels.kda.l2norm import l2norm_scale
 from kernels.kda.chunk_fwd import (kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel,
                                    kda_fwd_wy_kernel)
 from kernels.kda.chunk_bwd import (kda_bwd_chunk_dk_kernel, kda_bwd_chunk_wy_kernel, kda_bwd_dh_kernel,
-                                   kda_bwd_intra_kernel)
+                                   kda_bwd_intra_kernel, kda_gate_bwd_kernel)
 
 CHUNK = 64
 GATE_LOG, GATE_SOFTPLUS, GATE_BOUNDED = 0, 1, 2   # constexpr GATE of the intra kernels
@@ -120,6 +120,7 @@ LAUNCH = {   # swept on the H200 (docs/kda_kernels.md, v5, v7, v8 and v9)
     "bwd_chunk_dk": dict(num_warps=4, num_stages=2),
     "bwd_chunk_wy": dict(num_warps=4, num_stages=1, maxnreg=168),
     "bwd_intra": dict(num_warps=2, num_stages=2, BD=32),
+    "gate_bwd": dict(num_warps=8, num_stages=1),   # not swept: an elementwise pass
 }
 
 
@@ -250,21 +251,20 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
                                      **_cfg("bwd_chunk_wy"))
     dq = torch.empty(T, H, K, dtype=q.dtype, device=q.device)
     dk = torch.empty(T, H, K, dtype=k.dtype, device=k.device)
-    dg = torch.empty(T, H, K, **f32)
-    mode, A_log, dt_bias, lower = gate
+    dglog = torch.empty(T, H, K, **f32)
     BDi = _blk("bwd_intra", "BD", BK, BK)
-    d_bias_p = dA_p = None
-    if mode != 0:   # per-chunk partial sums of the gate-parameter gradients
-        d_bias_p, dA_p = (torch.empty(NC, H, K, **f32) for _ in range(2))
-    kda_bwd_intra_kernel[(NC * triton.cdiv(K, BDi), H)](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p,
-                                                        dq, dk, dg, g, A_log, dt_bias, lower,
-                                                        d_bias_p, dA_p, cu, info, H=H, K=K, BD=BDi,
-                                                        GATE=mode, PREC=prec, SPAN=DIAG_SPAN_MAX,
-                                                        **_cfg("bwd_intra", BK))
-    d_A = d_bias = None
-    if mode != 0:
-        d_A, d_bias = dA_p.sum((0, 2)), d_bias_p.sum(0).reshape(-1)
-    return dq, dk, dv, dg, dbeta, dh0, d_A, d_bias
+    kda_bwd_intra_kernel[(NC * triton.cdiv(K, BDi), H)](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dglog,
+                                                        cu, info, H=H, K=K, BD=BDi, PREC=prec,
+                                                        SPAN=DIAG_SPAN_MAX, **_cfg("bwd_intra", BK))
+    mode, A_log, dt_bias, lower = gate
+    if mode == 0:   # g was the log-decay
+        return dq, dk, dv, dglog.to(g.dtype), dbeta, dh0, None, None
+    # back through the fused gate: d raw gate in g's dtype, per-chunk partial sums of the parameters
+    dg = torch.empty(T, H, K, dtype=g.dtype, device=g.device)
+    d_bias_p, dA_p = (torch.empty(NC, H, K, **f32) for _ in range(2))
+    kda_gate_bwd_kernel[(NC, H)](dglog, g, A_log, dt_bias, lower, dg, d_bias_p, dA_p, cu, info, H=H, K=K, BK=BK,
+                                 GATE=mode, **_cfg("gate_bwd"))
+    return dq, dk, dv, dg, dbeta, dh0, dA_p.sum((0, 2)), d_bias_p.sum(0).reshape(-1)
 
 
 class ChunkKDAFunction(torch.autograd.Function):
@@ -291,7 +291,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta, dh0, d_A, d_bias = kda_chunk_bwd(qf, kf, vf, gf, bf, saved, h0, dht, dof, cu,
                                                                 info, offsets, ctx.NC, gate)
         unflat = lambda x: x.view(B, -1, *x.shape[1:])
-        return (unflat(dq), unflat(dk), unflat(dv), unflat(dg).to(gf.dtype), unflat(dbeta).to(bf.dtype),
+        return (unflat(dq), unflat(dk), unflat(dv), unflat(dg), unflat(dbeta).to(bf.dtype),
                 dh0, d_A, d_bias, None, None, None, None, None, None, None)
 
 
