@@ -146,6 +146,7 @@ def test_report_without_runs_is_an_error(tmp_path, capsys):
     assert "no synthetic runs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two processes start torch and megatron-core: 25-40 s on two busy cores
 def test_parallel_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "parallel.json"
     cmd = [sys.executable, "benchmarks/synthetic_parallel.py", "--task", "stack", "--length", "16", "--steps", "4",
