@@ -83,10 +83,14 @@ class PretrainingLoader:
                  + micro_batch * self.micro_batch_size)
         return range(start, start + self.micro_batch_size)
 
+    def collate(self, samples: list) -> dict:
+        """One micro-batch from its samples (a subclass with other samples overrides this)."""
+        return collate(samples, self.seq_length, self.reset_at_document_boundaries,
+                       self.mask_cross_document_loss)
+
     def __next__(self) -> dict:
         indices = self.sample_indices(self.global_batch, self.micro_batch)
-        batch = collate([self.samples[i] for i in indices], self.seq_length,
-                        self.reset_at_document_boundaries, self.mask_cross_document_loss)
+        batch = self.collate([self.samples[i] for i in indices])
         self.micro_batch += 1
         if self.micro_batch == self.num_micro_batches:
             self.micro_batch = 0

@@ -123,8 +123,15 @@ def evaluate(model, loader, iters: int, device) -> float:
     return float(total[0] / total[1].clamp_min(1))
 
 
-def train(run: RunConfig) -> list[float]:
-    """Run the configured training; returns the loss of every step run by this process."""
+def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
+    """Run the configured training; returns the loss of every step run by this process.
+
+    ``data``: ``(run, dims) -> (train_loader, valid_loader or None)`` in place of the pretraining
+    corpus (``build_data``); the loaders yield micro-batches in its format (launch/synthetic.py).
+    ``evaluation``: ``(model, step) -> dict`` called on every rank every ``eval_interval`` steps and
+    at the last step; its entries are logged (metrics.jsonl, W&B), and a true ``"stop_training"``
+    entry ends the run after this step, saving a checkpoint when ``--save`` is set.
+    """
     t = run.train
     dims = state.initialize(
         state.ParallelDims(
@@ -157,7 +164,7 @@ def train(run: RunConfig) -> list[float]:
         runner, optimizer = model, build_optimizer(model, t)
         if t.bf16:
             optimizer = MasterWeights(optimizer)
-    train_loader, valid_loader = build_data(run, dims)
+    train_loader, valid_loader = (data or build_data)(run, dims)
 
     start_step = 0
     load_from = t.load or (t.save if t.save and ckpt.latest_step(t.save) is not None else "")
@@ -285,6 +292,12 @@ def train(run: RunConfig) -> list[float]:
             valid = evaluate(model, valid_loader, t.eval_iters, device)
             log(f"step {done:6d} | validation loss {valid:.4f}")
         exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
+        if evaluation is not None and t.eval_interval and (done % t.eval_interval == 0 or done == t.train_iters):
+            results = dict(evaluation(model, done))
+            if results.pop("stop_training", False) and done < t.train_iters:
+                log(f"step {done:6d} | the evaluation ended training")
+                exiting = True
+            logger.log(done, results)
         if stop.any_rank() and done < t.train_iters:
             log(f"stop signal received: saving at step {done} and exiting")
             exiting = True
