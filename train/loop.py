@@ -117,8 +117,10 @@ def evaluate(model, loader, iters: int, device) -> float:
     batches = [_to_device(next(loader), device) for _ in range(iters)]
     loss_sum = forward_backward(model, batches, torch.ones(()), forward_only=True)
     total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu()])
-    if dist.is_initialized():
+    if dist.is_initialized():  # on the device: NCCL reduces no CPU tensors
+        total = total.to(device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        total = total.cpu()
     model.train()
     return float(total[0] / total[1].clamp_min(1))
 
