@@ -21,9 +21,7 @@ from .config import ConfigError, ModelConfig, expand_pattern
 def hybrid_pattern(num_layers: int, linear: str = "K", ratio: int = 3) -> str:
     """``ratio`` linear layers then one MLA, repeated; a shorter last block still ends with MLA
     (the released 27-layer model is KKKA x 6 + KKA)."""
-    block = linear * ratio + "A"
-    full, rest = divmod(num_layers, len(block))
-    return block * full + (linear * (rest - 1) + "A" if rest else "")
+    return expand_pattern(linear * ratio + "A", num_layers)
 
 
 KIMI_48B_PATTERN = hybrid_pattern(27)  # MLA at 0-based layers 3, 7, ..., 23 and 26

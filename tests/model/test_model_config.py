@@ -37,6 +37,18 @@ def test_scaling_presets_have_paper_shapes():
 def test_pattern_expansion_and_arms():
     assert expand_pattern("KKKA", 8) == "KKKAKKKA"
     assert hybrid_pattern(18) == "KKKA" * 4 + "KA"
+
+
+def test_a_shorter_pattern_repeats_and_ends_with_its_tail():
+    """README: a pattern shorter than the model repeats, also when its length does not divide the
+    layers: the last, partial repeat is the pattern's tail, so KKKA on 27 layers is the released model."""
+    assert expand_pattern("KKKA", 27) == KIMI_48B_PATTERN == "KKKA" * 6 + "KKA"
+    assert expand_pattern("GGGA", 6) == "GGGAGA"
+    assert expand_pattern("KA", 3) == "KAA"
+    assert expand_pattern("A", 5) == "AAAAA"
+    released = get_preset("kimi-linear-48b-a3b")
+    assert released.replace(layer_pattern="KKKA").validate().layer_types == released.layer_types
+    assert get_preset("scaling-878m").replace(layer_pattern="KKKA").layer_types == get_preset("scaling-878m").layer_types
     cfg = get_preset("scaling-653m")
     assert as_arm(cfg, "mla").layer_types == ["mla"] * 16
     gdn = as_arm(cfg, "gdn-h")
@@ -52,7 +64,7 @@ def test_pattern_expansion_and_arms():
     "changes,tp,needle",
     [
         (dict(layer_pattern="KKX"), 1, "unknown symbol"),
-        (dict(layer_pattern="KKA", num_layers=4), 1, "does not fit num_layers=4"),
+        (dict(layer_pattern="KKKAK", num_layers=4), 1, "is longer than num_layers=4"),
         (dict(kda_num_heads=3), 2, "kda_num_heads=3 is not divisible by tensor_model_parallel_size=2"),
         (dict(num_attention_heads=3), 2, "num_attention_heads=3"),
         (dict(num_experts_per_token=9, num_experts=8), 1, "num_experts_per_token=9"),
