@@ -1,6 +1,8 @@
 """Named model configurations (an explicit registry, no magic).
 
 - ``tiny``: a toy that trains on two CPU cores (vocab 8192 = the embedded-corpus tokenizer).
+- ``small``: 208M parameters (87M activated), the scaling presets' shapes at 12 layers and hidden
+  512: the size for comparing the arms at 4k context on one GPU in minutes (``configs/small-*.json``).
 - ``kimi-linear-48b-a3b``: the released model, SPEC 3.1 exactly (49,122,681,728 parameters).
 - ``scaling-653m`` ... ``scaling-1.7b``: the paper's scaling-law sizes (SPEC 5.2: MoE 8 of 64
   experts). The paper gives heads, layers and hidden size only; the remaining widths follow the
@@ -31,6 +33,32 @@ def _tiny() -> ModelConfig:
     # KKKA, first layer dense, then MoE 2 of 4 experts + 1 shared; sized so that the quick start
     # (2 gloo ranks on 2 CPU cores) runs at about 20 steps/s (docs/training.md)
     return ModelConfig(name="tiny", hidden_size=64, num_experts=4)
+
+
+def _small() -> ModelConfig:
+    # the scaling presets' proportions (head dim 128, MLA kv_lora 512 / nope 128 / rope 64 / v 128,
+    # dense MLP 4x hidden, 8 of 64 experts + 1 shared) at 12 layers (KKKA x 3), hidden 512, 8 heads
+    # and expert width 128: 208.2M parameters, 87.1M activated per token (53.5M without embeddings)
+    return ModelConfig(
+        name="small",
+        vocab_size=32768,
+        hidden_size=512,
+        num_layers=12,
+        layer_pattern=hybrid_pattern(12),
+        kda_num_heads=8,
+        kda_head_dim=128,
+        num_attention_heads=8,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        first_k_dense=1,
+        intermediate_size=2048,
+        num_experts=64,
+        num_experts_per_token=8,
+        moe_intermediate_size=128,
+        num_shared_experts=1,
+    )
 
 
 def _kimi_48b() -> ModelConfig:
@@ -101,6 +129,7 @@ def _scaling(name: str) -> ModelConfig:
 
 PRESETS = {
     "tiny": _tiny,
+    "small": _small,
     "kimi-linear-48b-a3b": _kimi_48b,
     **{name: (lambda n=name: _scaling(n)) for name in _SCALING},
 }
