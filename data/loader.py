@@ -102,6 +102,15 @@ class PretrainingLoader:
         """Samples consumed by all DP ranks together (Megatron's counter), at step granularity."""
         return self.global_batch * self.global_batch_size
 
+    def source_shares(self) -> dict[str, float]:
+        """Share of the samples consumed so far (all DP ranks, whole steps) that each blended
+        source gave, as ``{"data/source{i}_share": share}`` in the order of the blend; empty for a
+        single source."""
+        if len(self.samples.sources) < 2 or not self.consumed_samples:
+            return {}
+        counts = self.samples.counts(self.consumed_samples)
+        return {f"data/source{i}_share": float(c) / self.consumed_samples for i, c in enumerate(counts)}
+
     def _fingerprint(self) -> str:
         settings = {"data": self.samples.fingerprint(), "seq_length": self.seq_length,
                     "global_batch_size": self.global_batch_size,

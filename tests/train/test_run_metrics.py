@@ -6,6 +6,7 @@ import math
 import sys
 import types
 
+import pytest
 import torch
 
 from tests.helpers.small_models import small_run
@@ -90,3 +91,22 @@ def test_validation_metrics_formulas():
     assert out == {"valid/loss": 3.0, "valid/ppl": math.exp(3.0), "valid/tokens_per_s": 6.0, "valid/tokens": 12.0}
     assert validation_metrics(1e4, 1.0, 1.0, 1.0)["valid/ppl"] == math.inf
     assert math.isnan(validation_metrics(math.nan, 1.0, 1.0, 1.0)["valid/ppl"])
+
+
+def test_blend_shares_go_to_metrics_and_wandb(tmp_path, monkeypatch):
+    from data import ensure_default_dataset
+    from train.loop import train
+
+    runs = _fake_wandb(monkeypatch)
+    run = small_run(train_iters=3, run_dir=str(tmp_path), wandb_project="kimi")
+    default = ensure_default_dataset(run.train.data_cache_dir)
+    run.train.data_prefixes = [default.train_prefixes[0], default.valid_prefixes[0]]
+    run.train.data_weights = [0.75, 0.25]
+    train(run)
+    records = _metrics(tmp_path)
+    samples = [run.train.global_batch_size * r["step"] for r in records]
+    first = [r["data/source0_share"] * n for r, n in zip(records, samples)]
+    second = [r["data/source1_share"] * n for r, n in zip(records, samples)]
+    assert first == pytest.approx([3, 6, 9]) and second == pytest.approx([1, 2, 3])  # 3:1 in every step of 4
+    (wandb_run,) = runs
+    assert [data["data/source0_share"] for _, data in wandb_run.logged] == [r["data/source0_share"] for r in records]
