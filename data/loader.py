@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from data.blending import BlendedSamples
-from data.packing import DocumentCorpus, PackedSamples
-from data.tokenizer import check_vocab_fits, load_tokenizer, tokenizer_vocab_size
+from data.packing import DocumentCorpus, PackedSamples, recorded_tokenizers
+from data.tokenizer import check_vocab_fits, load_tokenizer, tokenizer_fingerprint, tokenizer_vocab_size
 
 STATE_VERSION = 1
 
@@ -177,6 +178,33 @@ def _check_vocab(corpora: Sequence[DocumentCorpus], vocab_size: int | None,
                 f"{vocab_size}: the data was tokenized with a larger vocabulary; raise vocab_size "
                 f"to at least {largest + 1} or prepare the data with a tokenizer that fits"
             )
+
+
+def tokenizer_of_data(prefixes: Sequence[str], tokenizer_dir: str = "") -> str:
+    """The tokenizer folder of a run: ``tokenizer_dir`` when given (it must be the one the data's
+    manifests record, compared by content), else the one the manifests record where it still
+    exists, else "" (raw .bin/.idx files record none). Raises ValueError when the data's sources
+    were prepared with different tokenizers or ``tokenizer_dir`` is not theirs."""
+    records = recorded_tokenizers(list(prefixes)) if prefixes else {}
+    by_hash = {record["sha256"]: record["path"] for record in records.values()}
+    if len(by_hash) > 1:
+        raise ValueError(
+            f"the data was prepared with {len(by_hash)} different tokenizers ({sorted(by_hash.values())}); "
+            "token ids of different tokenizers cannot be mixed: prepare every source with one tokenizer"
+        )
+    if tokenizer_dir:
+        if not Path(tokenizer_dir).is_dir():
+            raise ValueError(f"train.tokenizer_dir={tokenizer_dir} does not exist: pass the Hugging Face "
+                             "tokenizer folder the data was prepared with")
+        if by_hash and tokenizer_fingerprint(tokenizer_dir) not in by_hash:
+            raise ValueError(
+                f"train.tokenizer_dir={tokenizer_dir} is not the tokenizer that prepared the data "
+                f"({next(iter(by_hash.values()))}, per its manifest): pass that folder, or leave "
+                "--tokenizer-dir out to use it"
+            )
+        return str(Path(tokenizer_dir).resolve())
+    path = next(iter(by_hash.values()), "")
+    return path if path and Path(path).is_dir() else ""
 
 
 def build_pretraining_loaders(

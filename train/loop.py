@@ -88,13 +88,22 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def build_data(run: RunConfig, dims: state.ParallelDims):
-    from data import build_pretraining_loaders, ensure_default_dataset
+    """The train and validation loaders. Records the run's tokenizer in ``train.tokenizer_dir`` (the
+    checkpoints' meta.json; the HF export ships it): the given one, checked against the data, or the
+    one the data's manifests name."""
+    from data import build_pretraining_loaders, ensure_default_dataset, tokenizer_of_data
 
     t = run.train
     train_prefixes, valid_prefixes = list(t.data_prefixes), list(t.valid_prefixes) or None
+    given_tokenizer = known_tokenizer = t.tokenizer_dir
     if not train_prefixes:
         default = ensure_default_dataset(t.data_cache_dir)
         train_prefixes, valid_prefixes = list(default.train_prefixes), list(default.valid_prefixes)
+        known_tokenizer = given_tokenizer or default.tokenizer_dir  # where the cache is now
+    try:
+        t.tokenizer_dir = tokenizer_of_data(train_prefixes + (valid_prefixes or []), known_tokenizer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     weights = t.data_weights or None
     blend = list(zip(weights, train_prefixes)) if weights else None
     return build_pretraining_loaders(
@@ -109,6 +118,7 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
         seed=t.seed,
         reset_at_document_boundaries=t.reset_at_document_boundaries,
         vocab_size=run.model.vocab_size,
+        tokenizer_dir=given_tokenizer or None,  # its vocabulary must fit the model
     )
 
 
