@@ -20,8 +20,14 @@ from train import distributed_optimizer
 from train.config import RunConfig
 from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
-from train.metrics import (GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics,
-                           validation_metrics)
+from train.metrics import (
+    GateMonitor,
+    MetricsLogger,
+    kda_decay_at_zero_input,
+    memory_metrics,
+    moe_load_metrics,
+    validation_metrics,
+)
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
 from train.precision import MasterWeights, to_bf16

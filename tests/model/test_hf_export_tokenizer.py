@@ -83,7 +83,8 @@ def test_export_takes_a_given_tokenizer_and_names_a_missing_one(tmp_path):
 
     ckpt.save_checkpoint(tmp_path / "d", 1, model, None,
                          {"model": model.model_config.to_dict(), "train": {"tokenizer_dir": str(tmp_path / "gone")}})
-    with pytest.raises(ckpt.CheckpointError, match=r"tokenizer recorded in meta.json, .*gone, does not exist: pass --tokenizer"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"tokenizer recorded in meta.json, .*gone, does not exist: pass --tokenizer"):
         export_checkpoint(tmp_path / "d", tmp_path / "hf2", progress=False)
     small = fx.build(fx.small_config(vocab_size=512))
     ckpt.save_checkpoint(tmp_path / "e", 1, small, None, {"model": small.model_config.to_dict()})

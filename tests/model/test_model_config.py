@@ -48,7 +48,8 @@ def test_a_shorter_pattern_repeats_and_ends_with_its_tail():
     assert expand_pattern("A", 5) == "AAAAA"
     released = get_preset("kimi-linear-48b-a3b")
     assert released.replace(layer_pattern="KKKA").validate().layer_types == released.layer_types
-    assert get_preset("scaling-878m").replace(layer_pattern="KKKA").layer_types == get_preset("scaling-878m").layer_types
+    scaling = get_preset("scaling-878m")  # 18 layers: KKKA x 4 + KA
+    assert scaling.replace(layer_pattern="KKKA").layer_types == scaling.layer_types
     cfg = get_preset("scaling-653m")
     assert as_arm(cfg, "mla").layer_types == ["mla"] * 16
     gdn = as_arm(cfg, "gdn-h")
