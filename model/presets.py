@@ -35,32 +35,6 @@ def _tiny() -> ModelConfig:
     return ModelConfig(name="tiny", hidden_size=64, num_experts=4)
 
 
-def _small() -> ModelConfig:
-    # the scaling presets' proportions (head dim 128, MLA kv_lora 512 / nope 128 / rope 64 / v 128,
-    # dense MLP 4x hidden, 8 of 64 experts + 1 shared) at 12 layers (KKKA x 3), hidden 512, 8 heads
-    # and expert width 128: 208.2M parameters, 87.1M activated per token (53.5M without embeddings)
-    return ModelConfig(
-        name="small",
-        vocab_size=32768,
-        hidden_size=512,
-        num_layers=12,
-        layer_pattern=hybrid_pattern(12),
-        kda_num_heads=8,
-        kda_head_dim=128,
-        num_attention_heads=8,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        first_k_dense=1,
-        intermediate_size=2048,
-        num_experts=64,
-        num_experts_per_token=8,
-        moe_intermediate_size=128,
-        num_shared_experts=1,
-    )
-
-
 def _kimi_48b() -> ModelConfig:
     return ModelConfig(
         name="kimi-linear-48b-a3b",
@@ -103,8 +77,9 @@ _SCALING = {
 }
 
 
-def _scaling(name: str) -> ModelConfig:
-    heads, layers, hidden, moe_width = _SCALING[name]
+def _scaling(name: str, heads: int, layers: int, hidden: int, moe_width: int) -> ModelConfig:
+    """The scaling-law shape: head dim 128, MLA kv_lora 512 / nope 128 / rope 64 / v 128, dense MLP
+    4x hidden, 8 of 64 experts + 1 shared, vocab 32768."""
     return ModelConfig(
         name=name,
         vocab_size=32768,
@@ -129,9 +104,11 @@ def _scaling(name: str) -> ModelConfig:
 
 PRESETS = {
     "tiny": _tiny,
-    "small": _small,
+    # the scaling shape at 12 layers (KKKA x 3), hidden 512, 8 heads, expert width 128: 208.2M
+    # parameters, 87.1M activated per token (53.5M without embeddings), for 4k-context comparisons
+    "small": lambda: _scaling("small", 8, 12, 512, 128),
     "kimi-linear-48b-a3b": _kimi_48b,
-    **{name: (lambda n=name: _scaling(n)) for name in _SCALING},
+    **{name: (lambda n=name: _scaling(n, *_SCALING[n])) for name in _SCALING},
 }
 
 

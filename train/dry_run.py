@@ -235,7 +235,8 @@ def format_report(report: DryRun) -> str:
     lines += [
         f"training FLOPs per token: {report.flops_per_token:,.0f} (3 x forward, documents of "
         f"{lay['seq_length']:,} tokens)",
-        f"layout: {lay['world_size']} GPUs = TP {lay['tensor']} x PP {lay['pipeline']} x CP {lay['context']} x "
+        f"layout: {lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''} = TP {lay['tensor']} x "
+        f"PP {lay['pipeline']} x CP {lay['context']} x "
         f"DP {lay['data']} (EP {lay['expert']}, expert DP {lay['expert_data']}"
         + (f", virtual PP {lay['virtual_pipeline']}" if lay["virtual_pipeline"] > 1 else "")
         + f"); sequence parallel {'on' if lay['sequence_parallel'] else 'off'}; "

@@ -25,6 +25,19 @@ def test_48b_parameter_count_on_meta_device():
     assert count_parameters(model) == 49_122_681_728
 
 
+def test_small_preset_size():
+    """docs/presets.md: 208,184,200 parameters (within the 100-300M of a one-GPU comparison), the
+    scaling presets' widths."""
+    from model.hf_names import hf_tensor_specs
+
+    small, scaling = get_preset("small"), get_preset("scaling-653m")
+    assert sum(s.numel for s in hf_tensor_specs(small)) == 208_184_200
+    same = ("kda_head_dim", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts",
+            "num_experts_per_token", "num_shared_experts", "vocab_size", "first_k_dense")
+    assert {k: getattr(small, k) for k in same} == {k: getattr(scaling, k) for k in same}
+    assert small.intermediate_size == 4 * small.hidden_size and small.layer_pattern == "KKKA" * 3
+
+
 def test_scaling_presets_have_paper_shapes():
     for name, heads, layers, hidden in [("scaling-653m", 16, 16, 1216), ("scaling-1.7b", 24, 24, 1776)]:
         cfg = get_preset(name).validate()
