@@ -106,8 +106,8 @@ class PretrainingLoader:
     def source_shares(self) -> dict[str, float]:
         """Share of the samples consumed so far (all DP ranks, whole steps) that each blended
         source gave, as ``{"data/source{i}_share": share}`` in the order of the blend; empty for a
-        single source."""
-        if len(self.samples.sources) < 2 or not self.consumed_samples:
+        single source (or samples that are not a blend)."""
+        if not isinstance(self.samples, BlendedSamples) or len(self.samples.sources) < 2 or not self.consumed_samples:
             return {}
         counts = self.samples.counts(self.consumed_samples)
         return {f"data/source{i}_share": float(c) / self.consumed_samples for i, c in enumerate(counts)}

@@ -4,7 +4,9 @@
 
 ``--config`` is a preset name (``tiny``, ``kimi-linear-48b-a3b``, ``scaling-653m``, ...) or a JSON
 file. Any field is overridable: ``--set train.lr=1e-3 --set model.layer_pattern=GGGA`` (the
-section may be left out when the name is unique). Runs on GPUs (nccl) or CPUs (gloo).
+section may be left out when the name is unique). Runs on GPUs (nccl) or CPUs (gloo). ``--dry-run``
+prints the model's size, layers, FLOPs per token and memory per GPU for the parallel flags instead
+of training (one process; the model is built on the meta device).
 """
 
 from __future__ import annotations

@@ -303,7 +303,7 @@ def train(run: RunConfig) -> list[float]:
         record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
                   "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
                   "consumed_tokens": done * tokens_per_step, "skipped_steps": skipped_steps, **memory,
-                  **train_loader.source_shares(), **extra}
+                  **getattr(train_loader, "source_shares", dict)(), **extra}
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             valid = evaluate(model, valid_loader, t.eval_iters, device)
             log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
