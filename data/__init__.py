@@ -34,6 +34,7 @@ from importlib import import_module
 _EXPORTS = {
     "build_pretraining_loaders": "data.loader",
     "PretrainingLoader": "data.loader",
+    "tokenizer_of_data": "data.loader",
     "cp_slice": "data.context_parallel",
     "ensure_default_dataset": "data.default_corpus",
     "build_default_dataset": "data.default_corpus",

@@ -46,6 +46,11 @@ class BlendedSamples:
         source = int(self.schedule[position])
         return source, block * int(self.per_block[source]) + int(self.rank_in_block[position])
 
+    def counts(self, stop: int) -> np.ndarray:
+        """How many of the blended samples [0, stop) each source gave."""
+        blocks, position = divmod(int(stop), self.block)
+        return blocks * self.per_block + np.bincount(self.schedule[:position], minlength=len(self.sources))
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, list[int]]:
         source, local = self.locate(index)
         return self.sources[source][local]

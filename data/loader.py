@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from data.blending import BlendedSamples
-from data.packing import DocumentCorpus, PackedSamples
-from data.tokenizer import check_vocab_fits, load_tokenizer, tokenizer_vocab_size
+from data.packing import DocumentCorpus, PackedSamples, recorded_tokenizers
+from data.tokenizer import check_vocab_fits, load_tokenizer, tokenizer_fingerprint, tokenizer_vocab_size
 
 STATE_VERSION = 1
 
@@ -106,6 +107,15 @@ class PretrainingLoader:
         """Samples consumed by all DP ranks together (Megatron's counter), at step granularity."""
         return self.global_batch * self.global_batch_size
 
+    def source_shares(self) -> dict[str, float]:
+        """Share of the samples consumed so far (all DP ranks, whole steps) that each blended
+        source gave, as ``{"data/source{i}_share": share}`` in the order of the blend; empty for a
+        single source (or samples that are not a blend)."""
+        if not isinstance(self.samples, BlendedSamples) or len(self.samples.sources) < 2 or not self.consumed_samples:
+            return {}
+        counts = self.samples.counts(self.consumed_samples)
+        return {f"data/source{i}_share": float(c) / self.consumed_samples for i, c in enumerate(counts)}
+
     def _fingerprint(self) -> str:
         settings = {"data": self.samples.fingerprint(), "seq_length": self.seq_length,
                     "global_batch_size": self.global_batch_size,
@@ -172,6 +182,33 @@ def _check_vocab(corpora: Sequence[DocumentCorpus], vocab_size: int | None,
                 f"{vocab_size}: the data was tokenized with a larger vocabulary; raise vocab_size "
                 f"to at least {largest + 1} or prepare the data with a tokenizer that fits"
             )
+
+
+def tokenizer_of_data(prefixes: Sequence[str], tokenizer_dir: str = "") -> str:
+    """The tokenizer folder of a run: ``tokenizer_dir`` when given (it must be the one the data's
+    manifests record, compared by content), else the one the manifests record where it still
+    exists, else "" (raw .bin/.idx files record none). Raises ValueError when the data's sources
+    were prepared with different tokenizers or ``tokenizer_dir`` is not theirs."""
+    records = recorded_tokenizers(list(prefixes)) if prefixes else {}
+    by_hash = {record["sha256"]: record["path"] for record in records.values()}
+    if len(by_hash) > 1:
+        raise ValueError(
+            f"the data was prepared with {len(by_hash)} different tokenizers ({sorted(by_hash.values())}); "
+            "token ids of different tokenizers cannot be mixed: prepare every source with one tokenizer"
+        )
+    if tokenizer_dir:
+        if not Path(tokenizer_dir).is_dir():
+            raise ValueError(f"train.tokenizer_dir={tokenizer_dir} does not exist: pass the Hugging Face "
+                             "tokenizer folder the data was prepared with")
+        if by_hash and tokenizer_fingerprint(tokenizer_dir) not in by_hash:
+            raise ValueError(
+                f"train.tokenizer_dir={tokenizer_dir} is not the tokenizer that prepared the data "
+                f"({next(iter(by_hash.values()))}, per its manifest): pass that folder, or leave "
+                "--tokenizer-dir out to use it"
+            )
+        return str(Path(tokenizer_dir).resolve())
+    path = next(iter(by_hash.values()), "")
+    return path if path and Path(path).is_dir() else ""
 
 
 def build_pretraining_loaders(

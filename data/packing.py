@@ -55,6 +55,17 @@ def _manifest_entry(prefix: str) -> tuple[dict | None, dict | None]:
     return manifest, None
 
 
+def recorded_tokenizers(prefixes: list[str] | str) -> dict[str, dict]:
+    """{shard prefix: the tokenizer its preparation manifest records (path, sha256, vocab_size,
+    eos_token_id)} for the prefixes (or prepared folders) whose manifest records one."""
+    records = {}
+    for prefix in resolve_prefixes(prefixes):
+        manifest, _ = _manifest_entry(prefix)
+        if manifest and "tokenizer" in manifest:
+            records[prefix] = manifest["tokenizer"]
+    return records
+
+
 class DocumentCorpus:
     """All documents of a list of shards, pooled: document id -> (shard, start, length)."""
 
@@ -90,12 +101,7 @@ class DocumentCorpus:
 
     def tokenizer_vocab_sizes(self) -> dict[str, int]:
         """{prefix: vocab size of the tokenizer that made it} where a manifest records it."""
-        sizes = {}
-        for prefix in self.prefixes:
-            manifest, _ = _manifest_entry(prefix)
-            if manifest and "tokenizer" in manifest:
-                sizes[prefix] = int(manifest["tokenizer"]["vocab_size"])
-        return sizes
+        return {prefix: int(record["vocab_size"]) for prefix, record in recorded_tokenizers(self.prefixes).items()}
 
     def split_documents(self, split: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Contiguous train/valid document ranges (as Megatron: the last documents validate;

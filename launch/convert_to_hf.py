@@ -4,10 +4,13 @@
 
 ``--load`` is a save folder (its newest checkpoint is used, or ``--step N``) or an ``iter_*`` folder,
 saved at any tensor/expert-parallel layout. The output holds ``config.json`` (model_type
-``kimi_linear``), ``generation_config.json`` and safetensors with the original checkpoint names
+``kimi_linear``), ``generation_config.json``, safetensors with the original checkpoint names
 (``q_conv1d``, ``block_sparse_moe.experts.{e}.w1`` ...), sharded with ``model.safetensors.index.json``
-when larger than ``--max-shard-size``. Load it with ``transformers.KimiLinearForCausalLM.from_pretrained``
-(or vLLM). Models with GDN (``G``) layers or a bounded KDA gate cannot be exported (HF has neither).
+when larger than ``--max-shard-size``, and the run's tokenizer (the one the training run recorded, or
+``--tokenizer DIR``) with its BOS/EOS/PAD ids in both configs. Load it with
+``transformers.AutoTokenizer`` and ``transformers.KimiLinearForCausalLM.from_pretrained`` (tested);
+other loaders of ``kimi_linear`` folders are not tested here. Models with GDN (``G``) layers or a
+bounded KDA gate cannot be exported (HF has neither).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model_max_length written into config.json (default: 1048576 as released)")
     parser.add_argument("--allow-group-routing-mismatch", action="store_true",
                         help="export even if grouped top-k routing differs between megatron and transformers")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="tokenizer folder to ship (default: the one the training run recorded)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="the tokenizer needs its own code (e.g. Kimi's tiktoken tokenizer)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -49,6 +56,7 @@ def main(argv=None) -> int:
             args.load, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
             model_max_length=args.model_max_length, progress=not args.no_progress,
             allow_group_routing_mismatch=args.allow_group_routing_mismatch,
+            tokenizer_dir=args.tokenizer, trust_remote_code=args.trust_remote_code,
         )
     except (ConfigError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

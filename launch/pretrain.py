@@ -4,7 +4,9 @@
 
 ``--config`` is a preset name (``tiny``, ``kimi-linear-48b-a3b``, ``scaling-653m``, ...) or a JSON
 file. Any field is overridable: ``--set train.lr=1e-3 --set model.layer_pattern=GGGA`` (the
-section may be left out when the name is unique). Runs on GPUs (nccl) or CPUs (gloo).
+section may be left out when the name is unique). Runs on GPUs (nccl) or CPUs (gloo). ``--dry-run``
+prints the model's size, layers, FLOPs per token and memory per GPU for the parallel flags instead
+of training (one process; the model is built on the meta device).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", default=None)
     parser.add_argument("--compile", action="store_true", default=None,
                         help="fuse the norms and KDA short convolutions with torch.compile (CUDA only)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device and print its size, layers, FLOPs per token "
+                             "and the estimated memory per GPU for the parallel flags; train nothing")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="GPUs of the run, for --dry-run (default: the smallest that fits, DP = EP)")
     return parser.parse_args(argv)
 
 
@@ -104,6 +111,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run = build_run_config(args)
+        if args.dry_run:
+            from train.dry_run import dry_run, format_report
+
+            print(format_report(dry_run(run, args.world_size)), flush=True)
+            return 0
         train(run)
     except (ConfigError, ParallelConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -3,7 +3,9 @@
 The layer pattern is data: one symbol per layer, ``K`` (Kimi Delta Attention), ``A`` (MLA, NoPE) or
 ``G`` (Gated DeltaNet: the KDA layer with one decay per head). A pattern shorter than the model is
 repeated, so ``"KKKA"`` with 16 layers is the 3:1 hybrid, ``"A"`` the all-MLA baseline and
-``"GGGA"`` the GDN hybrid. The first ``first_k_dense`` layers use a dense SwiGLU MLP, the rest MoE.
+``"GGGA"`` the GDN hybrid. When its length does not divide the number of layers, the last, partial
+repeat is the pattern's tail: ``"KKKA"`` on 27 layers is ``KKKA`` x 6 + ``KKA``, the released
+model. The first ``first_k_dense`` layers use a dense SwiGLU MLP, the rest MoE.
 """
 
 from __future__ import annotations
@@ -164,7 +166,9 @@ class ModelConfig:
 
 
 def expand_pattern(pattern: str, num_layers: int) -> str:
-    """Repeat ``pattern`` to ``num_layers`` symbols; an exact-length pattern is used as is."""
+    """Repeat ``pattern`` to ``num_layers`` symbols; an exact-length pattern is used as is. A partial
+    last repeat takes the pattern's last symbols, so a hybrid still ends with its MLA layer
+    (``"KKKA"`` on 27 layers: ``KKKA`` x 6 + ``KKA``)."""
     if not pattern:
         raise ConfigError("layer_pattern is empty; use symbols K (KDA), A (MLA), G (GDN), e.g. 'KKKA'")
     bad = sorted(set(pattern) - set(LAYER_SYMBOLS))
@@ -172,14 +176,13 @@ def expand_pattern(pattern: str, num_layers: int) -> str:
         raise ConfigError(
             f"layer_pattern={pattern!r} has unknown symbol(s) {bad}; use K (KDA), A (MLA) or G (GDN)"
         )
-    if len(pattern) == num_layers:
-        return pattern
-    if len(pattern) > num_layers or num_layers % len(pattern):
+    if len(pattern) > num_layers:
         raise ConfigError(
-            f"layer_pattern={pattern!r} (length {len(pattern)}) does not fit num_layers={num_layers}: give "
-            f"one symbol per layer or a pattern whose length divides num_layers"
+            f"layer_pattern={pattern!r} (length {len(pattern)}) is longer than num_layers={num_layers}: give "
+            f"one symbol per layer or a shorter pattern, which repeats"
         )
-    return pattern * (num_layers // len(pattern))
+    full, rest = divmod(num_layers, len(pattern))
+    return pattern * full + (pattern[-rest:] if rest else "")
 
 
 def coerce_field(config: ModelConfig, name: str, text: str):

@@ -2,7 +2,9 @@
 
 - ``export_checkpoint(load, out)``: any checkpoint (any TP layout; megatron reshards it to one
   process) -> ``config.json`` + safetensors with SPEC 4 names, sharded with
-  ``model.safetensors.index.json`` when larger than ``max_shard_size``.
+  ``model.safetensors.index.json`` when larger than ``max_shard_size``, plus the run's tokenizer
+  (the one its meta.json records, or ``tokenizer=DIR``) and its special-token ids in
+  ``config.json`` and ``generation_config.json``: the folder alone tokenizes and generates.
 - ``import_hf_folder(hf_dir, save)``: an HF folder (SPEC 4 names or transformers' runtime names,
   sharded or not) -> a step-0 checkpoint that ``launch/pretrain.py --load`` and
   ``train.checkpoint.load_model_for_inference`` accept.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -59,6 +63,31 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 
 # ---------------------------------------------------------------------------- export
+# files of a model folder that a tokenizer folder may also hold; never copied over the export's own
+_MODEL_FILES = re.compile(r"^(config\.json|generation_config\.json|.*\.safetensors(\.index\.json)?|"
+                          r".*\.(bin|pt|pth|ckpt|h5|msgpack|gguf)|pytorch_model.*\.json)$")
+
+
+def ship_tokenizer(tokenizer_dir: str | Path, out: Path, config: ModelConfig,
+                   trust_remote_code: bool = False) -> ModelConfig:
+    """Copy the tokenizer's files into the export; return ``config`` with the tokenizer's special
+    ids. Its EOS separates documents in our data, so EOS also stands for BOS and PAD where the
+    tokenizer defines none (as in GPT-2)."""
+    from data.tokenizer import check_vocab_fits, load_tokenizer, tokenizer_vocab_size
+
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    check_vocab_fits(tokenizer_vocab_size(tokenizer), config.vocab_size, f"the tokenizer in {tokenizer_dir}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise HFConversionError(f"the tokenizer in {tokenizer_dir} defines no eos_token; generation needs one")
+    for path in sorted(Path(tokenizer_dir).iterdir()):
+        if path.is_file() and not _MODEL_FILES.match(path.name):
+            shutil.copy2(path, out / path.name)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return config.replace(bos_token_id=int(bos), eos_token_id=int(eos), pad_token_id=int(pad))
+
+
 def _plan_shards(specs: list[HFTensor], dtype: torch.dtype, max_bytes: int) -> list[list[HFTensor]]:
     """Consecutive tensors packed into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
     element = torch.empty((), dtype=dtype).element_size()
@@ -74,8 +103,11 @@ def export_state_dict(
     model_max_length: int | None = None,
     progress: bool = True,
     allow_group_routing_mismatch: bool = False,
+    tokenizer_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
-    """Write ``state`` (our full, TP=1 state dict) as an HF folder. Returns the folder."""
+    """Write ``state`` (our full, TP=1 state dict) as an HF folder, with the tokenizer in
+    ``tokenizer_dir`` if given (``ship_tokenizer``). Returns the folder."""
     if dtype not in DTYPES:
         raise HFConversionError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)}")
     check_exportable(config, allow_group_routing_mismatch)
@@ -114,6 +146,8 @@ def export_state_dict(
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer_dir:
+        config = ship_tokenizer(tokenizer_dir, out, config, trust_remote_code)
     hf_config = hf_config_from_model_config(config, dtype, model_max_length)
     hf_config["transformers_version"] = _transformers_version()
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -140,8 +174,11 @@ def export_model(model, out_dir, **kwargs) -> Path:
     return export_state_dict(model.state_dict(), model.model_config, out_dir, **kwargs)
 
 
-def export_checkpoint(load: str | Path, out_dir: str | Path, step: int | None = None, **kwargs) -> Path:
-    """Checkpoint (any parallel layout) -> HF folder. Refuses unexportable configs before loading weights."""
+def export_checkpoint(load: str | Path, out_dir: str | Path, step: int | None = None,
+                      tokenizer_dir: str | Path | None = None, **kwargs) -> Path:
+    """Checkpoint (any parallel layout) -> HF folder. Refuses unexportable configs before loading weights.
+    The tokenizer: ``tokenizer_dir``, else the one the run recorded (``train.tokenizer_dir`` in
+    meta.json), else none (with a notice)."""
     from train.checkpoint import CheckpointError, load_model_for_inference, read_meta, resolve
 
     path = resolve(load, step)
@@ -153,8 +190,17 @@ def export_checkpoint(load: str | Path, out_dir: str | Path, step: int | None = 
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}/meta.json: invalid model config ({err})") from None
     check_exportable(config, kwargs.get("allow_group_routing_mismatch", False))
+    recorded = (meta.get("train") or {}).get("tokenizer_dir") or None
+    tokenizer_dir = tokenizer_dir or recorded
+    if tokenizer_dir is None:
+        print(f"note: {path}/meta.json records no tokenizer, so the export has none; pass --tokenizer DIR "
+              "(the tokenizer the data was prepared with) to include it", file=sys.stderr)
+    elif not Path(tokenizer_dir).is_dir():
+        source = "recorded in meta.json" if tokenizer_dir == recorded else "given"
+        raise CheckpointError(f"the tokenizer {source}, {tokenizer_dir}, does not exist: pass --tokenizer DIR "
+                              "(the tokenizer the data was prepared with)")
     model = load_model_for_inference(path)
-    return export_state_dict(model.state_dict(), config, out_dir, **kwargs)
+    return export_state_dict(model.state_dict(), config, out_dir, tokenizer_dir=tokenizer_dir, **kwargs)
 
 
 # ---------------------------------------------------------------------------- import

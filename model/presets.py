@@ -1,6 +1,8 @@
 """Named model configurations (an explicit registry, no magic).
 
 - ``tiny``: a toy that trains on two CPU cores (vocab 8192 = the embedded-corpus tokenizer).
+- ``small``: 208M parameters (87M activated), the scaling presets' shapes at 12 layers and hidden
+  512: the size for comparing the arms at 4k context on one GPU in minutes (``configs/small-*.json``).
 - ``kimi-linear-48b-a3b``: the released model, SPEC 3.1 exactly (49,122,681,728 parameters).
 - ``scaling-653m`` ... ``scaling-1.7b``: the paper's scaling-law sizes (SPEC 5.2: MoE 8 of 64
   experts). The paper gives heads, layers and hidden size only; the remaining widths follow the
@@ -21,9 +23,7 @@ from .config import ConfigError, ModelConfig, expand_pattern
 def hybrid_pattern(num_layers: int, linear: str = "K", ratio: int = 3) -> str:
     """``ratio`` linear layers then one MLA, repeated; a shorter last block still ends with MLA
     (the released 27-layer model is KKKA x 6 + KKA)."""
-    block = linear * ratio + "A"
-    full, rest = divmod(num_layers, len(block))
-    return block * full + (linear * (rest - 1) + "A" if rest else "")
+    return expand_pattern(linear * ratio + "A", num_layers)
 
 
 KIMI_48B_PATTERN = hybrid_pattern(27)  # MLA at 0-based layers 3, 7, ..., 23 and 26
@@ -77,8 +77,9 @@ _SCALING = {
 }
 
 
-def _scaling(name: str) -> ModelConfig:
-    heads, layers, hidden, moe_width = _SCALING[name]
+def _scaling(name: str, heads: int, layers: int, hidden: int, moe_width: int) -> ModelConfig:
+    """The scaling-law shape: head dim 128, MLA kv_lora 512 / nope 128 / rope 64 / v 128, dense MLP
+    4x hidden, 8 of 64 experts + 1 shared, vocab 32768."""
     return ModelConfig(
         name=name,
         vocab_size=32768,
@@ -103,8 +104,11 @@ def _scaling(name: str) -> ModelConfig:
 
 PRESETS = {
     "tiny": _tiny,
+    # the scaling shape at 12 layers (KKKA x 3), hidden 512, 8 heads, expert width 128: 208.2M
+    # parameters, 87.1M activated per token (53.5M without embeddings), for 4k-context comparisons
+    "small": lambda: _scaling("small", 8, 12, 512, 128),
     "kimi-linear-48b-a3b": _kimi_48b,
-    **{name: (lambda n=name: _scaling(n)) for name in _SCALING},
+    **{name: (lambda n=name: _scaling(n, *_SCALING[n])) for name in _SCALING},
 }
 
 

@@ -2,7 +2,9 @@
 with command-line overrides for any field.
 
 ``--config tiny`` takes the model preset ``tiny`` and the training defaults below.
-``--config run.json`` reads ``{"model": {...} or "preset": NAME, "train": {...}}``.
+``--config run.json`` reads ``{"model": {...} or "preset": NAME, "train": {...}}``; a file that names a
+preset starts from exactly what ``--config NAME`` gives (the preset's model and training defaults)
+and changes only the fields it lists. ``configs/`` holds the recipes of the paper's comparison.
 ``--set train.lr=3e-4 --set model.layer_pattern=GGGA`` (or a bare field name when it is unique)
 overrides any field; the common ones also have Megatron-LM-style flags (``--train-iters`` ...).
 """
@@ -162,11 +164,12 @@ def load_run_config(name_or_file: str) -> RunConfig:
         unknown = sorted(set(raw) - {"preset", "model", "train"})
         if unknown:
             raise ConfigError(f"--config {name_or_file}: unknown top-level key(s) {unknown}; use preset, model, train")
-        model = get_preset(raw["preset"]) if "preset" in raw else ModelConfig()
+        preset = raw.get("preset")
+        model = get_preset(preset) if preset is not None else ModelConfig()
         if "model" in raw:
             model = model.replace(**_checked(ModelConfig, raw["model"], "model"))
-        train = TrainConfig(**_checked(TrainConfig, raw.get("train", {}), "train"))
-        return RunConfig(model=model, train=train)
+        train = {**PRESET_TRAIN_DEFAULTS.get(preset, {}), **_checked(TrainConfig, raw.get("train", {}), "train")}
+        return RunConfig(model=model, train=TrainConfig(**train))
     raise ConfigError(f"--config {name_or_file!r}: neither a preset ({sorted(PRESETS)}) nor an existing file")
 
 

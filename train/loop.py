@@ -20,7 +20,14 @@ from train import distributed_optimizer
 from train.config import RunConfig
 from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
-from train.metrics import GateMonitor, MetricsLogger, kda_decay_at_zero_input, memory_metrics, moe_load_metrics
+from train.metrics import (
+    GateMonitor,
+    MetricsLogger,
+    kda_decay_at_zero_input,
+    memory_metrics,
+    moe_load_metrics,
+    validation_metrics,
+)
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
 from train.precision import MasterWeights, to_bf16
@@ -87,13 +94,22 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def build_data(run: RunConfig, dims: state.ParallelDims):
-    from data import build_pretraining_loaders, ensure_default_dataset
+    """The train and validation loaders. Records the run's tokenizer in ``train.tokenizer_dir`` (the
+    checkpoints' meta.json; the HF export ships it): the given one, checked against the data, or the
+    one the data's manifests name."""
+    from data import build_pretraining_loaders, ensure_default_dataset, tokenizer_of_data
 
     t = run.train
     train_prefixes, valid_prefixes = list(t.data_prefixes), list(t.valid_prefixes) or None
+    given_tokenizer = known_tokenizer = t.tokenizer_dir
     if not train_prefixes:
         default = ensure_default_dataset(t.data_cache_dir)
         train_prefixes, valid_prefixes = list(default.train_prefixes), list(default.valid_prefixes)
+        known_tokenizer = given_tokenizer or default.tokenizer_dir  # where the cache is now
+    try:
+        t.tokenizer_dir = tokenizer_of_data(train_prefixes + (valid_prefixes or []), known_tokenizer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     weights = t.data_weights or None
     blend = list(zip(weights, train_prefixes)) if weights else None
     return build_pretraining_loaders(
@@ -108,21 +124,27 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
         seed=t.seed,
         reset_at_document_boundaries=t.reset_at_document_boundaries,
         vocab_size=run.model.vocab_size,
+        tokenizer_dir=given_tokenizer or None,  # its vocabulary must fit the model
     )
 
 
-def evaluate(model, loader, iters: int, device) -> float:
+def evaluate(model, loader, iters: int, device) -> dict:
+    """The validation metrics (``validation_metrics``) over ``iters`` micro-batches per DP rank, the
+    same batches at every evaluation."""
+    start = time.time()
     model.eval()
-    loader.reset()  # the same validation batches at every evaluation
+    loader.reset()
     batches = [_to_device(next(loader), device) for _ in range(iters)]
     loss_sum = forward_backward(model, batches, torch.ones(()), forward_only=True)
-    total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu()])
+    total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu(),
+                         torch.tensor(float(sum(b["tokens"].numel() for b in batches)), dtype=torch.float64)])
     if dist.is_initialized():  # on the device: NCCL reduces no CPU tensors
         total = total.to(device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         total = total.cpu()
     model.train()
-    return float(total[0] / total[1].clamp_min(1))
+    loss_sum, loss_tokens, tokens = total.tolist()
+    return validation_metrics(loss_sum, loss_tokens, tokens, time.time() - start)
 
 
 def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
@@ -287,12 +309,16 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
                 f"{tokens_per_step / elapsed:,.0f} tokens/s | {tflops_per_gpu:.2f} TFLOP/s/GPU"
                 + (f" | MFU {100 * step_mfu:.1f}%" if step_mfu is not None else "")
                 + f" | {_memory_text(memory)} | ETA {eta:,.0f}s")
-        logger.log(done, {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
-                          "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
-                          "skipped_steps": skipped_steps, **memory, **extra})
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
+                  "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
+                  "consumed_tokens": done * tokens_per_step, "skipped_steps": skipped_steps, **memory,
+                  **getattr(train_loader, "source_shares", dict)(), **extra}
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             valid = evaluate(model, valid_loader, t.eval_iters, device)
-            log(f"step {done:6d} | validation loss {valid:.4f}")
+            log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
+                f"{valid['valid/tokens_per_s']:,.0f} tokens/s")
+            record.update(valid)
+        logger.log(done, record)
         exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
         if evaluation is not None and t.eval_interval and (done % t.eval_interval == 0 or done == t.train_iters):
             results = dict(evaluation(model, done))

@@ -245,6 +245,16 @@ def memory_metrics(device=None, reset_peak: bool = False) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------- validation
+def validation_metrics(loss_sum: float, loss_tokens: float, tokens: float, seconds: float) -> dict[str, float]:
+    """``valid/loss`` (mean per-token loss over ``loss_tokens`` predicted tokens), ``valid/ppl``
+    (its exponential; inf past float range), ``valid/tokens_per_s`` (``tokens`` evaluated over all
+    ranks per second of the evaluation) and ``valid/tokens``."""
+    loss = loss_sum / max(loss_tokens, 1.0)
+    return {"valid/loss": loss, "valid/ppl": math.inf if loss > 700 else math.exp(loss),
+            "valid/tokens_per_s": tokens / max(seconds, 1e-9), "valid/tokens": tokens}
+
+
 # ----------------------------------------------------------------------------- writers
 def _plain(value):
     if torch.is_tensor(value):

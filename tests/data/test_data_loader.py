@@ -130,6 +130,38 @@ def test_blend_weights_within_tolerance(tmp_path):
         assert np.max(np.abs(running - w * np.arange(1, 20001))) <= 2
 
 
+def test_source_shares_count_the_samples_drawn(tmp_path):
+    """The logged shares are the counts of the samples all DP ranks drew from each source (read
+    from the tokens: source d's documents hold ids d*100..d*100+99), over whole steps."""
+    ranges = [(1, 100), (100, 200), (200, 300)]
+    prefixes = [write_shard(tmp_path / f"c{i}", make_documents(80, seed=i, low=lo, high=hi))
+                for i, (lo, hi) in enumerate(ranges)]
+    blend = list(zip([0.6, 0.3, 0.1], prefixes))
+    ranks = [build_pretraining_loaders(blend=blend, split=(1, 0), seq_length=16, micro_batch_size=2,
+                                       global_batch_size=8, dp_rank=r, dp_size=2)[0] for r in range(2)]
+    assert ranks[0].source_shares() == {}
+    counts = np.zeros(3)
+    for step in range(1, 8):
+        for loader in ranks:
+            for _ in range(loader.num_micro_batches):
+                for row in next(loader)["tokens"]:
+                    counts[int(row[row > 0][0]) // 100] += 1
+        shares = ranks[0].source_shares()
+        assert shares == ranks[1].source_shares()
+        assert [shares[f"data/source{d}_share"] for d in range(3)] == pytest.approx(counts / (8 * step))
+    # BlendedSamples.counts across its repeating block (a short block here) against locate()
+    samples = ranks[0].samples
+    short = type(samples)(samples.sources, [0.6, 0.3, 0.1], block=7)
+    sources = [short.locate(k)[0] for k in range(40)]
+    for stop in range(40):
+        assert short.counts(stop).tolist() == [sources[:stop].count(d) for d in range(3)]
+    single, _ = build_pretraining_loaders(prefixes[:1], split=(1, 0), seq_length=16, micro_batch_size=2,
+                                          global_batch_size=8)
+    for _ in range(single.num_micro_batches):
+        next(single)
+    assert single.consumed_samples == 8 and single.source_shares() == {}
+
+
 def test_split_and_separate_validation(synthetic_shard, tmp_path):
     prefix, docs = synthetic_shard
     train, valid = build_pretraining_loaders([prefix], split=(0.9, 0.1), **BATCH)

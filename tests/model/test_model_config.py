@@ -25,6 +25,19 @@ def test_48b_parameter_count_on_meta_device():
     assert count_parameters(model) == 49_122_681_728
 
 
+def test_small_preset_size():
+    """docs/presets.md: 208,184,200 parameters (within the 100-300M of a one-GPU comparison), the
+    scaling presets' widths."""
+    from model.hf_names import hf_tensor_specs
+
+    small, scaling = get_preset("small"), get_preset("scaling-653m")
+    assert sum(s.numel for s in hf_tensor_specs(small)) == 208_184_200
+    same = ("kda_head_dim", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts",
+            "num_experts_per_token", "num_shared_experts", "vocab_size", "first_k_dense")
+    assert {k: getattr(small, k) for k in same} == {k: getattr(scaling, k) for k in same}
+    assert small.intermediate_size == 4 * small.hidden_size and small.layer_pattern == "KKKA" * 3
+
+
 def test_scaling_presets_have_paper_shapes():
     for name, heads, layers, hidden in [("scaling-653m", 16, 16, 1216), ("scaling-1.7b", 24, 24, 1776)]:
         cfg = get_preset(name).validate()
@@ -37,6 +50,19 @@ def test_scaling_presets_have_paper_shapes():
 def test_pattern_expansion_and_arms():
     assert expand_pattern("KKKA", 8) == "KKKAKKKA"
     assert hybrid_pattern(18) == "KKKA" * 4 + "KA"
+
+
+def test_a_shorter_pattern_repeats_and_ends_with_its_tail():
+    """README: a pattern shorter than the model repeats, also when its length does not divide the
+    layers: the last, partial repeat is the pattern's tail, so KKKA on 27 layers is the released model."""
+    assert expand_pattern("KKKA", 27) == KIMI_48B_PATTERN == "KKKA" * 6 + "KKA"
+    assert expand_pattern("GGGA", 6) == "GGGAGA"
+    assert expand_pattern("KA", 3) == "KAA"
+    assert expand_pattern("A", 5) == "AAAAA"
+    released = get_preset("kimi-linear-48b-a3b")
+    assert released.replace(layer_pattern="KKKA").validate().layer_types == released.layer_types
+    scaling = get_preset("scaling-878m")  # 18 layers: KKKA x 4 + KA
+    assert scaling.replace(layer_pattern="KKKA").layer_types == scaling.layer_types
     cfg = get_preset("scaling-653m")
     assert as_arm(cfg, "mla").layer_types == ["mla"] * 16
     gdn = as_arm(cfg, "gdn-h")
@@ -52,7 +78,7 @@ def test_pattern_expansion_and_arms():
     "changes,tp,needle",
     [
         (dict(layer_pattern="KKX"), 1, "unknown symbol"),
-        (dict(layer_pattern="KKA", num_layers=4), 1, "does not fit num_layers=4"),
+        (dict(layer_pattern="KKKAK", num_layers=4), 1, "is longer than num_layers=4"),
         (dict(kda_num_heads=3), 2, "kda_num_heads=3 is not divisible by tensor_model_parallel_size=2"),
         (dict(num_attention_heads=3), 2, "num_attention_heads=3"),
         (dict(num_experts_per_token=9, num_experts=8), 1, "num_experts_per_token=9"),

@@ -6,27 +6,10 @@ import pytest
 import torch
 
 from model.config import ModelConfig
+from tests.helpers.small_models import small_run
 from train import checkpoint as ckpt
-from train.config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def small_run(tmp_path, **train):
-    run = load_run_config("tiny")
-    run.model = ModelConfig(name="t", hidden_size=64, num_layers=2, layer_pattern="KA", kda_num_heads=2,
-                            kda_head_dim=16, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16,
-                            qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, num_experts=4,
-                            num_experts_per_token=2, moe_intermediate_size=32)
-    run.train.data_cache_dir = str(ROOT / "cache" / "data")
-    run.train.seq_length = 64
-    run.train.micro_batch_size = 2
-    run.train.global_batch_size = 4
-    run.train.lr_warmup_iters = 2
-    run.train.log_interval = 100
-    for key, value in train.items():
-        setattr(run.train, key, value)
-    return run
 
 
 def test_resume_is_exact(tmp_path):
