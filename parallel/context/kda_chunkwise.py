@@ -98,19 +98,70 @@ class _Plan:
         self.use_qk_l2norm, self.has_gate, self.lower_bound = use_qk_l2norm, has_gate, lower_bound
 
 
+class TritonStateHook:
+    """The same scheme inside the Triton op (``kernels.kda.chunk.chunk_kda_triton``'s ``state_hook``):
+    the pre-passes run as Triton kernels on the forward's own WY pieces (``kernels/kda/cp_prepass.py``)
+    between its WY and state passes, and at the start of its backward on the pieces it saved."""
+
+    def __init__(self, cp: ContextParallel):
+        self.cp = cp
+        self.transitions = None
+
+    def initial_state(self, pieces, cu, offsets):
+        from kernels.kda import cp_prepass
+
+        cp, rank = self.cp, self.cp.rank
+        first, last = cp.local_segments
+        H, K, V = pieces["W"].shape[1], pieces["W"].shape[3], pieces["U"].shape[3]
+        pairs = pieces["W"].new_zeros(cp.batch_size, H, K, K + V, dtype=torch.float32)
+        wanted = [i for i in range(cp.batch_size) if rank + 1 < cp.size and cp.continues[rank + 1, i]]
+        if wanted:
+            pairs[wanted] = cp_prepass.transition_pairs(pieces, cu, offsets, [last[i] for i in wanted],
+                                                        [bool(cp.single[rank, i]) for i in wanted])
+        gathered = all_gather_pairs(pairs, cp.group, cp.size)
+        self.transitions = gathered[rank + 1:, ..., :K].contiguous()
+        initial = pairs.new_zeros(len(cp.local_cu) - 1, H, K, V)
+        initial[first] = fold_entry_states(gathered, cp.continues, rank)
+        return initial
+
+    def final_state_gradient(self, pieces, do, cu, offsets):
+        from kernels.kda import cp_prepass
+
+        cp, rank = self.cp, self.cp.rank
+        first, last = cp.local_segments
+        H, K, V = pieces["W"].shape[1], pieces["W"].shape[3], do.shape[-1]
+        own = do.new_zeros(cp.batch_size, H, K, V, dtype=torch.float32)
+        mine = [i for i in range(cp.batch_size) if cp.continues[rank, i]]
+        if mine:
+            own[mine] = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, [first[i] for i in mine])
+        gathered = all_gather_pairs(own, cp.group, cp.size)
+        d_final = own.new_zeros(len(cp.local_cu) - 1, H, K, V)
+        d_final[last] = fold_exit_gradients(gathered, self.transitions, cp.continues, rank)
+        return d_final
+
+
 def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l2norm=True, gate=None,
-                  op=None) -> torch.Tensor:
+                  op=None, fused_prepass=None) -> torch.Tensor:
     """This rank's KDA output [1, b*L, H, Dv] for its slice ([1, b*L, H, D] inputs in the API of
-    ``kernels/kda/__init__.py``, documents from ``cp``); ``op``: the local KDA op (default: the
-    model's, ``model.kda.kda_op``)."""
-    if op is None:
-        from model.kda import kda_op as op
+    ``kernels/kda/__init__.py``, documents from ``cp``).
+
+    fused_prepass (default: on CUDA tensors): the Triton op runs the Triton pre-passes on its own WY
+    pieces (``TritonStateHook``); otherwise the PyTorch pre-passes run around ``op``, any local KDA op
+    (default: the model's, ``model.kda.kda_op``) with ``ExitStateGradient`` after it."""
     if q.shape[1] != cp.batch_size * cp.local_length:
         raise ValueError(f"chunkwise KDA got {q.shape[1]} tokens; this CP rank holds b*L = "
                          f"{cp.batch_size}x{cp.local_length}")
     kwargs = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, gate=gate, cu_seqlens=cp.cu_seqlens)
+    if fused_prepass is None:
+        fused_prepass = q.is_cuda
+    if op is None:
+        from model.kda import kda_op as op
     if not cp.any_continues:  # every slice starts a document: nothing crosses a rank boundary
         return op(q, k, v, g, beta, **kwargs)[0]
+    if fused_prepass:
+        from kernels.kda.chunk import chunk_kda_triton
+
+        return chunk_kda_triton(q, k, v, g, beta, state_hook=TritonStateHook(cp), **kwargs)[0]
     H, dk, dv = q.shape[2], q.shape[3], v.shape[3]
     first, last = cp.local_segments
     rank = cp.rank

@@ -146,7 +146,9 @@ def check_op(op_name):
     from parallel.context import volume
     from parallel.context.kda_chunkwise import chunkwise_kda
 
-    op = {"reference": chunk_kda_cpu, "triton": chunk_kda_triton}[op_name]
+    # reference: PyTorch pre-passes around chunk_kda_cpu; triton: the same around the Triton op;
+    # fused: the Triton pre-pass kernels inside the Triton op (both in the interpreter on CPU)
+    op = {"reference": chunk_kda_cpu, "triton": chunk_kda_triton, "fused": chunk_kda_triton}[op_name]
     seq, cu_samples = (S, CU_SAMPLES) if op_name == "reference" else (S_SMALL, CU_SMALL)
     cp = context("chunkwise", seq, cu_samples)
     inputs, (a_log, dt_bias), w = op_inputs(seq, cu_samples)
@@ -158,7 +160,7 @@ def check_op(op_name):
     local = {k: local_slice(v, cp, seq).clone().requires_grad_() for k, v in inputs.items()}
     gate = (a_log.clone().requires_grad_(), dt_bias.clone().requires_grad_(), None)
     with counting() as fwd_log:
-        o = chunkwise_kda(**local, cp=cp, use_qk_l2norm=True, gate=gate, op=op)
+        o = chunkwise_kda(**local, cp=cp, use_qk_l2norm=True, gate=gate, op=op, fused_prepass=op_name == "fused")
     with counting() as bwd_log:
         (o * local_slice(w, cp, seq)).sum().backward()
     errors = {"o": rel(o, local_slice(o_ref, cp, seq))}

@@ -18,7 +18,7 @@ from tests.helpers.distributed import torchrun
 WORKER = Path(__file__).with_name("cp_worker.py")
 MODES = ("chunkwise", "ulysses")
 KINDS = ("kda", "gdn", "mla")
-OPS = ("reference", "triton")
+OPS = ("reference", "triton", "fused")
 CHECKS = ([f"op:{op}" for op in OPS] + ["conv"] + [f"layer:{k}/{m}" for k in KINDS for m in MODES]
           + [f"causal:{k}/{m}" for k in ("kda", "mla") for m in MODES])
 TOL = 1e-5  # fp32: outputs and input gradients (relative norm of the difference)
@@ -48,8 +48,9 @@ def _check_bytes(ranks, check):
 @pytest.mark.distributed
 @pytest.mark.parametrize("op", OPS)
 def test_chunkwise_kda_op_matches_cp1(ranks, op):
-    """Output and gradients of q, k, v, g, beta on every rank, A_log/dt_bias summed over ranks; the
-    Triton local op runs in the interpreter on CPU."""
+    """Output and gradients of q, k, v, g, beta on every rank, A_log/dt_bias summed over ranks.
+    reference: PyTorch pre-passes around chunk_kda_cpu; triton: the same around the Triton op; fused:
+    the Triton pre-pass kernels inside the Triton op (the interpreter on CPU)."""
     _check_errors(ranks, f"op:{op}")
     assert set(ranks[0][f"op:{op}"]["errors"]) == {"o", "dq", "dk", "dv", "dg", "dbeta", "dA_log", "ddt_bias"}
 
