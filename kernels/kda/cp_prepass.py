@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kda.chunk_fwd import _doc_chunks
+
 
 @triton.jit
 def kda_cp_transition_kernel(Kg, Gc, W, U, with_m, docs, out, cu_seqlens, chunk_offsets,
@@ -28,11 +30,7 @@ def kda_cp_transition_kernel(Kg, Gc, W, U, with_m, docs, out, cu_seqlens, chunk_
     i_v = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
-    i_n = tl.load(docs + i_s).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, 64)
+    bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, tl.load(docs + i_s).to(tl.int64))
     r64 = tl.arange(0, 64)
     dk = tl.arange(0, BK)
     col = i_v * BV + tl.arange(0, BV)          # column of [M | E]
@@ -60,11 +58,7 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
     i_v = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
-    i_n = tl.load(docs + i_s).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, 64)
+    bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, tl.load(docs + i_s).to(tl.int64))
     r64 = tl.arange(0, 64)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
