@@ -92,28 +92,32 @@ def _prec(device) -> str:
 BV_CP = 32  # column block of both kernels (more programs for the few documents x heads of a shard)
 
 
-def transition_pairs(pieces: dict, cu, offsets, docs: list[int], with_transition: list[bool]) -> torch.Tensor:
-    """[len(docs), H, K, K + V] fp32: [M | E] of the local documents ``docs`` (see module doc)."""
+def _device_ints(values, device) -> torch.Tensor:
+    return values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def transition_pairs(pieces: dict, cu, offsets, docs, with_transition) -> torch.Tensor:
+    """[len(docs), H, K, K + V] fp32: [M | E] of the local documents ``docs`` (see module doc);
+    ``docs`` / ``with_transition``: int32 device tensors (or lists) of document indices and 0/1 flags."""
     Gc, W, U, Kg = pieces["Gc"], pieces["W"], pieces["U"], pieces["Kg"]
     H, K, V = W.shape[1], W.shape[3], U.shape[3]
-    out = torch.empty(len(docs), H, K, K + V, dtype=torch.float32, device=W.device)
-    docs_t = torch.tensor(docs, dtype=torch.int32).to(W.device)
-    flags = torch.tensor(with_transition, dtype=torch.int32).to(W.device)
+    docs, flags = _device_ints(docs, W.device), _device_ints(with_transition, W.device)
+    out = torch.empty(docs.numel(), H, K, K + V, dtype=torch.float32, device=W.device)
     BK = max(16, triton.next_power_of_2(K))
-    kda_cp_transition_kernel[(triton.cdiv(K + V, BV_CP), len(docs), H)](
-        Kg, Gc, W, U, flags, docs_t, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP, PREC=_prec(W.device),
+    kda_cp_transition_kernel[(triton.cdiv(K + V, BV_CP), docs.numel(), H)](
+        Kg, Gc, W, U, flags, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP, PREC=_prec(W.device),
         num_warps=4, num_stages=1)
     return out
 
 
-def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs: list[int]) -> torch.Tensor:
+def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs) -> torch.Tensor:
     """[len(docs), H, K, V] fp32: gradient of each document's entering state through its outputs."""
     Gc, Aqk, W, Qg, Kg = pieces["Gc"], pieces["Aqk"], pieces["W"], pieces["Qg"], pieces["Kg"]
     H, K, V = W.shape[1], W.shape[3], do.shape[-1]
-    out = torch.empty(len(docs), H, K, V, dtype=torch.float32, device=W.device)
-    docs_t = torch.tensor(docs, dtype=torch.int32).to(W.device)
+    docs = _device_ints(docs, W.device)
+    out = torch.empty(docs.numel(), H, K, V, dtype=torch.float32, device=W.device)
     BK = max(16, triton.next_power_of_2(K))
-    kda_cp_entry_grad_kernel[(triton.cdiv(V, BV_CP), len(docs), H)](
-        Qg, Kg, Gc, Aqk, W, do, docs_t, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP, PREC=_prec(W.device),
+    kda_cp_entry_grad_kernel[(triton.cdiv(V, BV_CP), docs.numel(), H)](
+        Qg, Kg, Gc, Aqk, W, do, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP, PREC=_prec(W.device),
         num_warps=4, num_stages=1)
     return out

@@ -33,7 +33,7 @@ def conv_silu_with_halo(cp: ContextParallel, projections, kernels) -> list[torch
     send = cp.rank + 1 < cp.size and bool(cp.continues[cp.rank + 1].any())
     tails = torch.cat([x[:, L - halo:] for x in xs], -1)
     received = HaloExchange.apply(tails, cp.group, cp.rank, send, receive).split(widths, -1)
-    position = cp.positions_before(halo).to(xs[0].device).flatten()
+    position = cp.positions_before(halo, xs[0].device).flatten()
     outs = []
     for x, before, kernel in zip(xs, received, kernels):
         extended = torch.cat([before, x], 1).flatten(0, 1)

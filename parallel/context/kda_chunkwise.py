@@ -32,10 +32,43 @@ from .kda_prepass import entry_state_gradients, transition_pairs
 from .layout import ContextParallel
 
 
+class _Chain:
+    """Which samples of this rank take part in the chain, as host lists and as (cached) device tensors
+    (built once per micro-batch from host values with non-blocking copies: no wait for the GPU)."""
+
+    def __init__(self, cp: ContextParallel, device):
+        from kernels.kda.chunk import _to_device
+
+        rank, b = cp.rank, cp.batch_size
+        first, last = cp.local_segments
+        # samples whose state the next rank takes (their last segment's pair is needed) ...
+        self.sends = [i for i in range(b) if rank + 1 < cp.size and bool(cp.continues[rank + 1, i])]
+        self.send_docs = [last[i] for i in self.sends]
+        self.send_with_m = [bool(cp.single[rank, i]) for i in self.sends]
+        # ... and samples whose first segment continues a document from the previous rank
+        self.receives = [i for i in range(b) if bool(cp.continues[rank, i])]
+        self.receive_docs = [first[i] for i in self.receives]
+        dev = lambda values, dtype=torch.int64: _to_device(torch.tensor(values, dtype=dtype), device)
+        self.first, self.last = dev(first), dev(last)
+        self.sends_t, self.receives_t = dev(self.sends), dev(self.receives)
+        self.send_docs_t, self.receive_docs_t = dev(self.send_docs, torch.int32), dev(self.receive_docs, torch.int32)
+        self.send_with_m_t = dev(self.send_with_m, torch.int32)
+        self.continues = dev(cp.continues.tolist(), torch.float32)  # [P, b]
+        self.documents = len(cp.local_cu) - 1
+
+    @staticmethod
+    def of(cp: ContextParallel, device) -> "_Chain":
+        key = ("kda_chain", str(device))
+        if key not in cp._host:
+            cp._host[key] = _Chain(cp, device)
+        return cp._host[key]
+
+
 def fold_entry_states(pairs: torch.Tensor, continues: torch.Tensor, rank: int) -> torch.Tensor:
     """State entering rank ``rank``'s slice of each sample, [b, H, Dk, Dv].
 
-    pairs: [P, b, H, Dk, Dk + Dv] = [M_j | E_j] of every rank; continues: bool [P, b]."""
+    pairs: [P, b, H, Dk, Dk + Dv] = [M_j | E_j] of every rank; continues: [P, b] (1: rank j's slice
+    continues a document from rank j-1, else 0)."""
     dk = pairs.shape[-2]
     state = pairs.new_zeros(*pairs.shape[1:-1], pairs.shape[-1] - dk)
     for j in range(rank):
@@ -58,6 +91,23 @@ def fold_exit_gradients(grads: torch.Tensor, transitions: torch.Tensor, continue
     return out
 
 
+def _entering_states(cp, chain: _Chain, pairs, dv):
+    """All-gather this rank's pairs, fold: (initial states of the local documents, later ranks' M)."""
+    gathered = all_gather_pairs(pairs, cp.group, cp.size)
+    dk = pairs.shape[-2]
+    initial = pairs.new_zeros(chain.documents, pairs.shape[1], dk, dv)
+    initial[chain.first] = fold_entry_states(gathered, chain.continues, cp.rank)
+    return initial, gathered[cp.rank + 1:, ..., :dk].contiguous()
+
+
+def _final_state_gradients(cp, chain: _Chain, own, transitions):
+    """All-gather the entering-state gradients, fold back: dL/d(final states of the local documents)."""
+    gathered = all_gather_pairs(own, cp.group, cp.size)
+    d_final = own.new_zeros(chain.documents, *own.shape[1:])
+    d_final[chain.last] = fold_exit_gradients(gathered, transitions, chain.continues, cp.rank)
+    return d_final
+
+
 class ExitStateGradient(torch.autograd.Function):
     """Identity on the local op's output ``o``; in backward it computes the gradient of the local op's
     final states (the later ranks' dL/d(entering state)) and returns it with dL/do."""
@@ -66,35 +116,27 @@ class ExitStateGradient(torch.autograd.Function):
     def forward(ctx, o, final_state, plan, q, k, g, beta, gate_a, gate_b, transitions):
         ctx.plan = plan
         ctx.save_for_backward(q, k, g, beta, gate_a, gate_b, transitions)
-        ctx.final_shape, ctx.final_dtype = final_state.shape, final_state.dtype
         return o.view_as(o)
 
     @staticmethod
     def backward(ctx, do):
         q, k, g, beta, gate_a, gate_b, transitions = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        cp = plan.cp
-        first, last = cp.local_segments
-        rank_continues = cp.continues[cp.rank]
-        mine = [i for i in range(cp.batch_size) if rank_continues[i]]
+        cp, chain = plan.cp, plan.chain
         own = do.new_zeros(cp.batch_size, *plan.state_shape, dtype=torch.float32)
-        if mine:
+        if chain.receives:
             gate = (gate_a, gate_b, plan.lower_bound) if plan.has_gate else None
-            own[mine] = entry_state_gradients(q, k, g, beta, do, cp.local_cu, [first[i] for i in mine],
-                                              scale=plan.scale, use_qk_l2norm=plan.use_qk_l2norm,
-                                              gate=gate).float()
-        gathered = all_gather_pairs(own, cp.group, cp.size)
-        leaving = fold_exit_gradients(gathered, transitions, cp.continues, cp.rank)
-        d_final = do.new_zeros(ctx.final_shape, dtype=ctx.final_dtype)
-        d_final[last] = leaving.to(ctx.final_dtype)
-        return do, d_final, None, None, None, None, None, None, None, None
+            own[chain.receives_t] = entry_state_gradients(q, k, g, beta, do, cp.local_cu, chain.receive_docs,
+                                                          scale=plan.scale, use_qk_l2norm=plan.use_qk_l2norm,
+                                                          gate=gate).float()
+        return do, _final_state_gradients(cp, chain, own, transitions), None, None, None, None, None, None, None, None
 
 
 class _Plan:
     """What the backward pre-pass needs besides tensors."""
 
-    def __init__(self, cp, state_shape, scale, use_qk_l2norm, has_gate, lower_bound):
-        self.cp, self.state_shape, self.scale = cp, state_shape, scale
+    def __init__(self, cp, chain, state_shape, scale, use_qk_l2norm, has_gate, lower_bound):
+        self.cp, self.chain, self.state_shape, self.scale = cp, chain, state_shape, scale
         self.use_qk_l2norm, self.has_gate, self.lower_bound = use_qk_l2norm, has_gate, lower_bound
 
 
@@ -103,41 +145,31 @@ class TritonStateHook:
     the pre-passes run as Triton kernels on the forward's own WY pieces (``kernels/kda/cp_prepass.py``)
     between its WY and state passes, and at the start of its backward on the pieces it saved."""
 
-    def __init__(self, cp: ContextParallel):
-        self.cp = cp
+    def __init__(self, cp: ContextParallel, chain: _Chain):
+        self.cp, self.chain = cp, chain
         self.transitions = None
 
     def initial_state(self, pieces, cu, offsets):
         from kernels.kda import cp_prepass
 
-        cp, rank = self.cp, self.cp.rank
-        first, last = cp.local_segments
+        cp, chain = self.cp, self.chain
         H, K, V = pieces["W"].shape[1], pieces["W"].shape[3], pieces["U"].shape[3]
         pairs = pieces["W"].new_zeros(cp.batch_size, H, K, K + V, dtype=torch.float32)
-        wanted = [i for i in range(cp.batch_size) if rank + 1 < cp.size and cp.continues[rank + 1, i]]
-        if wanted:
-            pairs[wanted] = cp_prepass.transition_pairs(pieces, cu, offsets, [last[i] for i in wanted],
-                                                        [bool(cp.single[rank, i]) for i in wanted])
-        gathered = all_gather_pairs(pairs, cp.group, cp.size)
-        self.transitions = gathered[rank + 1:, ..., :K].contiguous()
-        initial = pairs.new_zeros(len(cp.local_cu) - 1, H, K, V)
-        initial[first] = fold_entry_states(gathered, cp.continues, rank)
+        if chain.sends:
+            pairs[chain.sends_t] = cp_prepass.transition_pairs(pieces, cu, offsets, chain.send_docs_t,
+                                                               chain.send_with_m_t)
+        initial, self.transitions = _entering_states(cp, chain, pairs, V)
         return initial
 
     def final_state_gradient(self, pieces, do, cu, offsets):
         from kernels.kda import cp_prepass
 
-        cp, rank = self.cp, self.cp.rank
-        first, last = cp.local_segments
+        cp, chain = self.cp, self.chain
         H, K, V = pieces["W"].shape[1], pieces["W"].shape[3], do.shape[-1]
         own = do.new_zeros(cp.batch_size, H, K, V, dtype=torch.float32)
-        mine = [i for i in range(cp.batch_size) if cp.continues[rank, i]]
-        if mine:
-            own[mine] = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, [first[i] for i in mine])
-        gathered = all_gather_pairs(own, cp.group, cp.size)
-        d_final = own.new_zeros(len(cp.local_cu) - 1, H, K, V)
-        d_final[last] = fold_exit_gradients(gathered, self.transitions, cp.continues, rank)
-        return d_final
+        if chain.receives:
+            own[chain.receives_t] = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, chain.receive_docs_t)
+        return _final_state_gradients(cp, chain, own, self.transitions)
 
 
 def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l2norm=True, gate=None,
@@ -158,34 +190,24 @@ def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l
         from model.kda import kda_op as op
     if not cp.any_continues:  # every slice starts a document: nothing crosses a rank boundary
         return op(q, k, v, g, beta, **kwargs)[0]
+    chain = _Chain.of(cp, q.device)
     if fused_prepass:
         from kernels.kda.chunk import chunk_kda_triton
 
-        return chunk_kda_triton(q, k, v, g, beta, state_hook=TritonStateHook(cp), **kwargs)[0]
+        return chunk_kda_triton(q, k, v, g, beta, state_hook=TritonStateHook(cp, chain), **kwargs)[0]
     H, dk, dv = q.shape[2], q.shape[3], v.shape[3]
-    first, last = cp.local_segments
-    rank = cp.rank
     gate_a = gate_b = None
-    pre_gate = gate
     if gate is not None:
         gate_a, gate_b = gate[0].detach(), gate[1].detach()
-        pre_gate = (gate_a, gate_b, gate[2])
+    detached = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, gate=None if gate is None else (gate_a, gate_b, gate[2]))
     with torch.no_grad():
         pairs = q.new_zeros(cp.batch_size, H, dk, dk + dv, dtype=torch.float32)
-        if rank + 1 < cp.size:  # the last rank's pair reaches no one
-            wanted = [i for i in range(cp.batch_size) if cp.continues[rank + 1, i]]
-            if wanted:
-                pairs[wanted] = transition_pairs(
-                    k.detach(), v.detach(), g.detach(), beta.detach(), cp.local_cu, [last[i] for i in wanted],
-                    [bool(cp.single[rank, i]) for i in wanted], scale=scale, use_qk_l2norm=use_qk_l2norm,
-                    gate=pre_gate).float()
-        gathered = all_gather_pairs(pairs, cp.group, cp.size)
-        entering = fold_entry_states(gathered, cp.continues, rank)
-    initial = q.new_zeros(len(cp.local_cu) - 1, H, dk, dv, dtype=torch.float32)
-    initial[first] = entering
+        if chain.sends:
+            pairs[chain.sends_t] = transition_pairs(k.detach(), v.detach(), g.detach(), beta.detach(), cp.local_cu,
+                                                    chain.send_docs, chain.send_with_m, **detached).float()
+        initial, transitions = _entering_states(cp, chain, pairs, dv)
     o, final = op(q, k, v, g, beta, initial_state=initial, output_final_state=True, **kwargs)
-    transitions = gathered[rank + 1:, ..., :dk].contiguous()
-    plan = _Plan(cp, (H, dk, dv), scale, use_qk_l2norm, gate is not None, None if gate is None else gate[2])
+    plan = _Plan(cp, chain, (H, dk, dv), scale, use_qk_l2norm, gate is not None, None if gate is None else gate[2])
     return ExitStateGradient.apply(o, final, plan, q.detach(), k.detach(), g.detach(), beta.detach(),
                                    gate_a, gate_b, transitions)
 
@@ -197,4 +219,3 @@ def chunkwise_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits
     q, k, v = (x.view(1, t, -1, head_dim) for x in conv_silu_with_halo(cp, projections, kernels))
     beta = torch.sigmoid(beta_logits.float()).view(1, t, -1)
     return chunkwise_kda(q, k, v, g.unsqueeze(0), beta, cp, use_qk_l2norm=True, gate=gate)
-

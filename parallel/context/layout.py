@@ -110,10 +110,15 @@ class ContextParallel:
     def global_cu(self) -> list[int]:
         return self._host["global_cu"]
 
-    def positions_before(self, count: int) -> torch.Tensor:
+    def positions_before(self, count: int, device="cpu") -> torch.Tensor:
         """int64 [b, count + L]: position in its document of each of the ``count`` tokens before this
         rank's slice and of the slice's own tokens (global positions; tokens before a sample's start
-        get position 0)."""
+        get position 0). Built once per micro-batch and device (a non-blocking copy)."""
+        from kernels.kda.chunk import _to_device
+
+        key = ("positions_before", count, str(device))
+        if key in self._host:
+            return self._host[key]
         L, r = self.local_length, self.rank
         out = []
         for starts in self.sample_starts:
@@ -121,7 +126,8 @@ class ContextParallel:
             begin = torch.tensor(starts)
             last_start = begin[torch.searchsorted(begin, pos.clamp_min(0), right=True) - 1]
             out.append(torch.where(pos >= 0, pos - last_start, torch.zeros_like(pos)))
-        return torch.stack(out)
+        self._host[key] = _to_device(torch.stack(out), torch.device(device))
+        return self._host[key]
 
     def global_packed(self, device):
         """The whole micro-batch's ``PackedSequence`` (what a rank sees after the Ulysses all-to-all)."""

@@ -94,7 +94,7 @@ def ulysses_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, 
         if not per_channel:
             gx = gx.squeeze(-1)
         beta = torch.sigmoid(vs[..., dv].float()).reshape(1, b * S, local)
-        o, _ = kda_op(qx, kx, vx, gx, beta, cu_seqlens=cp.global_cu_seqlens.to(q.device), use_qk_l2norm=True,
+        o, _ = kda_op(qx, kx, vx, gx, beta, cu_seqlens=cp.global_cu_seqlens, use_qk_l2norm=True,
                       gate=(A_log[mine], channel(dt_bias), lower_bound))
         return o.view(b, S, local, -1)
 
