@@ -16,6 +16,8 @@ only the final state:
 The PyTorch reference of both is parallel/context/kda_prepass.py; the tests compare the two paths
 through whole CP runs (tests/parallel/test_context_parallel.py).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -84,9 +86,13 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
     tl.store(out + (i_s * H + i_h) * K * V + dk[:, None] * V + dv[None, :], b_ds, mask=m_k[:, None] & m_v[None, :])
 
 
-# fp32 dots: exact fp32 in the interpreter and for fp32 inputs; three tf32 passes on GPUs otherwise
+# fp32 dots: exact fp32 in the interpreter; on GPUs three tf32 passes (~fp32 accuracy on tensor
+# cores). KDA_CP_PREC overrides it on GPUs (tf32 / tf32x3 / ieee: for benchmarks/cp_kda.py).
+PREC_CUDA = os.environ.get("KDA_CP_PREC", "tf32x3")
+
+
 def _prec(device) -> str:
-    return "tf32x3" if device.type == "cuda" else "ieee"
+    return PREC_CUDA if device.type == "cuda" else "ieee"
 
 
 BV_CP = 32  # column block of both kernels (more programs for the few documents x heads of a shard)
