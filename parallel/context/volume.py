@@ -1,4 +1,5 @@
-"""Communication volume of context parallelism: bytes one CP rank receives per layer and micro-batch.
+"""Communication volume of context parallelism (bytes one CP rank receives per layer and micro-batch),
+and the causal-work imbalance of MLA under a contiguous partition.
 
 The formulas of docs/parallelism.md, as code: the tests count the bytes the collectives really move
 and compare them with these, and ``python -m parallel.context.volume`` prints the tables of the docs.
@@ -86,7 +87,8 @@ def _mib(n):
     return f"{n / 2**20:,.2f}"
 
 
-def table(preset: str, sizes=(2, 4, 8), lengths=(32768, 131072, 262144, 1048576), element_size=2) -> str:
+def table(preset: str, sizes=(2, 4, 8), lengths=(32768, 65536, 131072, 262144, 524288, 1048576),
+          element_size=2) -> str:
     """Markdown: MiB received per rank and layer (forward + backward), one sample of T tokens, TP=1."""
     from model.presets import get_preset
 
@@ -111,12 +113,40 @@ def table(preset: str, sizes=(2, 4, 8), lengths=(32768, 131072, 262144, 1048576)
     return "\n".join(rows)
 
 
+def mla_imbalance_table(preset: str, sizes=(2, 4, 8), lengths=(32768, 131072, 1048576)) -> str:
+    """Markdown: the slowest rank's step FLOPs over the balanced share, one document of T tokens.
+
+    Under a contiguous partition rank r's queries meet r L + L/2 keys on average: the last rank does
+    (2P - 1)/P times the mean attention work. With s the MLA attention's share of the model's FLOPs
+    (train/flops.py), the step of the slowest rank costs 1 + s (P - 1)/P of a balanced one; the
+    kv_b_proj expansion of the gathered latents adds (P - 1) L tokens' worth on the last rank."""
+    from model.presets import get_preset
+    from train.flops import forward_flops
+
+    c = get_preset(preset)
+    mla_layers = c.layer_types.count("mla")
+    expand = 2 * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)  # per token
+    rows = [f"| {preset}: T | MLA attention share of FLOPs | " + " | ".join(f"CP={P}" for P in sizes) + " |",
+            "|---|---|" + "---|" * len(sizes)]
+    for T in lengths:
+        parts = forward_flops(c, [T])
+        share = parts["mla_attention"] / parts["total"]
+        cells = []
+        for P in sizes:
+            extra_expand = mla_layers * expand * (P - 1) / (parts["total"] / T)  # per local token, last rank
+            cells.append(f"{1 + share * (P - 1) / P + extra_expand:.2f}x")
+        rows.append(f"| {T // 1024}k | {share:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", nargs="+", default=["kimi-linear-48b-a3b", "scaling-653m"])
     args = parser.parse_args()
     for preset in args.preset:
         print(table(preset), end="\n\n")
+    for preset in args.preset:
+        print(mla_imbalance_table(preset), end="\n\n")
 
 
 if __name__ == "__main__":
