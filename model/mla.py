@@ -69,13 +69,20 @@ def _use_varlen_flash(q: torch.Tensor) -> bool:
 
 
 def _varlen_flash_attention(q, k, v, packed: PackedSequence, scale: float) -> torch.Tensor:
+    cu, longest = packed.cu_seqlens, packed.max_document_length
+    return varlen_flash_attention(q, k, v, cu, cu, longest, longest, scale)
+
+
+def varlen_flash_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """Flash attention of packed query and key segments (segment i: queries cu_q[i]:cu_q[i+1] against
+    keys cu_k[i]:cu_k[i+1]), causal with the diagonal at the segments' ends (bottom-right): a query
+    sees the keys up to its own position when its segment's keys end where its queries end."""
     varlen_attn, causal = _varlen_attn()
     dv, width = v.shape[-1], max(q.shape[-1], v.shape[-1])
     # flash attention takes one head dim for q, k and v: zero-pad the narrower (v: 128 vs 192 here;
     # zeros in q and k would leave the logits unchanged), slice the output back
     q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x.contiguous() for x in (q, k, v))
-    cu, longest = packed.cu_seqlens, packed.max_document_length
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
     return out[..., :dv]
 
 

@@ -99,3 +99,25 @@ def test_bf16_error_like_cp1(monkeypatch):
     ours, cp1 = _cp(inputs, gate, w, monkeypatch), _cp1(inputs, gate, w)
     for name, a, b, ref in zip(NAMES, ours, cp1, exact):
         assert _rel(a, ref) <= 1.5 * _rel(b, ref) + 1e-3, (name, _rel(a, ref), _rel(b, ref))
+
+
+def test_mla_latent_flash_path_matches_masked_path():
+    """The varlen flash call (query segments against their documents' keys, bottom-right causal) equals
+    the masked SDPA of the same keys, on a middle rank whose first segment continues a document."""
+    from model.mla import _varlen_attn
+    from parallel.context.mla_latent import _KeyPlan, latent_attention
+
+    if _varlen_attn() is None:
+        pytest.skip("this torch has no varlen attention")
+    r = 2
+    starts = [x - r * L for x in CU_SAMPLE if r * L < x < (r + 1) * L]
+    cp = ContextParallel(group=None, rank=r, size=P, mode="chunkwise", batch_size=1, local_length=L,
+                         cu_seqlens=torch.tensor([0, *starts, L], dtype=torch.int32),
+                         global_cu_seqlens=torch.tensor(CU_SAMPLE, dtype=torch.int32))
+    keys = sum(_KeyPlan.of(cp, "cuda").key_count)
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(n, 8, 192, generator=gen).cuda().to(torch.bfloat16) for n in (L, keys))
+    v = torch.randn(keys, 8, 128, generator=gen).cuda().to(torch.bfloat16)
+    flash = latent_attention(cp, q, k, v, 192 ** -0.5, flash=True)
+    masked = latent_attention(cp, q.float(), k.float(), v.float(), 192 ** -0.5, flash=False)
+    assert _rel(flash, masked) < 1e-2
