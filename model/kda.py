@@ -87,29 +87,40 @@ class KimiDeltaAttention(MegatronModule):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(1, x.shape[0], self.local_heads, -1)
 
-    def forward(self, hidden: torch.Tensor, packed: PackedSequence, initial_state=None, output_final_state=False):
+    def forward(self, hidden: torch.Tensor, packed: PackedSequence, initial_state=None, output_final_state=False,
+                context_parallel=None):
         """hidden: [T, 1, hidden] (the packed stream; [T/TP, 1, hidden] under sequence parallelism,
-        the column-parallel projections gather the tokens). Returns the same shape."""
+        the column-parallel projections gather the tokens). Returns the same shape.
+        ``context_parallel``: a ``parallel.context.ContextParallel`` when the stream is this rank's
+        slice of longer sequences (``packed`` then describes the slice; docs/parallelism.md)."""
         x = hidden.squeeze(1)
         t = packed.num_tokens
-        position = packed.position_in_document
-        q = short_conv_silu(self.q_proj(x)[0], self.q_conv1d, position)
-        k = short_conv_silu(self.k_proj(x)[0], self.k_conv1d, position)
-        v = short_conv_silu(self.v_proj(x)[0], self.v_conv1d, position)
+        projections = (self.q_proj(x)[0], self.k_proj(x)[0], self.v_proj(x)[0])  # before the short conv
+        kernels = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         raw_gate = self.f_b_proj(self.f_a_proj(x))[0]
-        beta = torch.sigmoid(self.b_proj(x)[0].float())
-        g = raw_gate.view(1, t, self.local_heads, -1)
+        beta_logits = self.b_proj(x)[0]
+        g = raw_gate.view(t, self.local_heads, -1)
         if not self.per_channel_decay:
-            g = g.squeeze(-1)  # one decay per head: [1, T, H]
-        out, final_state = profiled(  # the profile breakdown's "KDA" part
-            "kda_core", kda_op,
-            self._heads(q), self._heads(k), self._heads(v), g, beta.view(1, t, self.local_heads),
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            cu_seqlens=packed.cu_seqlens,
-            use_qk_l2norm=True,
-            gate=(self.A_log, self.dt_bias, self.lower_bound),
-        )
+            g = g.squeeze(-1)  # one decay per head: [T, H]
+        gate = (self.A_log, self.dt_bias, self.lower_bound)
+        if context_parallel is not None:
+            if initial_state is not None or output_final_state:
+                raise ValueError("KDA under context parallelism takes no initial_state/output_final_state")
+            out = profiled("kda_core", context_parallel.kda, projections, kernels, g, beta_logits, gate,
+                           self.head_dim)
+            final_state = None
+        else:
+            position = packed.position_in_document
+            q, k, v = (self._heads(short_conv_silu(p, w, position)) for p, w in zip(projections, kernels))
+            beta = torch.sigmoid(beta_logits.float())
+            out, final_state = profiled(  # the profile breakdown's "KDA" part
+                "kda_core", kda_op, q, k, v, g.unsqueeze(0), beta.view(1, t, self.local_heads),
+                initial_state=initial_state,
+                output_final_state=output_final_state,
+                cu_seqlens=packed.cu_seqlens,
+                use_qk_l2norm=True,
+                gate=gate,
+            )
         out_gate = self.g_b_proj(self.g_a_proj(x))[0].view(t, self.local_heads, self.head_dim)
         norm_weight = tp.reduce_grad_over_tp(self.o_norm_weight)
         y = gated_rms_norm(out.squeeze(0), out_gate, norm_weight, self.eps)

@@ -69,13 +69,20 @@ def _use_varlen_flash(q: torch.Tensor) -> bool:
 
 
 def _varlen_flash_attention(q, k, v, packed: PackedSequence, scale: float) -> torch.Tensor:
+    cu, longest = packed.cu_seqlens, packed.max_document_length
+    return varlen_flash_attention(q, k, v, cu, cu, longest, longest, scale)
+
+
+def varlen_flash_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """Flash attention of packed query and key segments (segment i: queries cu_q[i]:cu_q[i+1] against
+    keys cu_k[i]:cu_k[i+1]), causal with the diagonal at the segments' ends (bottom-right): a query
+    sees the keys up to its own position when its segment's keys end where its queries end."""
     varlen_attn, causal = _varlen_attn()
     dv, width = v.shape[-1], max(q.shape[-1], v.shape[-1])
     # flash attention takes one head dim for q, k and v: zero-pad the narrower (v: 128 vs 192 here;
     # zeros in q and k would leave the logits unchanged), slice the output back
     q, k, v = (F.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x.contiguous() for x in (q, k, v))
-    cu, longest = packed.cu_seqlens, packed.max_document_length
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale, **causal)
+    out = varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
     return out[..., :dv]
 
 
@@ -100,19 +107,31 @@ class MultiLatentAttention(MegatronModule):
         self.record_max_logits = False
         self.max_logits = None
 
-    def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
-        """hidden: [T, 1, hidden] ([T/TP, 1, hidden] under sequence parallelism) -> same shape."""
+    def forward(self, hidden: torch.Tensor, packed: PackedSequence, context_parallel=None) -> torch.Tensor:
+        """hidden: [T, 1, hidden] ([T/TP, 1, hidden] under sequence parallelism) -> same shape.
+        ``context_parallel``: a ``parallel.context.ContextParallel`` when the stream is this rank's
+        slice of longer sequences (docs/parallelism.md)."""
         x = hidden.squeeze(1)
         t = packed.num_tokens
         q = self.q_proj(x)[0].view(t, self.local_heads, self.nope + self.rope)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        compressed = self.kv_a_proj_with_mqa(x)  # [latent | k_rot] of this rank's tokens
+        if context_parallel is not None:
+            if self.sequence_parallel or (self.record_max_logits and self.training):
+                raise NotImplementedError("MLA under context parallelism does not support sequence "
+                                          "parallelism or QK-Clip's max-logit record yet")
+            compressed = context_parallel.mla_keys(compressed)  # the keys these queries see
+        latent, k_rot = compressed.split([self.kv_lora_rank, self.rope], dim=-1)
         k_rot = tp.gather_tokens(k_rot, self.sequence_parallel)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0].view(t, self.local_heads, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(t, self.local_heads, self.rope)], dim=-1)
-        if self.record_max_logits and self.training:
-            self._record_max_logits(q, k, packed)
-        out = profiled("mla_core_attention", document_causal_attention, q, k, v, packed, self.scale)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0]
+        n = kv.shape[0]  # key tokens: t, or the gathered keys under context parallelism
+        k_nope, v = kv.view(n, self.local_heads, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(n, self.local_heads, self.rope)], dim=-1)
+        if context_parallel is not None:
+            out = profiled("mla_core_attention", context_parallel.mla_attention, q, k, v, self.scale)
+        else:
+            if self.record_max_logits and self.training:
+                self._record_max_logits(q, k, packed)
+            out = profiled("mla_core_attention", document_causal_attention, q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
 
     @torch.no_grad()

@@ -181,9 +181,10 @@ def _blk(name, key, cap, BK=128, entry=None):
     return min(val, 32) if BK > 128 else val
 
 
-def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
+def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate, state_hook=None):
     """q, k, v, g, beta in token layout [T, H, D]; gate = (mode, A_log, dt_bias, lower_bound)
-    with mode 0 when g already is the log-decay. Returns o, final state and saved buffers."""
+    with mode 0 when g already is the log-decay. Returns o, final state and saved buffers.
+    ``state_hook``: see ``chunk_kda_triton``; its ``initial_state`` replaces h0."""
     T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -207,6 +208,8 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate):
                                BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
                                # the inverse's doubling product: ~fp32 accuracy on tensor cores
                                INV_PREC="ieee" if prec == "ieee" else INV_PREC_16, **_cfg("fwd_wy"))
+    if state_hook is not None:   # the WY pieces are ready; the state pass needs the initial state
+        h0 = state_hook.initial_state(dict(Gc=Gc, W=W, U=U, Kg=Kg), cu, offsets)
     launch = _state_launch("fwd_h", N, H, V, BV, BK, q.device)
     BVs = _blk("fwd_h", "BV", BV, BK, launch)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
@@ -269,16 +272,19 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
 
 class ChunkKDAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, A_log, dt_bias, cu, info, offsets, NC, want_ht, gate_mode, lower_bound):
+    def forward(ctx, q, k, v, g, beta, h0, A_log, dt_bias, cu, info, offsets, NC, want_ht, gate_mode, lower_bound,
+                state_hook=None):
         T = q.shape[0] * q.shape[1]
         B = q.shape[0]
         flat = lambda x: x.reshape(T, *x.shape[2:]).contiguous()
         qf, kf, vf, gf, bf = map(flat, (q, k, v, g, beta))
         h0c = h0.contiguous() if h0 is not None else None
         gate = (gate_mode, A_log, dt_bias, lower_bound)
-        o, ht, saved = kda_chunk_fwd(qf, kf, vf, gf, bf, h0c, cu, info, offsets, NC, want_ht, gate)
-        ctx.save_for_backward(qf, kf, vf, gf, bf, h0c, A_log, dt_bias, cu, info, offsets, *saved)
-        ctx.NC, ctx.B, ctx.gate_mode, ctx.lower_bound = NC, B, gate_mode, lower_bound
+        o, ht, saved = kda_chunk_fwd(qf, kf, vf, gf, bf, h0c, cu, info, offsets, NC, want_ht, gate, state_hook)
+        # a hook's initial state is a constant here (its gradient is the hook's business): no dh0
+        ctx.save_for_backward(qf, kf, vf, gf, bf, h0c if state_hook is None else None, A_log, dt_bias, cu, info,
+                              offsets, *saved)
+        ctx.NC, ctx.B, ctx.gate_mode, ctx.lower_bound, ctx.state_hook = NC, B, gate_mode, lower_bound, state_hook
         return o.view(B, -1, *o.shape[1:]), ht
 
     @staticmethod
@@ -286,13 +292,16 @@ class ChunkKDAFunction(torch.autograd.Function):
         qf, kf, vf, gf, bf, h0, A_log, dt_bias, cu, info, offsets, *saved = ctx.saved_tensors
         B = ctx.B
         dof = do.reshape(-1, *do.shape[2:]).contiguous()
+        if ctx.state_hook is not None:   # the final states' gradient comes from the hook
+            Gc, Aqk, _, _, W, _, _, Qg, Kg = saved
+            dht = ctx.state_hook.final_state_gradient(dict(Gc=Gc, Aqk=Aqk, W=W, Qg=Qg, Kg=Kg), dof, cu, offsets)
         dht = dht.contiguous() if dht is not None else None
         gate = (ctx.gate_mode, A_log, dt_bias, ctx.lower_bound)
         dq, dk, dv, dg, dbeta, dh0, d_A, d_bias = kda_chunk_bwd(qf, kf, vf, gf, bf, saved, h0, dht, dof, cu,
                                                                 info, offsets, ctx.NC, gate)
         unflat = lambda x: x.view(B, -1, *x.shape[1:])
         return (unflat(dq), unflat(dk), unflat(dv), unflat(dg), unflat(dbeta).to(bf.dtype),
-                dh0, d_A, d_bias, None, None, None, None, None, None, None)
+                dh0, d_A, d_bias, None, None, None, None, None, None, None, None)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -306,8 +315,16 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
 
 def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, use_qk_l2norm=True, gate=None):
-    """The Triton path on any device (CPU tensors need TRITON_INTERPRET=1)."""
+                     cu_seqlens=None, use_qk_l2norm=True, gate=None, state_hook=None):
+    """The Triton path on any device (CPU tensors need TRITON_INTERPRET=1).
+
+    ``state_hook`` (context parallelism, parallel/context/kda_chunkwise.py): an object whose
+    ``initial_state(pieces, cu, offsets)`` returns the initial states [N, H, Dk, Dv] fp32 once the
+    forward's WY pieces (dict of Gc, W, U, Kg) exist, and whose ``final_state_gradient(pieces, do,
+    cu, offsets)`` returns dL/d(final states) at the start of the backward (pieces Gc, Aqk, W, Qg,
+    Kg; do in token layout). Replaces initial_state; the final states then get no autograd gradient."""
+    if state_hook is not None and initial_state is not None:
+        raise ValueError("chunk_kda_triton: pass either initial_state or state_hook")
     _check_args(q, k, v, g, beta, initial_state, cu_seqlens, check_cu_values=False)  # in sequence_tables
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
@@ -328,5 +345,5 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     cu, info, offsets, NC = sequence_tables(cu_seqlens, B, T, q.device)
     h0 = initial_state.float() if initial_state is not None else None
     o, ht = ChunkKDAFunction.apply(q, k, v, g, beta, h0, A_log, dt_bias, cu, info, offsets, NC,
-                                   output_final_state, mode, lower)
+                                   output_final_state, mode, lower, state_hook)
     return o, ht

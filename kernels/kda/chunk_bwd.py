@@ -21,7 +21,8 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import _chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay, gate_backward
+from kernels.kda.chunk_fwd import (_chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay, _doc_chunks,
+                                   gate_backward)
 
 
 @triton.jit
@@ -32,10 +33,7 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
     i_v = tl.program_id(0)
     i_n = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, 64)
+    bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, i_n)
     r64 = tl.arange(0, 64)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)

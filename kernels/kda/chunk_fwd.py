@@ -35,6 +35,15 @@ def _chunk_coords(cu_seqlens, chunk_info, i_c):
 
 
 @triton.jit
+def _doc_chunks(cu_seqlens, chunk_offsets, i_n):
+    """(first token, end, first global chunk, number of chunks) of document i_n, as int64."""
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
+    return bos, eos, c_first, tl.cdiv(eos - bos, 64)
+
+
+@triton.jit
 def _chunk_rows(bos, L, i_c, i_h, H: tl.constexpr):
     """A chunk-head's 64 rows: their index, which are valid tokens, their token-layout row
     (token * H + head) and the padded-layout row of chunk row 0."""
@@ -315,10 +324,7 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
     i_v = tl.program_id(0)
     i_n = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, 64)
+    bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, i_n)
     r64 = tl.arange(0, 64)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)

@@ -9,6 +9,8 @@ Both share the API described in ``kernels/kda/__init__.py``.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -69,15 +71,15 @@ def _check_args(q, k, v, g, beta, initial_state, cu_seqlens, check_cu_values=Tru
 
 def _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype):
     """Normalise/scale q,k and produce the per-key-channel log-decay, all in ``dtype``."""
-    Dk = q.shape[-1]
+    Dk = k.shape[-1]
     scale = Dk ** -0.5 if scale is None else scale
-    q, k = q.to(dtype), k.to(dtype)
-    if use_qk_l2norm:
-        q, k = l2norm(q), l2norm(k)
+    k = l2norm(k.to(dtype)) if use_qk_l2norm else k.to(dtype)
+    if q is not None:   # q=None: the pieces that need no queries (state pre-passes)
+        q = (l2norm(q.to(dtype)) if use_qk_l2norm else q.to(dtype)) * scale
     glog = kda_log_decay(g, gate, dtype)
     if glog.dim() == 3:  # scalar (GDN) decay shared by all key channels
         glog = glog.unsqueeze(-1).expand(*glog.shape, Dk)
-    return q * scale, k, glog
+    return q, k, glog
 
 
 # ----------------------------------------------------------------------------- recurrence (oracle)
@@ -169,67 +171,83 @@ def chunk_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
                          use_qk_l2norm=use_qk_l2norm, gate=gate)
 
 
+def chunk_pieces(intra_products, q, k, v, g, beta, scale=None, cu_seqlens=None, use_qk_l2norm=True,
+                 gate=None):
+    """The per-chunk quantities of the chunkwise algorithm, documents packed to whole chunks of 64.
+
+    Returns a namespace with, in the chunk layout [Bd, H, N, C, D] (Bd = documents or batch rows,
+    N chunks of C = 64): ``W``, ``U`` (WY form), ``q_dec`` = q e^G, ``k_dec`` = k e^(G_last - G),
+    ``decay_last`` [Bd, H, N, Dk, 1] = e^(G_last) and ``A_qk`` [.., C, C]; ``to_chunks(x)`` brings a
+    token-layout tensor [B, T, H, D] into that layout, ``from_chunks(o)`` takes it back; ``dtype``
+    (fp32, fp64 for fp64 inputs). A chunk of the recurrence is
+    ``o = q_dec S + A_qk (U - W S)``, ``S' = decay_last * S + k_dec^T (U - W S)``.
+    The context-parallel pre-passes (parallel/context/kda_prepass.py) reuse these pieces.
+    """
+    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    B, T, H, Dk = k.shape
+    qs, ks, glog = _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype)
+    vs, bs = v.to(dtype), beta.to(dtype)
+
+    if cu_seqlens is not None:
+        n_seq = cu_seqlens.numel() - 1
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        n_pad = max(1, int(-(-int(lens.max()) // CHUNK))) * CHUNK
+        doc_idx = torch.repeat_interleave(torch.arange(n_seq, device=k.device), lens)
+        pos_idx = torch.arange(T, device=k.device) - cu_seqlens.long()[:-1][doc_idx]
+        pack = lambda x: _pack_documents(x, n_pad, doc_idx, pos_idx, n_seq)
+        Bd, Tp = n_seq, n_pad
+        unpack = lambda o: o[doc_idx, pos_idx].unsqueeze(0)
+    else:
+        Tp = -(-T // CHUNK) * CHUNK
+        # zero padding (k=q=v=beta=g=0) leaves the state unchanged
+        pack = (lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))) if Tp != T else (lambda x: x)
+        Bd = B
+        unpack = lambda o: o[:, :T]
+    N = Tp // CHUNK
+    to_chunks = lambda x: pack(x).unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2, 4)   # [Bd, H, N, C, D]
+    kc, vc, gc = map(to_chunks, (ks, vs, glog))
+    qc = None if qs is None else to_chunks(qs)
+    bc = pack(bs).unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2)  # [Bd, H, N, C]
+    G = gc.cumsum(-2)
+    G_last = G[..., -1:, :]
+
+    A_qk, M_kk = intra_products(kc if qc is None else qc, kc, G)  # A_qk incl. the diagonal
+    A_kk = torch.tril(M_kk, -1) * bc[..., :, None]
+    eye = torch.eye(CHUNK, dtype=dtype, device=k.device)
+    # W = (I + A_kk)^-1 diag(beta) (exp(G) * K),  U = (I + A_kk)^-1 diag(beta) V
+    expG = torch.exp(G)
+    rhs = torch.cat([bc[..., None] * kc * expG, bc[..., None] * vc], -1)
+    WU = torch.linalg.solve_triangular(eye + A_kk, rhs, upper=False, unitriangular=True)
+    return SimpleNamespace(
+        W=WU[..., :Dk], U=WU[..., Dk:], A_qk=None if qc is None else A_qk,
+        q_dec=None if qc is None else qc * expG, k_dec=kc * torch.exp(G_last - G),
+        decay_last=torch.exp(G_last).squeeze(-2)[..., None], dtype=dtype, batch=Bd, chunks=N,
+        to_chunks=lambda x: to_chunks(x.to(dtype)),
+        from_chunks=lambda o: unpack(o.permute(0, 2, 3, 1, 4).reshape(Bd, Tp, H, o.shape[-1])))
+
+
 def chunkwise_kda(intra_products, q, k, v, g, beta, scale=None, initial_state=None,
                   output_final_state=False, cu_seqlens=None, use_qk_l2norm=True, gate=None):
     """The chunkwise algorithm in PyTorch, with the intra-chunk gated products as a parameter:
     ``intra_products(qc, kc, G) -> (A_qk, M_kk)``, the [.., C, C] lower-triangular matrices
     ``sum_d q_r k_j exp(G_r - G_j)`` and the same for k (chunk_cpu.py passes a faster one)."""
-    n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    qs, ks, glog = _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype)
-    vs, bs = v.to(dtype), beta.to(dtype)
-
-    if cu_seqlens is not None:
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        n_pad = max(1, int(-(-int(lens.max()) // CHUNK))) * CHUNK
-        doc_idx = torch.repeat_interleave(torch.arange(n_seq, device=q.device), lens)
-        pos_idx = torch.arange(T, device=q.device) - cu_seqlens.long()[:-1][doc_idx]
-        pack = lambda x: _pack_documents(x, n_pad, doc_idx, pos_idx, n_seq)
-        qs, ks, vs, bs, glog = map(pack, (qs, ks, vs, bs, glog))
-        Bd, Tp = n_seq, n_pad
-    else:
-        Tp = -(-T // CHUNK) * CHUNK
-        if Tp != T:  # zero padding (k=q=v=beta=g=0) leaves the state unchanged
-            padT = lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))
-            qs, ks, vs, bs, glog = map(padT, (qs, ks, vs, bs, glog))
-        Bd = B
-
-    N = Tp // CHUNK
-    # [Bd, H, N, C, D]
-    to_chunks = lambda x: x.unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2, 4)
-    qc, kc, vc, gc = map(to_chunks, (qs, ks, vs, glog))
-    bc = bs.unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2)  # [Bd, H, N, C]
-    G = gc.cumsum(-2)
-    G_last = G[..., -1:, :]
-
-    A_qk, M_kk = intra_products(qc, kc, G)  # A_qk incl. the diagonal
-    A_kk = torch.tril(M_kk, -1) * bc[..., :, None]
-    eye = torch.eye(CHUNK, dtype=dtype, device=q.device)
-    # W = (I + A_kk)^-1 diag(beta) (exp(G) * K),  U = (I + A_kk)^-1 diag(beta) V
-    expG = torch.exp(G)
-    rhs = torch.cat([bc[..., None] * kc * expG, bc[..., None] * vc], -1)
-    WU = torch.linalg.solve_triangular(eye + A_kk, rhs, upper=False, unitriangular=True)
-    W, U = WU[..., :Dk], WU[..., Dk:]
-    q_dec = qc * expG
-    k_dec = kc * torch.exp(G_last - G)
-    decay_last = torch.exp(G_last).squeeze(-2)[..., None]         # [Bd, H, N, Dk, 1]
-
+    p = chunk_pieces(intra_products, q, k, v, g, beta, scale=scale, cu_seqlens=cu_seqlens,
+                     use_qk_l2norm=use_qk_l2norm, gate=gate)
+    dtype, N = p.dtype, p.chunks
     if initial_state is None and N == 1 and not output_final_state:  # one chunk, no state: o = A_qk U
-        o = (A_qk @ U).squeeze(2).permute(0, 2, 1, 3)
+        o = p.A_qk @ p.U
         S = None
     else:
-        S = q.new_zeros(Bd, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+        S = q.new_zeros(p.batch, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
         outs = []
         for c in range(N):
-            v_new = U[:, :, c] - W[:, :, c] @ S
-            outs.append(q_dec[:, :, c] @ S + A_qk[:, :, c] @ v_new)
-            S = decay_last[:, :, c] * S + k_dec[:, :, c].transpose(-1, -2) @ v_new
-        o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(Bd, Tp, H, Dv)
-    if cu_seqlens is not None:
-        o = o[doc_idx, pos_idx].unsqueeze(0)
-    else:
-        o = o[:, :T]
+            v_new = p.U[:, :, c] - p.W[:, :, c] @ S
+            outs.append(p.q_dec[:, :, c] @ S + p.A_qk[:, :, c] @ v_new)
+            S = p.decay_last[:, :, c] * S + p.k_dec[:, :, c].transpose(-1, -2) @ v_new
+        o = torch.stack(outs, 2)
+    o = p.from_chunks(o)
     final = S.to(torch.float64 if dtype == torch.float64 else torch.float32) if output_final_state else None
     return o.to(q.dtype), final

@@ -30,3 +30,16 @@ def test_train_throughput_smoke_on_cpu(tmp_path):
         assert parts["MoE (router, dispatch, experts)"] > 0 and parts["dense projections"] > 0
         assert parts["optimizer"] > 0
     assert "Share of the profiled step's time by part" in result.stdout
+
+
+def test_cp_kda_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/cp_kda.py (run on a GPU by hand) at one tiny shape in the Triton interpreter."""
+    out = tmp_path / "cp_kda.json"
+    cmd = [sys.executable, "benchmarks/cp_kda.py", "--smoke", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["heads"], r["shard"], r["cp"]) for r in rows] == [(1, 64, 2)]
+    assert set(rows[0]["cp_fb_ms"]) == {"0", "1"} and rows[0]["transition_ms"] > 0 and rows[0]["entry_grad_ms"] > 0
+    assert "| 1 | 64 | 2 | 128 |" in result.stdout
