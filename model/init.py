@@ -14,8 +14,8 @@ start with equal values there.
 
 Values come from a counter-based generator: 32 random bits for counter ``n`` of tensor ``key`` are
 a keyed integer hash of ``n`` (exact int64 arithmetic: every intermediate is below 2**63 and never
-negative), made into a uniform in (0, 1) and a normal (Box-Muller) in float64 on the CPU, a chunk
-at a time, then cast and copied to the parameter's device. Memory is bounded by the local shard
+negative), made into a uniform in (0, 1) and a normal (inverse normal CDF) in float64 on the CPU, a
+chunk at a time, then cast and copied to the parameter's device. Memory is bounded by the local shard
 plus one chunk; nothing is ever drawn for the full tensor. The distributions per parameter are in
 ``parameter_init`` (docs/training.md, "Initialisation").
 """
@@ -32,7 +32,7 @@ import torch
 
 from .config import ModelConfig
 
-CHUNK = 1 << 20  # elements generated at a time (about 50 MB of float64/int64 temporaries)
+CHUNK = 1 << 16  # elements generated at a time: 512 KiB temporaries stay in the CPU's cache
 _MASK32 = 0xFFFFFFFF
 # multipliers of a 32-bit integer hash with good avalanche (the "lowbias32" family); both are
 # below 2**31, so a 32-bit value times either stays below 2**63: exact in int64 on every device
@@ -60,20 +60,19 @@ def random_bits(seed: int, key: str, counter: torch.Tensor) -> torch.Tensor:
     """32 random bits (int64 in [0, 2**32)) for each non-negative int64 ``counter``."""
     k0, k1 = _key_words(seed, key)
     x = _mix32((counter & _MASK32) ^ k0)
-    x ^= (counter >> 32) ^ k1  # high counter bits (tensors beyond 2**31 elements)
+    x ^= (counter >> 32) ^ k1  # high counter bits (tensors beyond 2**32 elements)
     return _mix32(x)
 
 
 def uniform(seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
     """U(0, 1) in float64, open at both ends, for each element index (int64, CPU)."""
-    return (random_bits(seed, key, 2 * index).double() + 0.5) * 2.0**-32
+    return random_bits(seed, key, index).double().add_(0.5).mul_(2.0**-32)
 
 
 def normal(seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
-    """N(0, 1) in float64 for each element index: Box-Muller from counters 2i and 2i + 1."""
-    radius = torch.log(uniform(seed, key, index)).mul_(-2.0).sqrt_()
-    angle = (random_bits(seed, key, 2 * index + 1).double() + 0.5).mul_(2.0 * math.pi * 2.0**-32)
-    return radius.mul_(torch.cos(angle))
+    """N(0, 1) in float64 for each element index: the inverse normal CDF of its uniform,
+    sqrt(2) erfinv(2u - 1) (one draw per element; |z| < 6.3 since the uniform has 32 bits)."""
+    return torch.erfinv(uniform(seed, key, index).mul_(2.0).sub_(1.0)).mul_(math.sqrt(2.0))
 
 
 @dataclass(frozen=True)
@@ -132,22 +131,32 @@ def parameter_init(key: str, config: ModelConfig) -> Init:
     raise ValueError(f"no initialisation rule for parameter {key!r}; add one to model/init.py::parameter_init")
 
 
-def global_index(local_shape, global_shape, global_offset, start: int, stop: int) -> torch.Tensor:
-    """Global flat (row-major) indices of local flat elements ``start:stop`` of a box of
-    ``local_shape`` placed at ``global_offset`` in a tensor of ``global_shape``."""
-    local = torch.arange(start, stop, dtype=torch.int64, device="cpu")  # whatever the default device
-    index = torch.zeros_like(local)
-    local_stride = global_stride = 1
-    for axis in reversed(range(len(global_shape))):
-        size = local_shape[axis]
-        if size == 1:
-            position = global_offset[axis]
-        else:
-            position = (local // local_stride).remainder_(size).add_(global_offset[axis])
-        index += position * global_stride
-        local_stride *= size
-        global_stride *= global_shape[axis]
-    return index
+def index_chunks(local_shape, global_shape, global_offset, chunk: int = CHUNK):
+    """Split a box of ``local_shape`` at ``global_offset`` in a tensor of ``global_shape`` into
+    consecutive local flat ranges of at most ``chunk`` elements (or one contiguous run). Yields
+    ``(start, stop, index)``: the range and its global flat (row-major) indices, int64 on the CPU."""
+    dims = len(global_shape)
+    strides = [math.prod(global_shape[axis + 1:]) for axis in range(dims)]
+    base = sum(o * s for o, s in zip(global_offset, strides))
+    differing = [axis for axis in range(dims) if local_shape[axis] != global_shape[axis]]
+    axis = differing[-1] if differing else 0
+    run = math.prod(local_shape[axis:])  # elements from here on are contiguous in the global tensor
+    rows = math.prod(local_shape[:axis])
+    per_chunk = max(1, chunk // run)
+    for first in range(0, rows, per_chunk):
+        last = min(rows, first + per_chunk)
+        starts = torch.full((last - first,), base, dtype=torch.int64, device="cpu")  # whatever the default device
+        row = torch.arange(first, last, dtype=torch.int64, device="cpu")
+        for outer in reversed(range(axis)):  # global start of each row
+            starts += (row % local_shape[outer]) * strides[outer]
+            row //= local_shape[outer]
+        if run <= chunk:
+            within = torch.arange(run, dtype=torch.int64, device="cpu")
+            yield first * run, last * run, (starts[:, None] + within).reshape(-1)
+        else:  # one long run, in pieces
+            for lo in range(0, run, chunk):
+                hi = min(run, lo + chunk)
+                yield first * run + lo, first * run + hi, torch.arange(lo, hi, dtype=torch.int64, device="cpu") + starts
 
 
 @torch.no_grad()
@@ -163,9 +172,7 @@ def fill_shard(local: torch.Tensor, init: Init, seed: int, key: str, global_shap
         raise ValueError(f"{key}: expected a contiguous local tensor")
     shape = (1,) * (len(global_shape) - local.dim()) + tuple(local.shape)
     flat = local.view(-1)
-    for start in range(0, flat.numel(), chunk):
-        stop = min(start + chunk, flat.numel())
-        index = global_index(shape, global_shape, global_offset, start, stop)
+    for start, stop, index in index_chunks(shape, tuple(global_shape), tuple(global_offset), chunk):
         flat[start:stop].copy_(init.values(seed, key, index))
 
 

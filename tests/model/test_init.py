@@ -54,12 +54,12 @@ def test_uniform_statistics_and_high_counter_bits():
     chi2 = float(((counts - N / 16) ** 2 / (N / 16)).sum())
     assert chi2 < 50  # 15 degrees of freedom: p < 1e-5 above 50
     assert abs(corr(u[:-1], u[1:])) < bound
-    # elements 2**31 apart differ only in the counter's high word
-    assert abs(corr(u, init.uniform(3, "k", index + 2**31))) < bound
+    # elements 2**32 apart differ only in the counter's high word
+    assert abs(corr(u, init.uniform(3, "k", index + 2**32))) < bound
 
 
 @pytest.mark.parametrize("offset,shape", [((0, 0, 0), (6, 10, 12)), ((2, 5, 0), (3, 5, 12)), ((1, 0, 4), (2, 10, 4)),
-                                          ((5, 9, 11), (1, 1, 1))])
+                                          ((5, 9, 11), (1, 1, 1)), ((3, 0, 0), (2, 10, 12)), ((0, 4, 0), (6, 3, 12))])
 def test_a_shard_alone_equals_the_slice_of_the_whole(offset, shape):
     whole = torch.empty(6, 10, 12)
     init.fill_shard(whole, init.normal_init(0.02), 7, "w", whole.shape, (0, 0, 0))
