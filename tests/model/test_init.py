@@ -26,8 +26,8 @@ def build(config, seed: int = 5):
     from model.model import build_model
     from parallel import state
 
-    state.initialize(state.ParallelDims(), seed=0)
-    return build_model(config, seed=seed)
+    state.initialize(state.ParallelDims(), seed=seed)  # build_model's default seed
+    return build_model(config)
 
 
 # ---------------------------------------------------------------------------- the generator

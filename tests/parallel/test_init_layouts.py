@@ -31,8 +31,8 @@ def reference():
     from model.model import build_model
     from parallel import state
 
-    state.initialize(state.ParallelDims(), seed=0)
-    model = build_model(init_worker.config(), seed=init_worker.SEED)
+    state.initialize(state.ParallelDims(), seed=init_worker.SEED)
+    model = build_model(init_worker.config())
     return {name: t.detach() for name, t in [*model.named_parameters(), *model.named_buffers()]
             if isinstance(t, torch.nn.Parameter) or name.endswith("expert_bias")}
 
