@@ -30,7 +30,6 @@ def megatron_config(
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
-    initialize_weights: bool = True,
     token_dispatcher: str = "allgather",
 ) -> TransformerConfig:
     moe = config.num_experts > 0 and "moe" in config.ffn_types
@@ -71,9 +70,10 @@ def megatron_config(
         sequence_parallel=sequence_parallel,
         params_dtype=params_dtype,
         bf16=bf16,
-        # full weights drawn on the CPU generator and sliced: initialisation independent of the device
+        # megatron's layers only allocate their local shard (on torch's default device, so the meta
+        # device works too) and draw nothing: build_model fills every tensor (model/init.py)
         use_cpu_initialization=True,
-        perform_initialization=initialize_weights,
+        perform_initialization=False,
         gradient_accumulation_fusion=False,
         # our loss functions return token sums; pipeline schedules must not rescale them
         calculate_per_token_loss=True,

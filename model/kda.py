@@ -38,14 +38,17 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, position: torch.Tenso
     return F.silu(causal_depthwise_conv(x, weight, position))
 
 
-def init_decay_parameters(num_heads: int, dt_size: int, generator: torch.Generator | None = None):
-    """FLA's defaults (SPEC 1.3): A_log = log U(1, 16); dt = exp U(log 1e-3, log 0.1), inverse softplus."""
-    a_log = torch.empty(num_heads, dtype=torch.float32).uniform_(1.0, 16.0, generator=generator).log()
-    dt = torch.exp(
-        torch.empty(dt_size, dtype=torch.float32).uniform_(math.log(1e-3), math.log(0.1), generator=generator)
-    ).clamp_min(1e-4)
-    dt_bias = dt + torch.log(-torch.expm1(-dt))
-    return a_log, dt_bias
+def a_log_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """FLA's default decay rate (SPEC 1.3) from U(0, 1) draws: A_log = log U(1, 16)."""
+    return u.mul(15.0).add_(1.0).log_()
+
+
+def dt_bias_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """FLA's default dt bias (SPEC 1.3) from U(0, 1) draws: dt = exp U(log 1e-3, log 0.1), at
+    least 1e-4, and dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt))."""
+    low, high = math.log(1e-3), math.log(0.1)
+    dt = u.mul(high - low).add_(low).exp_().clamp_min_(1e-4)
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 class KimiDeltaAttention(MegatronModule):
@@ -60,26 +63,25 @@ class KimiDeltaAttention(MegatronModule):
         self.head_dim = dim
         self.eps = config.rms_norm_eps
         self.lower_bound = config.kda_gate_lower_bound
-        std = config.initializer_range
         width = config.short_conv_kernel
         decay_size = heads * dim if per_channel_decay else heads
 
-        self.q_proj = tp.column(hidden, heads * dim, tconfig, std)
-        self.k_proj = tp.column(hidden, heads * dim, tconfig, std)
-        self.v_proj = tp.column(hidden, heads * dim, tconfig, std)
-        self.q_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
-        self.k_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
-        self.v_conv1d = tp.sharded_parameter(tp.conv_init(heads * dim, width))
-        self.f_a_proj = tp.replicated_linear(hidden, dim, std, tconfig)
-        self.f_b_proj = tp.column(dim, decay_size, tconfig, std)
-        a_log, dt_bias = init_decay_parameters(heads, decay_size)
-        self.A_log = tp.sharded_parameter(a_log)
-        self.dt_bias = tp.sharded_parameter(dt_bias)
-        self.b_proj = tp.column(hidden, heads, tconfig, std)
-        self.g_a_proj = tp.replicated_linear(hidden, dim, std, tconfig)
-        self.g_b_proj = tp.column(dim, heads * dim, tconfig, std)
+        # values are filled after the model is built (model/init.py)
+        self.q_proj = tp.column(hidden, heads * dim, tconfig)
+        self.k_proj = tp.column(hidden, heads * dim, tconfig)
+        self.v_proj = tp.column(hidden, heads * dim, tconfig)
+        self.q_conv1d = tp.sharded_parameter((heads * dim, 1, width))
+        self.k_conv1d = tp.sharded_parameter((heads * dim, 1, width))
+        self.v_conv1d = tp.sharded_parameter((heads * dim, 1, width))
+        self.f_a_proj = tp.replicated_linear(hidden, dim, tconfig)
+        self.f_b_proj = tp.column(dim, decay_size, tconfig)
+        self.A_log = tp.sharded_parameter((heads,))
+        self.dt_bias = tp.sharded_parameter((decay_size,))
+        self.b_proj = tp.column(hidden, heads, tconfig)
+        self.g_a_proj = tp.replicated_linear(hidden, dim, tconfig)
+        self.g_b_proj = tp.column(dim, heads * dim, tconfig)
         self.o_norm_weight = nn.Parameter(torch.ones(dim))
-        self.o_proj = tp.row(heads * dim, hidden, tconfig, std)
+        self.o_proj = tp.row(heads * dim, hidden, tconfig)
         for fp32_param in (self.A_log, self.dt_bias):
             fp32_param.keep_fp32 = True  # the decay path stays fp32 under mixed precision (SPEC 1.3)
             fp32_param.no_weight_decay = True

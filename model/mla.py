@@ -90,18 +90,18 @@ class MultiLatentAttention(MegatronModule):
     def __init__(self, config: ModelConfig, tconfig, layer_idx: int):
         super().__init__(config=tconfig)
         self.layer_idx = layer_idx
-        heads, hidden, std = config.num_attention_heads, config.hidden_size, config.initializer_range
+        heads, hidden = config.num_attention_heads, config.hidden_size
         self.local_heads = heads // tp.tp_size()
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.scale = (self.nope + self.rope) ** -0.5
 
-        self.q_proj = tp.column(hidden, heads * (self.nope + self.rope), tconfig, std)
+        self.q_proj = tp.column(hidden, heads * (self.nope + self.rope), tconfig)
         self.sequence_parallel = bool(tconfig.sequence_parallel)
-        self.kv_a_proj_with_mqa = tp.replicated_linear(hidden, self.kv_lora_rank + self.rope, std, tconfig)
+        self.kv_a_proj_with_mqa = tp.replicated_linear(hidden, self.kv_lora_rank + self.rope, tconfig)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.kv_norm_eps, self.sequence_parallel)
-        self.kv_b_proj = tp.column(self.kv_lora_rank, heads * (self.nope + self.v_dim), tconfig, std)
-        self.o_proj = tp.row(heads * self.v_dim, hidden, tconfig, std)
+        self.kv_b_proj = tp.column(self.kv_lora_rank, heads * (self.nope + self.v_dim), tconfig)
+        self.o_proj = tp.row(heads * self.v_dim, hidden, tconfig)
         # QK-Clip (train/muon.py): when set, training forwards keep the running max over micro-batches
         # of each local head's largest logit q.k * scale (document-causal) in max_logits [local_heads]
         self.record_max_logits = False

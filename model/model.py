@@ -100,18 +100,17 @@ class KimiLinearModel(MegatronModule):
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's interleaved schedule
-        std = config.initializer_range
         self.sequence_parallel = bool(tconfig.sequence_parallel)
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
-                config.vocab_size, config.hidden_size, init_method=tp.normal_init(std), config=tconfig,
+                config.vocab_size, config.hidden_size, init_method=tp.deferred_init, config=tconfig,
                 reduce_scatter_embeddings=self.sequence_parallel,
             )
         layer_range = layer_range if layer_range is not None else range(config.num_layers)
         self.layers = LayerStack({str(i): DecoderLayer(config, tconfig, i) for i in layer_range})
         if post_process:
             self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.sequence_parallel)
-            self.output_layer = tp.column(config.hidden_size, config.vocab_size, tconfig, std)
+            self.output_layer = tp.column(config.hidden_size, config.vocab_size, tconfig)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand a non-first stage its input activations here."""
@@ -189,14 +188,23 @@ class ModelChunks(nn.Module):
         return torch.nn.modules.module._IncompatibleKeys(missing, sorted(unexpected))
 
 
-def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **megatron_kwargs):
+def build_model(config: ModelConfig, sequence_parallel: bool | None = None, seed: int | None = None,
+                initialize_weights: bool = True, **megatron_kwargs):
     """Build this rank's model for the current parallel state (call parallel.state.initialize first):
     a KimiLinearModel, or ModelChunks under virtual pipeline stages.
+
+    Its weights are initialised from ``seed`` (default: the seed given to parallel.state.initialize)
+    layout-invariantly (model/init.py): every layout, device and arm of the comparison starts from
+    the same values. ``initialize_weights=False`` leaves them uninitialised, for weights loaded next.
 
     Sequence parallelism defaults to on whenever TP > 1 and the model has MoE layers: megatron's
     MoE layer refuses to train with TP but without SP.
     """
     from megatron.core import parallel_state
+
+    from parallel import state
+
+    from .init import initialize_model
 
     size = tp.tp_size()
     if sequence_parallel is None:
@@ -215,7 +223,10 @@ def build_model(config: ModelConfig, sequence_parallel: bool | None = None, **me
                                 layer_range=stage_layers(config.num_layers, stages * virtual, stage))
         model.vp_stage = chunk if virtual > 1 else None
         chunks.append(model)
-    return chunks[0] if virtual == 1 else ModelChunks(chunks)
+    model = chunks[0] if virtual == 1 else ModelChunks(chunks)
+    if initialize_weights:
+        initialize_model(model, config, state.initial_seed() if seed is None else seed)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

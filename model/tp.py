@@ -1,14 +1,12 @@
 """Thin helpers over megatron-core's tensor-parallel layers, shared by the mixers.
 
-Every weight is initialised from the full (unsharded) tensor on the CPU generator and then sliced,
-so initialisation does not depend on the device. (megatron's fused SwiGLU ``linear_fc1`` reads its
-TP slice as ``[gate_r; up_r]``, so a TP=2 model is not the slice of a TP=1 model with the same seed;
-to compare layouts, load one checkpoint into both.)
+Layers here only allocate this rank's shard; nothing is drawn when they are built. ``build_model``
+then fills every tensor from the seed, the tensor's global name and each element's global index
+(model/init.py), so a TP=2 shard equals the corresponding slice of the TP=1 tensor (for megatron's
+fused SwiGLU ``linear_fc1``: ``[gate_r; up_r]`` of the global ``[gate; up]``), on any device.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -19,40 +17,37 @@ def tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
-def tp_rank() -> int:
-    return parallel_state.get_tensor_model_parallel_rank()
+def deferred_init(weight: torch.Tensor) -> None:
+    """The ``init_method`` handed to megatron's layers; never called, since they are built with
+    ``perform_initialization=False`` and model/init.py fills them."""
+    raise RuntimeError("megatron-core tried to initialise a weight; build models with model.model.build_model")
 
 
-def normal_init(std: float):
-    return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
-
-
-def column(in_features: int, out_features: int, tconfig, std: float) -> tensor_parallel.ColumnParallelLinear:
+def column(in_features: int, out_features: int, tconfig) -> tensor_parallel.ColumnParallelLinear:
     """Output dimension split over TP ranks (heads); the input is the replicated hidden state."""
     return tensor_parallel.ColumnParallelLinear(
-        in_features, out_features, config=tconfig, init_method=normal_init(std),
+        in_features, out_features, config=tconfig, init_method=deferred_init,
         bias=False, gather_output=False, skip_bias_add=True,
     )
 
 
-def row(in_features: int, out_features: int, tconfig, std: float) -> tensor_parallel.RowParallelLinear:
+def row(in_features: int, out_features: int, tconfig) -> tensor_parallel.RowParallelLinear:
     """Input dimension split over TP ranks; the output is all-reduced back to the full hidden state."""
     return tensor_parallel.RowParallelLinear(
-        in_features, out_features, config=tconfig, init_method=normal_init(std),
+        in_features, out_features, config=tconfig, init_method=deferred_init,
         bias=False, input_is_parallel=True, skip_bias_add=True,
     )
 
 
-def replicated_linear(in_features: int, out_features: int, std: float, tconfig) -> nn.Linear:
+def replicated_linear(in_features: int, out_features: int, tconfig) -> nn.Linear:
     """A small projection every TP rank holds whole (low-rank gate down-projections, MLA kv_a).
 
     Under sequence parallelism it sees only this rank's tokens, so its gradient is partial over
     tokens: ``sequence_parallel`` marks it for the TP all-reduce after backward (as megatron does
     for norms and the router).
     """
-    layer = nn.Linear(in_features, out_features, bias=False)
-    if layer.weight.device.type != "meta":
-        nn.init.normal_(layer.weight, mean=0.0, std=std)
+    # built on the meta device and then allocated, so that nn.Linear's own init draws nothing
+    layer = nn.Linear(in_features, out_features, bias=False, device="meta").to_empty(device=torch.get_default_device())
     layer.weight.sequence_parallel = bool(tconfig.sequence_parallel)
     return layer
 
@@ -66,14 +61,15 @@ def gather_tokens(tensor: torch.Tensor, sequence_parallel: bool) -> torch.Tensor
     return reduce_grad_over_tp(tensor)
 
 
-def sharded_parameter(full: torch.Tensor, dim: int = 0) -> nn.Parameter:
-    """Keep this rank's slice of ``full`` along ``dim`` and mark it as TP-sharded for megatron."""
+def sharded_parameter(global_shape: tuple[int, ...], dim: int = 0) -> nn.Parameter:
+    """This rank's (empty) slice along ``dim`` of a fp32 tensor of ``global_shape``, marked as
+    TP-sharded for megatron; its values come from model/init.py."""
     size = tp_size()
-    if full.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split over {size} TP ranks")
-    piece = full.shape[dim] // size
-    local = full.narrow(dim, tp_rank() * piece, piece).clone()
-    param = nn.Parameter(local)
+    if global_shape[dim] % size:
+        raise ValueError(f"dimension {dim} of size {global_shape[dim]} does not split over {size} TP ranks")
+    local_shape = list(global_shape)
+    local_shape[dim] //= size
+    param = nn.Parameter(torch.empty(local_shape, dtype=torch.float32))
     tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
     return param
 
@@ -87,12 +83,6 @@ def reduce_grad_over_tp(tensor: torch.Tensor) -> torch.Tensor:
     if tp_size() == 1:
         return tensor
     return tensor_parallel.copy_to_tensor_model_parallel_region(tensor)
-
-
-def conv_init(channels: int, width: int) -> torch.Tensor:
-    """nn.Conv1d's default init for a depthwise kernel (fan_in = width)."""
-    bound = 1.0 / math.sqrt(width)
-    return torch.empty(channels, 1, width).uniform_(-bound, bound)
 
 
 def sharded_state_dict_with_axes(module, prefix, axis_map, sharded_offsets=(), metadata=None):

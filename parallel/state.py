@@ -91,9 +91,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_seed = 1234
+
+
+def initial_seed() -> int:
+    """The seed of the last ``initialize`` (the default seed of model.model.build_model)."""
+    return _seed
+
+
 def initialize(dims: ParallelDims, seed: int = 1234) -> ParallelDims:
     """Initialise torch.distributed and megatron's parallel groups for ``dims``; seed the RNGs."""
     from megatron.core import parallel_state, tensor_parallel
+
+    global _seed
 
     init_distributed()
     dims.world_size = dist.get_world_size()
@@ -107,6 +117,7 @@ def initialize(dims: ParallelDims, seed: int = 1234) -> ParallelDims:
         context_parallel_size=dims.context,
         expert_model_parallel_size=dims.expert,
     )
+    _seed = seed
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return dims

@@ -175,7 +175,10 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
             "available in this version; use tensor/pipeline/data parallelism"
         )
     device = state.device()
-    model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, expert_parallel=dims.expert).to(device)
+    load_from = t.load or (t.save if t.save and ckpt.latest_step(t.save) is not None else "")
+    # weights loaded next need no initialisation (minutes of CPU time at the 48B size)
+    model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, seed=t.seed,
+                        initialize_weights=not load_from, expert_parallel=dims.expert).to(device)
     tconfig = model.config
     set_recompute(model, t.recompute_layers)
     fusion.enable(t.compile)
@@ -191,7 +194,6 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
     train_loader, valid_loader = (data or build_data)(run, dims)
 
     start_step = 0
-    load_from = t.load or (t.save if t.save and ckpt.latest_step(t.save) is not None else "")
     if load_from:
         path = ckpt.resolve(load_from)
         meta = ckpt.read_meta(path)

@@ -62,7 +62,7 @@ def build(config: ModelConfig, seed: int = 0, randomize: bool = True):
     from model.model import build_model
 
     seed_all(seed)
-    model = build_model(config)
+    model = build_model(config, seed=seed)
     if randomize:
         randomize_(model, seed)
     return model.eval()

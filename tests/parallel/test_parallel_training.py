@@ -1,7 +1,8 @@
 """DP, TP(+SP), EP, PP and 4-rank combinations reproduce the single-process loss curve.
 
-All layouts start from one step-0 checkpoint and see the same global batches (the loader's order
-does not depend on the DP size). fp32 on CPU: differences are summation-order rounding only.
+Every layout builds its model from the seed, with no shared checkpoint (initialisation is
+layout-invariant: model/init.py), and sees the same global batches (the loader's order does not
+depend on the DP size). fp32 on CPU: differences are summation-order rounding only.
 """
 
 import json
@@ -18,7 +19,6 @@ TOLERANCE = 2e-4  # absolute, on losses around 6-9, after 10 Adam steps
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("parallel_training")
-    torchrun(WORKER, 1, "init", path, 1, 1, 1)
     torchrun(WORKER, 1, "train", path, 1, 1, 1)
     return path
 

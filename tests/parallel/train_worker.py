@@ -1,9 +1,9 @@
 """Worker for test_parallel_training.py: the same 10 training steps under different layouts.
 
-init:   one process builds the model and saves it as a step-0 checkpoint.
 train:  torchrun with the layout given as TP EP PP [VPP [ZERO]] (ZERO=1: megatron's distributed
-        optimizer); every layout loads that checkpoint (megatron
-        reshards it), trains on the same global batches, and rank 0 writes the loss curve.
+        optimizer); every layout builds its model from the seed (no shared checkpoint), trains on
+        the same global batches, and rank 0 writes the loss curve.
+save-half / resume: 5 steps at one layout and a checkpoint, then the other 5 at another layout.
 """
 
 import json
@@ -22,7 +22,6 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, zero:
         train_iters=10, lr=5e-3, lr_warmup_iters=2, log_interval=100, seed=3,
         tensor_model_parallel_size=tp, expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, distributed_optimizer=bool(zero),
-        load=str(workdir / "init"),
     )
     for key, value in changes.items():
         setattr(train, key, value)
@@ -32,16 +31,7 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, zero:
 def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1, zero: int = 0) -> None:
     import torch.distributed as dist
 
-    if mode == "init":
-        from model.model import build_model
-        from parallel import state
-        from train import checkpoint as ckpt
-
-        run = run_config(workdir, 1, 1)
-        state.initialize(state.ParallelDims(), seed=3)
-        model = build_model(run.model)
-        ckpt.save_checkpoint(workdir / "init", 0, model, None, run.to_dict())
-    elif mode == "save-half":  # train 5 of the 10 steps and save (model, optimizer, data position)
+    if mode == "save-half":  # train 5 of the 10 steps and save (model, optimizer, data position)
         from train.loop import train
 
         name = "resharded_zero" if zero else "resharded"
@@ -50,7 +40,7 @@ def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1, zero
         from train.loop import train
 
         name = "resharded_zero" if zero else "resharded"
-        losses = train(run_config(workdir, tp, ep, pp, vpp, zero, load="", save=str(workdir / name)))
+        losses = train(run_config(workdir, tp, ep, pp, vpp, zero, save=str(workdir / name)))
         if dist.get_rank() == 0:
             (workdir / f"resumed_tp{tp}_pp{pp}{'_zero' if zero else ''}.json").write_text(json.dumps(losses))
     else:
