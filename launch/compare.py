@@ -10,9 +10,9 @@ counts side by side and checks that the recipe is identical: the same seed, data
 budget, optimizer, schedule and tokens per step (every field of the run config but the layer
 pattern), and the same initial weights for every parameter the arms share (built at step 0 and
 compared by name). A recipe difference is refused, naming the fields and the value of each arm.
-Then it trains the arms one after the other here (one process, or torchrun with
-``--nproc-per-node``) with a progress bar, or submits them as one SLURM job array
-(``launch/sweep.py``), and writes the report: ``comparison.png`` (validation loss vs tokens with the
+Then it trains the runs here, one after the other or ``--concurrent N`` at a time (one process
+each, or torchrun with ``--nproc-per-node``; on a GPU host every run gets GPUs of its own), with a
+progress bar, or submits them as one SLURM job array (``launch/sweep.py``), and writes the report: ``comparison.png`` (validation loss vs tokens with the
 spread over seeds, training loss, tokens/s, peak memory) and ``comparison.md`` next to the runs.
 docs/launch.md, "The comparison".
 """
@@ -215,43 +215,70 @@ def _command(entry: dict, run_dir: Path, nproc: int) -> list[str]:
     return [sys.executable, *script]
 
 
-def run_here(entries: list[dict], root: Path, nproc: int) -> list[Path]:
-    """Train the entries one after another (each resumes from its own checkpoints if rerun); one
-    progress bar over all their steps. Returns the run folders; stops at the first failure."""
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_here(entries: list[dict], root: Path, nproc: int, concurrent: int = 1) -> list[Path]:
+    """Train the entries here, ``concurrent`` at a time (each on its own ``nproc`` GPUs where there
+    are GPUs), one progress bar over all their steps; a rerun resumes each run from its newest
+    checkpoint and skips finished ones. Returns the run folders; at the first failure the other
+    runs are stopped (they save) and the error shows the end of the failed run's log."""
     from tqdm.auto import tqdm
 
-    total = sum(e["train_iters"] for e in entries)
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, desc="comparison")
-    done_before, folders = 0, []
-    for entry in entries:
-        run_dir = root / entry["name"]
-        folders.append(run_dir)
-        sweep.write_launch_record(run_dir, entry)
-        if (Run.read(run_dir).last_step() or 0) >= entry["train_iters"]:
-            done_before += entry["train_iters"]
-            bar.update(done_before - bar.n)
-            continue
-        log_path = run_dir / "train.log"
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        with open(log_path, "a") as log:
-            process = subprocess.Popen(_command(entry, run_dir, nproc), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env)
-            bar.set_postfix_str(f"{entry['name']} starting")
-            while process.poll() is None:
-                time.sleep(1.0)
-                run = Run.read(run_dir)
+    gpus = _gpu_count()
+    if gpus and concurrent * nproc > gpus:
+        raise ConfigError(f"--concurrent {concurrent} x --nproc-per-node {nproc} needs {concurrent * nproc} GPUs; "
+                          f"this machine has {gpus}")
+    folders = [root / e["name"] for e in entries]
+    for entry, folder in zip(entries, folders):
+        sweep.write_launch_record(folder, entry)
+    waiting = [(e, f) for e, f in zip(entries, folders) if (Run.read(f).last_step() or 0) < e["train_iters"]]
+    finished = sum(e["train_iters"] for e in entries) - sum(e["train_iters"] for e, _ in waiting)
+    bar = tqdm(total=sum(e["train_iters"] for e in entries), initial=finished, unit="step", dynamic_ncols=True,
+               desc="comparison")
+    running: dict[int, tuple] = {}  # slot -> (entry, folder, process, log file)
+    try:
+        while waiting or running:
+            for slot in range(concurrent):
+                if slot in running or not waiting:
+                    continue
+                entry, folder = waiting.pop(0)
+                env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * nproc + i) for i in range(nproc))
+                log = open(folder / "train.log", "a")
+                process = subprocess.Popen(_command(entry, folder, nproc), cwd=REPO, stdout=log,
+                                           stderr=subprocess.STDOUT, env=env)
+                running[slot] = (entry, folder, process, log)
+            time.sleep(1.0)
+            progress, status = finished, []
+            for slot, (entry, folder, process, log) in list(running.items()):
+                run = Run.read(folder)
                 step, loss = run.last_step() or 0, run.last_loss()
-                if done_before + step != bar.n:
-                    bar.set_postfix_str(f"{entry['name']} loss {loss:.3f}", refresh=False)
-                    bar.update(done_before + step - bar.n)
-        if process.returncode != 0:
-            bar.close()
-            tail = "\n".join(log_path.read_text().splitlines()[-30:])
-            raise RuntimeError(f"run {entry['name']} failed (exit code {process.returncode}); "
-                               f"the end of {log_path}:\n{tail}")
-        done_before += entry["train_iters"]
-        bar.update(done_before - bar.n)
-    bar.close()
+                if process.poll() is None:
+                    progress += step
+                    status.append(f"{entry['name']} " + (f"{loss:.3f}" if loss is not None else "starting"))
+                    continue
+                log.close()
+                del running[slot]
+                if process.returncode != 0:
+                    tail = "\n".join((folder / "train.log").read_text().splitlines()[-30:])
+                    raise RuntimeError(f"run {entry['name']} failed (exit code {process.returncode}); the end of "
+                                       f"{folder / 'train.log'}:\n{tail}")
+                finished += entry["train_iters"]
+                progress += entry["train_iters"]
+            bar.set_postfix_str(", ".join(status), refresh=False)
+            bar.update(progress - bar.n)
+    finally:
+        for entry, folder, process, log in running.values():
+            if process.poll() is None:
+                process.terminate()  # SIGTERM: the run saves at its next step boundary
+                process.wait()
+            log.close()
+        bar.close()
     return folders
 
 
@@ -287,6 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every arm")
     parser.add_argument("--root", help="folder of the runs (default runs/compare/<recipe>)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per run here (torchrun when > 1)")
+    parser.add_argument("--concurrent", type=int, default=1,
+                        help="runs at once here (on a GPU host each gets its own --nproc-per-node GPUs)")
     parser.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
     parser.add_argument("--max-concurrent", type=int, default=0, help="--slurm: at most N tasks at once")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
@@ -299,8 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
+    if args.seeds < 1 or args.concurrent < 1 or args.nproc_per_node < 1:
+        parser.error("--seeds, --concurrent and --nproc-per-node must be at least 1")
     pairs = {}
     for item in args.arm_config:
         arm, sep, path = item.partition("=")
@@ -367,7 +396,7 @@ def compare(args: argparse.Namespace) -> int:
         for entry in entries:
             print(" ".join(_command(entry, root / entry["name"], args.nproc_per_node)))
         return 0
-    folders = run_here(entries, root, args.nproc_per_node)
+    folders = run_here(entries, root, args.nproc_per_node, args.concurrent)
     from launch.compare_report import write_report
 
     write_report(folders)

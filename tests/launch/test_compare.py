@@ -9,6 +9,7 @@ import statistics
 import pytest
 
 from launch import compare, sweep
+from launch.compare import REPO as ROOT
 from launch.compare_report import write_report
 from model.config import ConfigError
 from model.presets import ARMS
@@ -215,3 +216,24 @@ def test_report_falls_back_to_training_loss_with_a_note(tmp_path):
 def test_report_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert compare.main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_runs_here_concurrently_then_reports_and_a_rerun_skips_finished_runs(tmp_path, capsys):
+    from data import ensure_default_dataset
+
+    cache = ROOT / "cache" / "data"
+    ensure_default_dataset(cache)
+    argv = ["--config", "tiny", "--arms", "mla,kimi-linear", "--concurrent", "2", "--skip-init-check", "--root",
+            str(tmp_path), "--set", "train.train_iters=4", "--set", f"train.data_cache_dir={cache}"]
+    assert compare.main(argv) == 0, capsys.readouterr()
+    for arm, pattern in (("mla", "A"), ("kimi-linear", "KKKA")):
+        folder = tmp_path / f"{arm}-seed1234"
+        assert [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+        meta = json.loads((folder / "iter_0000004" / "meta.json").read_text())
+        assert meta["model"]["layer_pattern"] == pattern and meta["train"]["seed"] == 1234
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| mla | 1 | 1,024 |" in table and "| kimi-linear | 1 | 1,024 |" in table
+    logs = {p: p.stat().st_size for p in tmp_path.glob("*/train.log")}
+    assert compare.main(argv) == 0  # finished runs are not started again
+    assert {p: p.stat().st_size for p in tmp_path.glob("*/train.log")} == logs
