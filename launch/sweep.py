@@ -194,7 +194,7 @@ def submit(manifest: dict, root: str | Path | None = None, max_concurrent: int =
     (root / "logs").mkdir(parents=True, exist_ok=True)
     frozen.write_text(json.dumps({"name": manifest["name"], "entries": entries}, indent=1))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, **(env or {}), "KIMI_REPO": str(REPO)})
+                            env={"PYTHON": sys.executable, **os.environ, **(env or {}), "KIMI_REPO": str(REPO)})
     if result.returncode != 0:
         raise ConfigError(f"sbatch refused the array: {result.stderr.strip() or result.stdout.strip()}")
     job = result.stdout.strip().split(";")[0]

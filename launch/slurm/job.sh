@@ -35,7 +35,13 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}             # no NVLink multicast
 # nodes, e.g. NCCL_SOCKET_IFNAME=ib0 / GLOO_SOCKET_IFNAME=eth0, and the InfiniBand adapters,
 # e.g. NCCL_IB_HCA=mlx5. Left unset, NCCL picks them itself.
 
-kimi_nodes() { scontrol show hostnames "$SLURM_JOB_NODELIST"; }
+# the address of the allocation's first node (its NodeAddr: the hostname on most clusters)
+kimi_master_addr() {
+    local first addr
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    addr=$(scontrol show node "$first" -o 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+    echo "${addr:-$first}"
+}
 
 # a free TCP port on this node (the batch shell runs on the allocation's first node, the
 # rendezvous host), starting from a number derived from the job id: concurrent jobs and the
@@ -108,17 +114,28 @@ kimi_deliver() {
 kimi_train() {
     KIMI_RUN_DIR=$1
     shift
+    local arg
+    for arg in "$@"; do
+        case "$arg" in --save | --save=*)
+            echo "error: the job script chooses the save folder; set RUN_DIR=... instead of passing --save" >&2
+            return 2 ;;
+        esac
+    done
     cd "$KIMI_REPO" || return 1
     mkdir -p "$KIMI_RUN_DIR"
     KIMI_PIDS_DIR=$KIMI_RUN_DIR/.slurm/$SLURM_JOB_ID
     KIMI_STOP_SIGNAL=""
     KIMI_DELIVERED=0
-    local nodes master port nproc status
+    local nodes master port nproc status step_resources=()
     nodes=$SLURM_JOB_NUM_NODES
-    master=$(kimi_nodes | head -n 1)
+    master=$(kimi_master_addr)
     port=$(kimi_free_port) || return 1
     nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
     [ "$nproc" -ge 1 ] 2>/dev/null || nproc=1
+    # srun does not pass the job's CPUs and GPUs on to a step by itself (Slurm >= 22.05): the one
+    # task per node gets all that the job holds there
+    step_resources+=("--cpus-per-task=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}")
+    if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null; then step_resources+=("--gpus-per-node=$SLURM_GPUS_ON_NODE"); fi
     kimi_event "$KIMI_RUN_DIR" start "nodes=$nodes" "nproc_per_node=$nproc" "master=$master" "port=$port" \
         "node_list=$SLURM_JOB_NODELIST" "name=${KIMI_RUN_NAME:-}" "args=$*"
     echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous" \
@@ -127,7 +144,7 @@ kimi_train() {
     trap 'kimi_stop USR1' USR1
     trap 'kimi_stop TERM' TERM
     # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags
-    srun --kill-on-bad-exit=1 --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 \
+    srun --kill-on-bad-exit=1 --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 "${step_resources[@]}" \
         bash "$KIMI_REPO/launch/slurm/node.sh" "$KIMI_PIDS_DIR" \
         "$PYTHON" $KIMI_LAUNCHER --nnodes="$nodes" --nproc-per-node="$nproc" \
         --rdzv-backend=c10d --rdzv-endpoint="$master:$port" --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 \

@@ -9,7 +9,11 @@ task), every task's run folder, metrics and rendezvous port; then stops of two r
   test requeues the task with `scontrol requeue`.
 
 Both tasks must resume from the checkpoint of their stop and finish. Requeued jobs wait about two
-minutes before SLURM starts them again (their begin time); the test moves that to now.
+minutes before SLURM starts them again (their begin time); the tests move that to now.
+
+Then launch/slurm/pretrain.sbatch on two nodes: a second, private cluster whose two slurmd daemons
+run on this machine (n1, n2; Debian's Slurm allows several per host): torchrun's c10d rendezvous
+on the first node, a stop delivered to the ranks of both nodes, requeue and resume.
 """
 
 import json
@@ -182,3 +186,149 @@ def test_comparison_array_stop_requeue_and_resume(tmp_path, cluster):
 
 def _events(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "slurm.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- two nodes
+TWO_NODE_CONF = """ClusterName=twonode
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+AuthType=auth/munge
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool-%n
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=1
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=1
+PartitionName=two Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture
+def two_nodes(tmp_path, cluster):
+    """A private two-node cluster (its own slurm.conf, ports and state); yields the environment
+    that points SLURM's commands at it, and stops it (jobs first) afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the two-node test cluster needs root (slurmd runs jobs as their user)")
+    folder = tmp_path / "twonode"
+    for sub in ("state", "spool-n1", "spool-n2"):
+        (folder / sub).mkdir(parents=True)
+    ctld, slurmd, n1, n2 = _free_ports(4)
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+    conf = folder / "slurm.conf"
+    conf.write_text(TWO_NODE_CONF.format(host=host, ctld_port=ctld, slurmd_port=slurmd, dir=folder, n1_port=n1,
+                                         n2_port=n2))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = [["slurmctld", "-f", conf], ["slurmd", "-f", conf, "-N", "n1"], ["slurmd", "-f", conf, "-N", "n2"]]
+    try:
+        for command in daemons:
+            subprocess.run([str(c) for c in command], env=env, check=True, timeout=30)
+        end = time.time() + 60
+        while time.time() < end:
+            states = subprocess.run(["sinfo", "-h", "-o", "%T %D"], env=env, capture_output=True, text=True).stdout
+            if states.split() == ["idle", "2"]:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the two-node cluster did not come up: sinfo {states!r}\n"
+                        + "\n".join(p.read_text()[-2000:] for p in folder.glob("*.log")))
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True, timeout=30)
+        end = time.time() + 60  # let the jobs finish before their daemons go
+        while time.time() < end and subprocess.run(["squeue", "-h"], env=env, capture_output=True,
+                                                    text=True).stdout.strip():
+            time.sleep(1)
+        for pid_file in folder.glob("*.pid"):
+            try:
+                os.kill(int(pid_file.read_text().strip()), 15)
+            except (ValueError, ProcessLookupError):
+                pass
+
+
+@pytest.mark.slow
+def test_pretrain_sbatch_on_two_nodes_stops_requeues_and_resumes(tmp_path, two_nodes):
+    from data import ensure_default_dataset
+
+    cache = ROOT / "cache" / "data"
+    ensure_default_dataset(cache)
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    steps = 60
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=10", f"--output={log}",
+         "launch/slurm/pretrain.sbatch", "--config", "tiny", "--train-iters", str(steps), "--log-interval", "5",
+         "--set", f"train.data_cache_dir={cache}"],
+        cwd=ROOT, env={**two_nodes, "RUN_DIR": str(run_dir), "KIMI_REPO": str(ROOT), "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+
+    def queue():
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=two_nodes, capture_output=True,
+                              text=True).stdout.strip()
+
+    def diagnosis():
+        events = run_dir / "slurm.jsonl"
+        return (f"queue: {queue()!r}\nevents:\n{events.read_text() if events.exists() else '(none)'}\nlog:\n"
+                + ("\n".join(log.read_text(errors='replace').splitlines()[-60:]) if log.exists() else "(none)"))
+
+    def wait(predicate, what, timeout):
+        end = time.time() + timeout
+        while time.time() < end:
+            if predicate():
+                return
+            time.sleep(1)
+        raise AssertionError(f"timed out waiting for {what}\n{diagnosis()}")
+
+    try:
+        wait(lambda: _steps(run_dir), "the first step", 240)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=two_nodes, check=True, timeout=30)
+        wait(lambda: (run_dir / "slurm.jsonl").exists() and any(e["event"] == "end" for e in _events(run_dir)),
+             "the stop", 120)
+
+        def finished():
+            if queue() == "PENDING":  # requeued: start now instead of in two minutes
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=two_nodes,
+                               capture_output=True, timeout=30)
+            return queue() == ""
+
+        wait(finished, "the resumed job to finish", 300)
+    finally:
+        subprocess.run(["scancel", job], env=two_nodes, capture_output=True, timeout=30)
+
+    text = log.read_text(errors="replace")
+    starts = [e for e in _events(run_dir) if e["event"] == "start"]
+    assert len(starts) == 2 and all(e["nodes"] == 2 and e["node_list"] == "n[1-2]" for e in starts), diagnosis()
+    assert all(e["master"] == "127.0.0.1" for e in starts)  # the first node's address
+    for node in ("n1", "n2"):  # the stop reached a rank on every node
+        assert re.search(rf"\[{node}\] SIGUSR1 sent to rank process \d+", text), diagnosis()
+    stop = re.search(r"stop signal received: saving at step (\d+)", text)
+    assert stop and 0 < int(stop.group(1)) < steps, diagnosis()
+    step = int(stop.group(1))
+    assert f"resumed from {run_dir}/iter_{step:07d} at step {step}" in text, diagnosis()
+    assert _steps(run_dir)[-1] == steps and (run_dir / f"iter_{steps:07d}" / "meta.json").exists(), diagnosis()
+    assert _events(run_dir)[-1]["exit_code"] == 0
