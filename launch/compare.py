@@ -12,8 +12,9 @@ pattern), and the same initial weights for every parameter the arms share (built
 compared by name). A recipe difference is refused, naming the fields and the value of each arm.
 Then it trains the runs here, one after the other or ``--concurrent N`` at a time (one process
 each, or torchrun with ``--nproc-per-node``; on a GPU host every run gets GPUs of its own), with a
-progress bar, or submits them as one SLURM job array (``launch/sweep.py``), and writes the report: ``comparison.png`` (validation loss vs tokens with the
-spread over seeds, training loss, tokens/s, peak memory) and ``comparison.md`` next to the runs.
+progress bar, or submits them as one SLURM job array (``launch/sweep.py``), and writes the report:
+``comparison.png`` (validation loss vs tokens with the spread over seeds, training loss, tokens/s,
+peak memory) and ``comparison.md`` next to the runs.
 docs/launch.md, "The comparison".
 """
 
@@ -353,7 +354,8 @@ def compare(args: argparse.Namespace) -> int:
         print_arms(runs, counts)
         print()
         if problems:
-            lines = [f"  {key}: " + ", ".join(f"{a}={v}" for a, v in values.items()) for key, values in problems.items()]
+            lines = [f"  {key}: " + ", ".join(f"{a}={v}" for a, v in values.items())
+                     for key, values in problems.items()]
             raise ConfigError("the arms' recipes differ beyond the layer pattern; an identical-recipe comparison "
                               "needs them equal (fix the recipes or drop the --set that differs):\n" + "\n".join(lines))
         print_recipe(runs, expected)

@@ -92,7 +92,10 @@ def _grid_entries(grid: dict) -> list[dict]:
                 entry[key] = value
             else:  # a config field
                 entry.setdefault("set", {})[key] = value
-            parts.append(f"seed{value}" if key == "seed" else (str(value) if key in ("arm", "config") else f"{key}={value}"))
+            if key == "seed":
+                parts.append(f"seed{value}")
+            else:
+                parts.append(str(value) if key in ("arm", "config") else f"{key}={value}")
         entry["name"] = "-".join(parts)
         entries.append(entry)
     return entries
@@ -210,7 +213,8 @@ def prepare_task(frozen: str | Path, index: int, run_dir: str | Path) -> list[st
     if not 0 <= index < len(entries):
         raise ConfigError(f"array task {index}: the sweep {frozen} has {len(entries)} entries")
     entry = entries[index]
-    write_launch_record(run_dir, entry, index=index, sweep=str(frozen), array_job_id=os.environ.get("SLURM_ARRAY_JOB_ID"))
+    write_launch_record(run_dir, entry, index=index, sweep=str(frozen),
+                        array_job_id=os.environ.get("SLURM_ARRAY_JOB_ID"))
     return entry["argv"]
 
 
@@ -271,7 +275,8 @@ def format_rows(rows: list[dict]) -> str:
     def cell(value, fmt="{}"):
         return "-" if value is None or value == [] else fmt.format(value)
 
-    header = f"{'task':>4}  {'name':<28} {'state':<12} {'restarts':>8} {'step':>13} {'loss':>8} {'valid':>8} {'port':>6}"
+    header = (f"{'task':>4}  {'name':<28} {'state':<12} {'restarts':>8} {'step':>13} {'loss':>8} {'valid':>8} "
+              f"{'port':>6}")
     lines = [header]
     for r in rows:
         step = cell(r["step"]) + (f"/{r['train_iters']}" if r["train_iters"] else "")

@@ -23,7 +23,8 @@ KIMI_REPO=${KIMI_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 PYTHON=${PYTHON:-$KIMI_REPO/.venv/bin/python}
 KIMI_REQUEUE=${KIMI_REQUEUE:-1}
 if [ -z "${KIMI_LAUNCHER:-}" ]; then
-    if [ -f "$KIMI_REPO/launch/torchrun.py" ]; then KIMI_LAUNCHER=launch/torchrun.py; else KIMI_LAUNCHER="-m torch.distributed.run"; fi
+    KIMI_LAUNCHER="-m torch.distributed.run"
+    if [ -f "$KIMI_REPO/launch/torchrun.py" ]; then KIMI_LAUNCHER=launch/torchrun.py; fi
 fi
 
 # --- NCCL / torch.distributed (multi-node GPU runs; unused by gloo on CPU)
@@ -135,9 +136,11 @@ kimi_train() {
     # srun does not pass the job's CPUs and GPUs on to a step by itself (Slurm >= 22.05): the one
     # task per node gets all that the job holds there
     step_resources+=("--cpus-per-task=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}")
-    if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null; then step_resources+=("--gpus-per-node=$SLURM_GPUS_ON_NODE"); fi
+    if [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null; then
+        step_resources+=("--gpus-per-node=$SLURM_GPUS_ON_NODE")
+    fi
     kimi_event "$KIMI_RUN_DIR" start "nodes=$nodes" "nproc_per_node=$nproc" "master=$master" "port=$port" \
-        "node_list=$SLURM_JOB_NODELIST" "name=${KIMI_RUN_NAME:-}" "args=$*"
+        "node_list=$SLURM_JOB_NODELIST" "args=$*"
     echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous" \
         "$master:$port, run folder $KIMI_RUN_DIR"
 
@@ -165,7 +168,6 @@ kimi_train() {
     rm -rf "$KIMI_PIDS_DIR"
 
     echo "job $SLURM_JOB_ID: training step ended with exit code $status"
-    local requeued=0
     if [ "$KIMI_STOP_SIGNAL" = USR1 ] && [ "$KIMI_REQUEUE" = 1 ]; then
         # recorded first: a requeue ends this script
         kimi_event "$KIMI_RUN_DIR" end "exit_code=$status" "stop_signal=USR1" "requeue=1"

@@ -4,16 +4,16 @@
 #     node.sh PIDS_DIR torchrun ARGS...
 #
 # It starts the launcher and makes a stop reach the ranks, and only them:
-# - the launcher ignores SIGUSR1 and SIGTERM. Left alone, torchrun dies of SIGUSR1 (leaving the
-#   ranks without a parent) and answers SIGTERM by signalling each rank's whole process group,
-#   which also stops the helper processes a rank uses to write checkpoints, in the middle of the
-#   save. The ranks install their own handlers (train/loop.py) and ignore nothing.
-# - SIGUSR1 or SIGTERM sent to this script is passed to the launcher's children, the ranks. They
-#   save at the next step boundary and exit 0, and torchrun then exits 0.
-# The ranks ignore both signals until the training loop installs its handlers (seconds to minutes
-# after the start), so a rank gets the signal once it catches it (its SigCgt mask in
-# /proc/PID/status), exactly once: a second one could reach a rank in interpreter shutdown, where
-# Python has restored the default action (death).
+# - the launcher runs with SIGUSR1 and SIGTERM ignored. Left alone, torchrun dies of SIGUSR1
+#   (leaving the ranks without a parent) and answers SIGTERM by signalling each rank's whole
+#   process group, which also stops the helper processes a rank uses to write checkpoints, in the
+#   middle of the save.
+# - SIGUSR1 or SIGTERM sent to this script goes to the launcher's children, the ranks: they save
+#   at the next step boundary and exit 0, and torchrun then exits 0.
+# - The ranks inherit the ignored signals until the training loop installs its handlers (seconds
+#   to minutes after the start), so each rank gets the signal as soon as it catches it (its SigCgt
+#   mask in /proc/PID/status), and exactly once: a second one could reach a rank in interpreter
+#   shutdown, where Python has restored the default action (death). Later stops are not passed on.
 # Its pid goes to PIDS_DIR/<node>.pid, so that the batch script can signal it on every node.
 set -u
 
@@ -53,9 +53,12 @@ deliver() {
 }
 
 courier=""
-forward() {
+forward() {  # the first stop signal only: a rank must not get a second one (see above)
+    if [ -n "$courier" ]; then
+        echo "[$node] SIG$1 received: a stop is already on its way to the ranks" >&2
+        return
+    fi
     echo "[$node] SIG$1 received: passing it to the ranks (children of launcher $launcher)" >&2
-    if [ -n "$courier" ]; then kill "$courier" 2>/dev/null; fi
     deliver "$1" &
     courier=$!
 }

@@ -93,7 +93,8 @@ def test_arms_with_a_different_learning_rate_are_refused(tmp_path, capsys):
 
 def test_matching_per_arm_recipes_are_accepted(tmp_path):
     runs = compare.build_arms(None, ["mla", "kimi-linear"], arm_configs={
-        "mla": _recipe(tmp_path / "a.json", "A", lr=1e-3), "kimi-linear": _recipe(tmp_path / "k.json", "KKKA", lr=1e-3)})
+        "mla": _recipe(tmp_path / "a.json", "A", lr=1e-3),
+        "kimi-linear": _recipe(tmp_path / "k.json", "KKKA", lr=1e-3)})
     expected, problems = compare.recipe_differences(runs)
     assert problems == {} and list(expected) == ["model.layer_pattern"]
 

@@ -32,14 +32,16 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 100  # long enough (several seconds) for a stop to arrive while the task trains
 TIMEOUT = 420  # seconds for the whole array, stops and resumes included
 
-pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
-                                reason="SLURM is not installed (sbatch not found); bash scripts/setup_slurm.sh sets it up")
+pytestmark = pytest.mark.skipif(
+    shutil.which("sbatch") is None,
+    reason="SLURM is not installed (sbatch not found); bash scripts/setup_slurm.sh sets it up")
 
 
 def _run(*cmd, check=True, timeout=60):
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
     return result
 
 
@@ -179,8 +181,8 @@ def test_comparison_array_stop_requeue_and_resume(tmp_path, cluster):
     summary = _run(sys.executable, ROOT / "launch" / "sweep.py", "summary", root, "--job", job).stdout
     rows = [line.split() for line in summary.splitlines()[2:]]
     assert [(r[0], r[1], r[2], r[4]) for r in rows] == [
-        ("0", "mla-seed1234", "COMPLETED", f"{STEPS}/{STEPS}"), ("1", "gdn-h-seed1234", "COMPLETED", f"{STEPS}/{STEPS}"),
-        ("2", "kimi-linear-seed1234", "COMPLETED", f"{STEPS}/{STEPS}")], summary
+        (str(task), f"{arm}-seed1234", "COMPLETED", f"{STEPS}/{STEPS}")
+        for task, arm in enumerate(("mla", "gdn-h", "kimi-linear"))], summary
     assert [r[3] for r in rows] == ["1", "1", "0"], summary  # restarts
 
 
