@@ -147,6 +147,16 @@ def test_sweep_manifest_expands_grid_and_entries():
     assert entries[0]["tokens_per_step"] == 4 * 64 and entries[0]["train_iters"] == 5
 
 
+def test_sweep_submission_command_limits_concurrency(tmp_path, capsys):
+    manifest = {"name": "arms", "base": {"config": "tiny"}, "grid": {"arm": list(ARMS), "seed": [1, 2]}}
+    assert sweep.submit(manifest, tmp_path, max_concurrent=2, sbatch_args=["--time=5"], dry_run=True) is None
+    command = capsys.readouterr().out.split()
+    assert command[:4] == ["sbatch", "--parsable", "--array=0-5%2", "--job-name=arms"]
+    assert command[4] == f"--output={tmp_path}/logs/%A_%a.log" and command[5] == "--time=5"
+    assert command[6].endswith("launch/slurm/sweep.sbatch") and command[8] == str(tmp_path)
+    assert not list(tmp_path.iterdir())  # a dry run submits and writes nothing
+
+
 @pytest.mark.parametrize("bad,needle", [
     ({"base": {"config": "tiny", "args": ["--save", "x"]}, "entries": [{}]}, "--save is not allowed"),
     ({"base": {"config": "tiny"}, "entries": [{"sed": 1}]}, "unknown key(s) ['sed']"),
