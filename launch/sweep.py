@@ -136,11 +136,11 @@ def resolve(entry: dict, where: str) -> dict:
     if any("\n" in str(a) for a in entry.get("args", [])):
         raise ConfigError(f"{where}: an argument contains a newline")
     entry = dict(entry)
-    if "arm" in entry:
-        base = build_run_config(parse_args(entry_argv({k: v for k, v in entry.items() if k != "arm"})))
-        arm_model = as_arm(base.model, entry["arm"])
-        entry["layer_pattern"], entry["model_name"] = arm_model.layer_pattern, arm_model.name
     try:
+        if "arm" in entry:  # the pattern of the recipe as configured (depth overrides included)
+            base = build_run_config(parse_args(entry_argv({k: v for k, v in entry.items() if k != "arm"})))
+            arm_model = as_arm(base.model, entry["arm"])
+            entry["layer_pattern"], entry["model_name"] = arm_model.layer_pattern, arm_model.name
         run = build_run_config(parse_args(entry_argv(entry)))
         run.train.validate()
         run.model.validate()

@@ -24,10 +24,20 @@ SPOOL_DIR=/var/spool/slurmd
 LOG_DIR=/var/log/slurm
 RUN_DIR=/run/slurm
 
+alive() {  # alive PID: running (a zombie, which kill -0 still finds, is not)
+    [ -n "$1" ] && [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
+}
+
+running() {  # running PIDFILE
+    alive "$(cat "$1" 2>/dev/null)"
+}
+
 stop_daemon() {  # stop_daemon NAME PIDFILE
-    if [ -s "$2" ] && kill -0 "$(cat "$2")" 2>/dev/null; then
-        kill "$(cat "$2")"
-        for _ in $(seq 50); do kill -0 "$(cat "$2")" 2>/dev/null || break; sleep 0.1; done
+    local pid
+    pid=$(cat "$2" 2>/dev/null)
+    if alive "$pid"; then
+        kill "$pid"
+        for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
         echo "stopped $1"
     fi
 }
@@ -106,8 +116,6 @@ if ! cmp -s "$conf" "$CONF_DIR/slurm.conf"; then
     changed=1
 fi
 rm -f "$conf"
-
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 if [ "$changed" = 1 ]; then  # daemons started with an older file reread it by restarting
     stop_daemon slurmd "$RUN_DIR/slurmd.pid"
