@@ -19,7 +19,9 @@ See docs/reliability.md for what a job script sees in each case.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -68,7 +70,17 @@ class SignalForwarder:
             self.forward()
 
 
+class QuietCleanFailures(logging.Filter):
+    """torchrun logs every failed rank and the SIGTERM it then sends to the others; after a clean
+    error (exit 2 or 3: the rank printed why) those lines only bury the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (re.search(r"exitcode: [23]\b", text) or "closing signal SIGTERM" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(QuietCleanFailures())
     forwarder = SignalForwarder()
     for sig in FORWARDED:
         signal.signal(sig, forwarder.handle)

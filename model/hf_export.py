@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -274,16 +275,22 @@ def import_hf_folder(
         folder.config, name=name or Path(hf_dir).resolve().name,
         allow_group_routing_mismatch=allow_group_routing_mismatch,
     )
-    # the lock also refuses a --save that cannot be written, before the weights are read
-    with SaveFolderLock(save):
-        _refuse_existing_run(save)  # again: another job may have written there meanwhile
-        if not parallel_state.model_parallel_is_initialized():
-            pstate.initialize(pstate.ParallelDims())
-        if tp.tp_size() != 1:
-            raise HFConversionError("import runs in one process (TP=1); the checkpoint is resharded when loaded")
-        model = build_model(config, initialize_weights=False)
-        load_hf_weights_into(model, config, folder, progress)
-        meta = {"model": config.to_dict(), "source": {"hf": str(Path(hf_dir).resolve())}}
-        path = save_checkpoint(save, 0, model, None, meta)
-        (Path(save) / "run.json").write_text(json.dumps({"model": config.to_dict()}, indent=2) + "\n")
+    created = not Path(save).exists()
+    try:
+        # the lock also refuses a --save that cannot be written, before the weights are read
+        with SaveFolderLock(save):
+            _refuse_existing_run(save)  # again: another job may have written there meanwhile
+            if not parallel_state.model_parallel_is_initialized():
+                pstate.initialize(pstate.ParallelDims())
+            if tp.tp_size() != 1:
+                raise HFConversionError("import runs in one process (TP=1); the checkpoint is resharded when loaded")
+            model = build_model(config, initialize_weights=False)
+            load_hf_weights_into(model, config, folder, progress)
+            meta = {"model": config.to_dict(), "source": {"hf": str(Path(hf_dir).resolve())}}
+            path = save_checkpoint(save, 0, model, None, meta)
+            (Path(save) / "run.json").write_text(json.dumps({"model": config.to_dict()}, indent=2) + "\n")
+    except BaseException:
+        if created:  # nothing half-written is left behind
+            shutil.rmtree(save, ignore_errors=True)
+        raise
     return path

@@ -27,5 +27,7 @@ def writable_folder(path: str | os.PathLike, flag: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise FolderError(f"cannot write to {flag} {folder} ({err.strerror or err}); choose a writable folder") from None
+        raise FolderError(
+            f"cannot write to {flag} {folder} ({err.strerror or err}); choose a writable folder"
+        ) from None
     return folder

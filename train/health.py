@@ -40,8 +40,8 @@ def weights_are_healthy(model, batch: dict) -> tuple[bool, float]:
     return bool(bad.item() == 0.0), loss
 
 
-def divergence_error(in_a_row: int, step: int, save: str) -> DivergenceError:
-    """The error that stops a run after ``in_a_row`` non-finite steps, naming where to resume."""
+def divergence_error(what: str, save: str) -> DivergenceError:
+    """The error that stops a diverged run (``what`` happened), naming where to resume."""
     last = ckpt.latest_step(save) if save else None
     where = (
         f"The last good checkpoint is {ckpt.iteration_dir(save, last)} (its weights gave a finite loss when "
@@ -49,6 +49,6 @@ def divergence_error(in_a_row: int, step: int, save: str) -> DivergenceError:
         if last is not None else "There is no checkpoint to resume from"
     )
     return DivergenceError(
-        f"{in_a_row} consecutive steps with non-finite loss or gradients (last at step {step}); stopping. "
-        f"{where}. Lower the learning rate (--lr, --min-lr), check the data, or raise train.max_nonfinite_steps"
+        f"{what}; stopping. {where}. Lower the learning rate (--lr, --min-lr), check the data, or raise "
+        f"train.max_nonfinite_steps"
     )

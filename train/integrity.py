@@ -4,9 +4,8 @@
 states; not ``meta.json``, which is written after it and parsed on load) to its size and SHA-256.
 A missing file (a deleted ``optimizer/`` folder), a truncated one or a flipped byte is found
 before any weight is read. Hashing is spread over the ranks (each hashes about 1/world of the
-bytes, largest files first, a few threads per rank) and costs one read of the checkpoint: about
-1.5 s per GB and rank at the 650 MB/s one core hashes (docs/reliability.md has the estimate for
-the 48B model).
+bytes, each mostly the files it wrote, a few threads per rank) and costs one read of the
+checkpoint (docs/log.md has the estimate for the 48B model).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,16 +39,26 @@ def _files(folder: Path) -> dict[str, int]:
     }
 
 
+# files written by one rank: megatron's shards ``__{rank}_{i}.distcp``, our ``rng/rank_{rank}.pt``
+_WRITER = re.compile(r"(?:__(\d+)_\d+\.distcp|rank_(\d+)\.pt)$")
+
+
 def _share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
-    """This rank's files: largest first, each to the least loaded rank (the same on every rank)."""
+    """This rank's files (the same split on every rank): the files rank r wrote go to rank r mod
+    world (at save time they are still in its page cache), the others largest first to the least
+    loaded rank."""
     load = [0] * world
-    mine = []
+    owners = {}
+    for name, size in sizes.items():
+        match = _WRITER.search(name)
+        if match:
+            owners[name] = int(match.group(1) or match.group(2)) % world
+            load[owners[name]] += size
     for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
-        owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += size
-        if owner == rank:
-            mine.append(name)
-    return mine
+        if name not in owners:
+            owners[name] = min(range(world), key=lambda r: (load[r], r))
+            load[owners[name]] += size
+    return sorted(name for name, owner in owners.items() if owner == rank)
 
 
 def _hash_many(folder: Path, names: list[str]) -> dict[str, str]:
@@ -69,7 +79,7 @@ def _rank_world():
 def _gather(value) -> list:
     import torch.distributed as dist
 
-    rank, world = _rank_world()
+    _, world = _rank_world()
     if world == 1:
         return [value]
     out: list = [None] * world

@@ -105,7 +105,7 @@ class SaveFolderLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> "SaveFolderLock":
+    def acquire(self) -> SaveFolderLock:
         identity = _identity()
         deadline = time.time() + WAIT_FOR_STOPPING_SECONDS
         waiting_logged = False
@@ -216,7 +216,7 @@ class SaveFolderLock:
                 pass
         self.identity = None
 
-    def __enter__(self) -> "SaveFolderLock":
+    def __enter__(self) -> SaveFolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

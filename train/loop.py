@@ -238,7 +238,8 @@ def _train(run: RunConfig) -> list[float]:
             log(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped "
                 f"({nonfinite_in_a_row} in a row, {skipped_steps} in total)")
             if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                raise divergence_error(nonfinite_in_a_row, step + 1, t.save)
+                raise divergence_error(f"{nonfinite_in_a_row} consecutive steps with non-finite loss or gradients "
+                                       f"(last at step {step + 1})", t.save)
         losses.append(loss)
         elapsed = time.time() - step_start
         profiler.stop()  # after the step's clock: reading the trace takes a while
@@ -272,12 +273,17 @@ def _train(run: RunConfig) -> list[float]:
                 meta = {**run.to_dict(), "data": train_loader.state_dict(), "health": {"loss": check_loss}}
                 path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
                 log(f"saved checkpoint {path}")
+                if not exiting and done < t.train_iters:  # a stop requested during this save needs no second one
+                    stop_reason = signals.requested_on_any_rank()
+                    if stop_reason:
+                        log(f"stop requested ({stop_reason}) during the save of step {done}: exiting")
+                        exiting = True
             else:
                 newest = ckpt.latest_step(t.save)
                 log(f"step {done}: not saved, the updated weights give a non-finite loss; the newest checkpoint "
                     f"stays {ckpt.iteration_dir(t.save, newest) if newest is not None else 'none'}")
                 if done == t.train_iters:
-                    raise divergence_error(1, done, t.save)
+                    raise divergence_error(f"the weights after the last step ({done}) give a non-finite loss", t.save)
         if exit_interval and not stop_reason:
             log(f"exit interval reached at step {done}")
         if exiting:

@@ -49,7 +49,7 @@ def pretrain_cmd(*args, launcher: str | None = None, nproc: int = 1) -> list[str
 
 
 def run_cmd(cmd: list[str], timeout: int = 240, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +60,70 @@ def _fresh_signals():
     signals.clear()
     yield
     signals.clear()
+
+
+class Background:
+    """A command running in its own session, its output in files, stopped at the end for sure."""
+
+    def __init__(self, cmd: list[str], folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = folder / "stdout.txt", folder / "stderr.txt"
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=self.out_path.open("w"),
+                                     stderr=self.err_path.open("w"), start_new_session=True)
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for(self, path: Path, timeout: float = 240) -> None:
+        import time
+
+        deadline = time.time() + timeout
+        while not path.exists():
+            assert self.proc.poll() is None, (
+                f"ended early ({self.proc.returncode}):\n{self.out[-2000:]}\n{self.err[-3000:]}")
+            assert time.time() < deadline, f"timed out waiting for {path}:\n{self.err[-3000:]}"
+            time.sleep(0.2)
+
+    def tree(self) -> list:
+        """The launcher and every process below it (ranks, their helpers)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait(self, timeout: float = 240) -> int:
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        import psutil
+
+        for process in self.tree():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def background():
+    """``background(cmd, folder)`` starts a Background; all are killed when the test ends."""
+    started: list[Background] = []
+
+    def start(cmd, folder):
+        started.append(Background(cmd, folder))
+        return started[-1]
+
+    yield start
+    for job in started:
+        job.kill_all()

@@ -30,9 +30,9 @@ def test_second_job_is_refused_while_the_first_runs(tmp_path):
     from train.loop import train
 
     save = tmp_path / "run"
-    with SaveFolderLock(save):
-        with pytest.raises(SaveFolderLockedError, match=rf"in use by another job \(pid {os.getpid()} on "):
-            train(tiny_run(save, train_iters=1))
+    refused = pytest.raises(SaveFolderLockedError, match=rf"in use by another job \(pid {os.getpid()} on ")
+    with SaveFolderLock(save), refused:
+        train(tiny_run(save, train_iters=1))
     assert not (save / ".lock").exists()  # released on exit
     assert train(tiny_run(save, train_iters=1))  # free again
 
