@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     signals.install()  # first: a stop request during the (long) start-up is kept, not fatal
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from parallel.state import destroy
-    from train.errors import clean_error_types, report
+    from train.errors import PeerFailed, clean_error_types, report
     from train.loop import train
 
     args = parse_args(argv)
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
         train(run)
     except clean_error_types() as err:
         return report(err)  # one line on one rank; exit 2 (fix the command) or 3 (diverged)
+    except PeerFailed:
+        return 1  # the rank that crashed printed the traceback
     finally:
         destroy()
     return 0

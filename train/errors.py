@@ -35,6 +35,11 @@ class DivergenceError(FloatingPointError):
     """Too many consecutive non-finite steps; the message names the newest verified checkpoint."""
 
 
+class PeerFailed(RuntimeError):
+    """Another rank crashed inside an ``agree`` step (it prints its own traceback); this rank stops
+    quietly instead of waiting for it in the next collective."""
+
+
 def clean_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is enough on its own (no traceback)."""
     from parallel.state import ParallelConfigError
@@ -65,19 +70,26 @@ def agree(step, *args, **kwargs):
     result = None
     try:
         result = step(*args, **kwargs)
-    except clean_error_types() as err:
+    except Exception as err:  # noqa: BLE001 - shared below, then raised again
         error = err
     rank, world = _rank_and_world()
     if not (dist.is_initialized() and world > 1):
         if error is not None:
             raise error
         return result
+    clean = clean_error_types()
+    mine = None if error is None else (type(error).__name__, str(error), isinstance(error, clean))
     outcomes: list = [None] * world
-    dist.all_gather_object(outcomes, None if error is None else (type(error).__name__, str(error)))
+    dist.all_gather_object(outcomes, mine)
     failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
     if not failed:
         return result
-    origin, (kind, message) = failed[0]
+    crashed = [(r, o) for r, o in failed if not o[2]]
+    if crashed:  # a bug, not a user error: its rank raises it with a traceback, the others stop quietly
+        if error is not None and not isinstance(error, clean):
+            raise error
+        raise PeerFailed(f"rank {crashed[0][0]} failed ({crashed[0][1][0]}: {crashed[0][1][1]})")
+    origin, (kind, message, _) = failed[0]
     if origin != rank or error is None:
         error = _clean_class(kind)(message)
     error.origin_rank = origin

@@ -107,6 +107,7 @@ class SaveFolderLock:
 
     def acquire(self) -> SaveFolderLock:
         identity = _identity()
+        writable_folder(self.folder, "--save")
         deadline = time.time() + WAIT_FOR_STOPPING_SECONDS
         waiting_logged = False
         while True:
@@ -138,7 +139,6 @@ class SaveFolderLock:
         return self
 
     def _create(self, identity: dict) -> bool:
-        writable_folder(self.folder, "--save")
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

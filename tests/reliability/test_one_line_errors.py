@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.reliability.conftest import TINY, pretrain_cmd, run_cmd, tiny_run
+from tests.reliability.conftest import ROOT, TINY, pretrain_cmd, run_cmd, tiny_run
 from train import checkpoint as ckpt
 
 
@@ -109,3 +109,13 @@ def test_single_document_split_suggests_a_flag_that_works(tmp_path, capfd):
     assert "1 document(s) cannot be split" in line and "--set train.valid_prefixes=PREFIX" in line
     assert main([*TINY, "--train-iters", "1", "--data-path", str(corpus), "--set",
                  f"train.valid_prefixes={corpus}"]) == 0
+
+
+@pytest.mark.distributed
+def test_errors_agree_across_ranks():
+    """A clean error one rank raises reaches every rank with its origin; a crash on one rank makes
+    the others stop quietly instead of waiting in the next collective (a 10-minute hang)."""
+    from tests.helpers.distributed import torchrun
+
+    result = torchrun(ROOT / "tests" / "reliability" / "agree_worker.py", 2, timeout=240)
+    assert "rank 0 ok" in result.stdout and "rank 1 ok" in result.stdout
