@@ -7,9 +7,10 @@ things:
 
 * SIGTERM or SIGUSR1 sent to this process (SLURM's ``--signal=B:USR1@T`` when the batch script
   ``exec``s it, ``scancel --batch``, ``kill``) is passed to every rank directly, and torchrun itself
-  ignores it. Plain torchrun either dies of SIGUSR1 and leaves the ranks running, or answers
-  SIGTERM by signalling the ranks' process groups, killing them 30 s later and exiting 1. Here the
-  ranks save at the next step boundary and exit 0, and so does this launcher.
+  ignores it. Plain torchrun either dies of SIGUSR1 (the ranks then stop unsupervised, and a job
+  script goes on before their save is done), or answers SIGTERM by signalling the ranks' process
+  groups, killing them 30 s later and exiting 1. Here the ranks save at the next step boundary and
+  exit 0, and so does this launcher.
 * When a rank stops with a clean error (exit code 2: the command or its inputs need fixing; 3: the
   run diverged) it has printed one line; this launcher exits with that code and without torchrun's
   failure report. Any other failure gets torchrun's report and exit code 1.

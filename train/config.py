@@ -69,7 +69,8 @@ class TrainConfig:
     save_interval: int = 100
     exit_interval: int = 0  # stop (after saving) once the step is a multiple of this; 0 = never
     keep_last: int = 3
-    discard_newer_checkpoints: bool = False  # starting before checkpoints in --save: move them to SAVE/discarded/ (else refuse)
+    # a start older than checkpoints in --save: move those to SAVE/discarded/ (default: refuse to start)
+    discard_newer_checkpoints: bool = False
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 4
@@ -116,9 +117,12 @@ class TrainConfig:
             if rule is not None and not rule[0](value):
                 raise ConfigError(f"{_flag(f.name)}={value!r}: must be {rule[1]}")
         if self.min_lr > self.lr:
-            raise ConfigError(f"--min-lr={self.min_lr!r} exceeds --lr={self.lr!r}: the schedule decays from lr to min_lr")
+            raise ConfigError(
+                f"--min-lr={self.min_lr!r} exceeds --lr={self.lr!r}: the schedule decays from lr to min_lr"
+            )
         for weight in self.data_weights:
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+            number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not number or not math.isfinite(weight) or weight < 0:
                 raise ConfigError(f"--data-path weight {weight!r}: blending weights must be finite and >= 0")
         if self.data_weights and not sum(self.data_weights) > 0:
             raise ConfigError(f"--data-path weights {self.data_weights}: at least one must be positive")
