@@ -113,8 +113,9 @@ class DocumentCorpus:
         if split[1] > 0:
             n_valid = max(1, n_valid)
         if n - n_valid < 1:
-            raise ValueError(f"{self.name}: {n} documents cannot be split {split}; pass "
-                             "valid_prefixes=[...] or give the training split more weight")
+            raise ValueError(f"{self.name}: {n} document(s) cannot be split {split} into training and "
+                             "validation documents; give a separate validation corpus (launch/pretrain.py "
+                             "--set train.valid_prefixes=PREFIX; in Python valid_prefixes=[...]) or add documents")
         return np.arange(0, n - n_valid), np.arange(n - n_valid, n)
 
 

@@ -51,6 +51,25 @@ class ResumeMismatchError(ValueError):
     """The output folder holds a run with other inputs/tokenizer/config."""
 
 
+class EmptyCorpusError(ValueError):
+    """The inputs gave no document at all; nothing is marked complete."""
+
+
+def _why_empty(records: int, malformed: _MalformedLog, sources: list[dict], text_field: str) -> str:
+    names = ", ".join(str(s.get("location")) for s in sources[:3]) + (" ..." if len(sources) > 3 else "")
+    if records == 0:
+        return f"no documents written: the inputs ({names}) hold no records (empty files?)"
+    reasons = ", ".join(f"{count} {reason}" for reason, count in malformed.by_reason.most_common())
+    hints = []
+    if any(r.startswith(("missing field", "not a JSON object")) for r in malformed.by_reason):
+        hints.append(f"give the field that holds the text with --text-field (now {text_field!r})")
+    if any(r.startswith(("not UTF-8", "bad JSON")) for r in malformed.by_reason):
+        hints.append("check that the inputs are UTF-8 text or JSON lines, not binary files")
+    example = f"; first: {malformed.examples[0]}" if malformed.examples else ""
+    return (f"no documents written: all {records} records of {names} were malformed ({reasons}{example})"
+            + (f"; {' and '.join(hints)}" if hints else ""))
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / MANIFEST_NAME
     if not path.exists():
@@ -271,6 +290,8 @@ def tokenize_to_shards(
             pool.terminate()
             pool.join()
 
+    if not shards:
+        raise EmptyCorpusError(_why_empty(counter["records"], malformed, sources, text_field))
     elapsed = time.perf_counter() - started
     manifest.update(
         complete=True,

@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -161,12 +163,46 @@ class BatchEncoder:
         else:
             self._hf = load_tokenizer(self.tokenizer_dir, self.trust_remote_code)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str]) -> list:
+        """Token ids of each text: a list, or a numpy array for a text encoded in pieces."""
         if self._fast is None and self._hf is None:
             self._load()
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
-        return self._hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if self._fast is None:
+            return self._hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out: list = [None] * len(texts)
+        short = [i for i, text in enumerate(texts) if len(text) <= LONG_TEXT_CHARS]
+        for i, encoding in zip(short, self._fast.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+            out[i] = encoding.ids
+        for i, text in enumerate(texts):
+            if out[i] is None:  # one piece at a time: the Rust encoder needs ~100 bytes per character
+                out[i] = np.concatenate([
+                    np.asarray(self._fast.encode(piece, add_special_tokens=False).ids, dtype=np.int32)
+                    for piece in split_long_text(text)
+                ])
+        return out
+
+
+# Longer texts are encoded in pieces of about this many characters (a 50 MB record would otherwise
+# need ~7 GB in the encoder).
+LONG_TEXT_CHARS = 1 << 20
+
+
+def split_long_text(text: str, piece: int = LONG_TEXT_CHARS) -> list[str]:
+    """``text`` in pieces of about ``piece`` characters, each cut just before a space that follows a
+    non-space. Pre-tokenizers never join across such a point (byte-level BPE with the GPT-2, Llama 3
+    or tiktoken patterns; SentencePiece's Metaspace), so the pieces' ids joined are the text's ids.
+    A text without such a point stays whole."""
+    pieces, start = [], 0
+    while len(text) - start > piece:
+        cut = text.find(" ", start + piece)
+        while cut != -1 and text[cut - 1].isspace():
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def _added_tokens_consistent(tokenizer_json: Path) -> bool:

@@ -100,6 +100,9 @@ def train_tokenizer_on_inputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        from train.folders import writable_folder
+
+        writable_folder(args.out, "--out")
         if args.default_corpus:
             from data.default_corpus import ensure_default_dataset
 

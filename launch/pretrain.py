@@ -7,6 +7,11 @@ file. Any field is overridable: ``--set train.lr=1e-3 --set model.layer_pattern=
 section may be left out when the name is unique). Runs on GPUs (nccl) or CPUs (gloo). ``--dry-run``
 prints the model's size, layers, FLOPs per token and memory per GPU for the parallel flags instead
 of training (one process; the model is built on the meta device).
+
+SIGTERM or SIGUSR1 saves a checkpoint and exits 0; errors in the command or its inputs print one
+line and exit 2, a diverged run exits 3. Under a cluster scheduler launch it with
+``launch/torchrun.py`` (torchrun's options, same meaning) so that a signal to the launcher reaches
+the ranks: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -18,33 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# flags that map 1:1 onto TrainConfig fields (Megatron-LM spelling)
-FLAG_FIELDS = {
-    "train_iters": int,
-    "save": str,
-    "load": str,
-    "save_interval": int,
-    "exit_interval": int,
-    "micro_batch_size": int,
-    "global_batch_size": int,
-    "seq_length": int,
-    "lr": float,
-    "min_lr": float,
-    "seed": int,
-    "tensor_model_parallel_size": int,
-    "pipeline_model_parallel_size": int,
-    "virtual_pipeline_model_parallel_size": int,
-    "expert_model_parallel_size": int,
-    "context_parallel_size": int,
-    "log_interval": int,
-    "eval_interval": int,
-    "profile_step": int,
-    "run_dir": str,
-    "tokenizer_dir": str,
-}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from train.config import FLAG_FIELDS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="preset name or JSON run file")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -66,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_run_config(args: argparse.Namespace):
-    from train.config import apply_override, load_run_config
+    from train.config import FLAG_FIELDS, apply_override, load_run_config
 
     run = load_run_config(args.config)
     for name in FLAG_FIELDS:
@@ -102,10 +84,12 @@ def _is_number(text: str) -> bool:
 
 
 def main(argv=None) -> int:
+    from train import signals
+
+    signals.install()  # first: a stop request during the (long) start-up is kept, not fatal
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from model.config import ConfigError
-    from parallel.state import ParallelConfigError, destroy
-    from train.checkpoint import CheckpointError
+    from parallel.state import destroy
+    from train.errors import PeerFailed, clean_error_types, report
     from train.loop import train
 
     args = parse_args(argv)
@@ -117,9 +101,10 @@ def main(argv=None) -> int:
             print(format_report(dry_run(run, args.world_size)), flush=True)
             return 0
         train(run)
-    except (ConfigError, ParallelConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except clean_error_types() as err:
+        return report(err)  # one line on one rank; exit 2 (fix the command) or 3 (diverged)
+    except PeerFailed:
+        return 1  # the rank that crashed printed the traceback
     finally:
         destroy()
     return 0

@@ -190,6 +190,9 @@ def export_checkpoint(load: str | Path, out_dir: str | Path, step: int | None = 
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}/meta.json: invalid model config ({err})") from None
     check_exportable(config, kwargs.get("allow_group_routing_mismatch", False))
+    from train.folders import writable_folder
+
+    writable_folder(out_dir, "--out")  # before the weights are read
     recorded = (meta.get("train") or {}).get("tokenizer_dir") or None
     tokenizer_dir = tokenizer_dir or recorded
     if tokenizer_dir is None:
@@ -283,6 +286,17 @@ def _tensor(value) -> torch.Tensor:
     return value() if callable(value) else value
 
 
+def _refuse_existing_run(save: str | Path) -> None:
+    from train.checkpoint import LATEST
+
+    existing = sorted(p.name for p in Path(save).glob("iter_*")) + [p.name for p in Path(save).glob(LATEST)]
+    if existing:
+        raise HFConversionError(
+            f"--save {save} already holds a run ({', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}); "
+            f"importing into it would reset its latest checkpoint to step 0: choose a new --save folder"
+        )
+
+
 def import_hf_folder(
     hf_dir: str | Path,
     save: str | Path,
@@ -295,22 +309,33 @@ def import_hf_folder(
 
     from parallel import state as pstate
     from train.checkpoint import save_checkpoint
+    from train.lock import SaveFolderLock
 
     from . import tp
     from .model import build_model
 
+    _refuse_existing_run(save)
     folder = HFFolder(hf_dir)
     config = model_config_from_hf_config(
         folder.config, name=name or Path(hf_dir).resolve().name,
         allow_group_routing_mismatch=allow_group_routing_mismatch,
     )
-    if not parallel_state.model_parallel_is_initialized():
-        pstate.initialize(pstate.ParallelDims())
-    if tp.tp_size() != 1:
-        raise HFConversionError("import runs in one process (TP=1); the checkpoint is resharded when loaded")
-    model = build_model(config, initialize_weights=False)
-    load_hf_weights_into(model, config, folder, progress)
-    meta = {"model": config.to_dict(), "source": {"hf": str(Path(hf_dir).resolve())}}
-    path = save_checkpoint(save, 0, model, None, meta)
-    (Path(save) / "run.json").write_text(json.dumps({"model": config.to_dict()}, indent=2) + "\n")
+    created = not Path(save).exists()
+    try:
+        # the lock also refuses a --save that cannot be written, before the weights are read
+        with SaveFolderLock(save):
+            _refuse_existing_run(save)  # again: another job may have written there meanwhile
+            if not parallel_state.model_parallel_is_initialized():
+                pstate.initialize(pstate.ParallelDims())
+            if tp.tp_size() != 1:
+                raise HFConversionError("import runs in one process (TP=1); the checkpoint is resharded when loaded")
+            model = build_model(config, initialize_weights=False)
+            load_hf_weights_into(model, config, folder, progress)
+            meta = {"model": config.to_dict(), "source": {"hf": str(Path(hf_dir).resolve())}}
+            path = save_checkpoint(save, 0, model, None, meta)
+            (Path(save) / "run.json").write_text(json.dumps({"model": config.to_dict()}, indent=2) + "\n")
+    except BaseException:
+        if created:  # nothing half-written is left behind
+            shutil.rmtree(save, ignore_errors=True)
+        raise
     return path

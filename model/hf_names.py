@@ -182,10 +182,26 @@ def _get(d: dict, *names, default=None):
     return default
 
 
+def _need(d: dict, key: str):
+    """A key every kimi_linear config.json has."""
+    if d.get(key) is None:
+        raise HFConversionError(f"config.json has no {key!r}, which every kimi_linear config needs")
+    return d[key]
+
+
 def model_config_from_hf_config(
     d: dict, name: str = "hf-import", allow_group_routing_mismatch: bool = False
 ) -> ModelConfig:
     """Our ModelConfig for an HF ``config.json`` dict; HFConversionError names what does not fit."""
+    try:
+        return _model_config_from_hf_config(d, name, allow_group_routing_mismatch)
+    except HFConversionError:
+        raise
+    except (TypeError, ValueError, AttributeError) as err:  # a value of the wrong kind, e.g. "abc" for a size
+        raise HFConversionError(f"config.json has a malformed value ({type(err).__name__}: {err})") from None
+
+
+def _model_config_from_hf_config(d: dict, name: str, allow_group_routing_mismatch: bool) -> ModelConfig:
     if d.get("model_type") not in (None, "kimi_linear"):
         raise HFConversionError(f"config.json model_type={d.get('model_type')!r}: expected 'kimi_linear'")
 
@@ -204,7 +220,7 @@ def model_config_from_hf_config(
     if not renorm:
         raise HFConversionError("config.json moe_renormalize=false: our MoE always renormalises the top-k weights")
 
-    layers = int(_get(d, "num_hidden_layers"))
+    layers = int(_need(d, "num_hidden_layers"))
     lac = d.get("linear_attn_config") or {}
     layer_types = d.get("layer_types")
     if layer_types is None:
@@ -237,7 +253,7 @@ def model_config_from_hf_config(
             f"config.json mlp_layer_types={mlp_types}: only dense layers first, then MoE layers, are supported"
         )
     kv_heads = _get(d, "num_key_value_heads", default=None)
-    heads = int(_get(d, "num_attention_heads"))
+    heads = int(_need(d, "num_attention_heads"))
     if kv_heads is not None and int(kv_heads) != heads:
         raise HFConversionError(f"config.json num_key_value_heads={kv_heads} != num_attention_heads={heads}")
     if d.get("tie_word_embeddings"):
@@ -252,8 +268,8 @@ def model_config_from_hf_config(
         eos = eos[0] if eos else None
     cfg = ModelConfig(
         name=name,
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
+        vocab_size=int(_need(d, "vocab_size")),
+        hidden_size=int(_need(d, "hidden_size")),
         num_layers=layers,
         layer_pattern=pattern,
         rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-5)),
@@ -265,13 +281,13 @@ def model_config_from_hf_config(
         ),
         kda_gate_lower_bound=None,
         num_attention_heads=heads,
-        kv_lora_rank=int(d["kv_lora_rank"]),
-        qk_nope_head_dim=int(d["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(d["qk_rope_head_dim"]),
-        v_head_dim=int(d["v_head_dim"]),
+        kv_lora_rank=int(_need(d, "kv_lora_rank")),
+        qk_nope_head_dim=int(_need(d, "qk_nope_head_dim")),
+        qk_rope_head_dim=int(_need(d, "qk_rope_head_dim")),
+        v_head_dim=int(_need(d, "v_head_dim")),
         kv_norm_eps=HF_KV_NORM_EPS,
         first_k_dense=first_dense,
-        intermediate_size=int(d["intermediate_size"]),
+        intermediate_size=int(_need(d, "intermediate_size")),
         num_experts=int(_get(d, "num_experts", "num_local_experts", default=1)),
         num_experts_per_token=int(_get(d, "num_experts_per_token", "num_experts_per_tok", default=1)),
         moe_intermediate_size=int(_get(d, "moe_intermediate_size", default=1)),

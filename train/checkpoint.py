@@ -4,19 +4,24 @@ reshardable across TP/PP/EP/DP: each optimizer tensor is described like its para
 
 Layout::
 
-    SAVE/iter_0000200/{model/, optimizer/, meta.json}
+    SAVE/iter_0000200/{model/, optimizer/, rng/, checksums.json, meta.json}
     SAVE/latest                     # "200": the newest complete checkpoint
 
 A checkpoint is written to ``iter_0000200.tmp`` and renamed when every rank has finished, so a
-crash mid-save leaves the previous checkpoint as the newest complete one. Loading checks that the
-checkpoint's model config matches the model and names every differing field.
+crash mid-save leaves the previous checkpoint as the newest complete one. ``checksums.json``
+(train/integrity.py) lets a load find damaged or missing files before reading them. Loading checks
+that the checkpoint's model config matches the model and names every differing field. Which
+checkpoint a run starts from, and what happens to newer or damaged ones, is train/resume.py's job.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from model.config import ModelConfig
+from train import integrity
 
 META = "meta.json"
 LATEST = "latest"
@@ -37,18 +43,63 @@ def iteration_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def latest_step(root: str | Path) -> int | None:
-    """Newest complete checkpoint under ``root`` (None when there is none)."""
+def complete_steps(root: str | Path) -> list[int]:
+    """Steps of the complete checkpoints directly under ``root``, ascending."""
     root = Path(root)
-    marker = root / LATEST
-    if marker.exists():
-        text = marker.read_text().strip()
-        if text.isdigit() and (iteration_dir(root, int(text)) / META).exists():
-            return int(text)
-    steps = sorted(
-        int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / META).exists()
-    )
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / META).exists())
+
+
+def read_latest_marker(root: str | Path) -> int | None:
+    """The step written in ``root/latest`` (None when there is no marker); a marker that is not a
+    step number is refused rather than guessed around."""
+    marker = Path(root) / LATEST
+    try:
+        raw = marker.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not re.fullmatch(r"[0-9]{1,12}", text):
+        steps = complete_steps(root)
+        newest = f"iter_{steps[-1]:07d}" if steps else "none"
+        raise CheckpointError(
+            f"{marker} is corrupt (it holds {raw[:24]!r}, not a step number); write the step to resume from "
+            f"into it or delete it to resume from the newest complete checkpoint ({newest})"
+        )
+    return int(text)
+
+
+def latest_step(root: str | Path) -> int | None:
+    """Newest complete checkpoint under ``root``: the one ``latest`` names, or the newest complete
+    one when the marker is missing or names an incomplete folder (None when there is none)."""
+    steps = complete_steps(root)
+    marked = read_latest_marker(root) if steps else None
+    if marked is not None and marked in steps:
+        return marked
     return steps[-1] if steps else None
+
+
+def move_aside(root: str | Path, steps: list[int], why: str) -> Path | None:
+    """Move checkpoints ``steps`` of ``root`` into ``root/<why>/`` (kept for inspection, invisible to
+    auto-resume and keep-last); returns that folder."""
+    if not steps:
+        return None
+    target = Path(root) / why
+    target.mkdir(exist_ok=True)
+    for step in steps:
+        source = iteration_dir(root, step)
+        destination = target / source.name
+        if destination.exists():
+            destination = target / f"{source.name}.{int(time.time())}"
+        os.replace(source, destination)
+    return target
+
+
+def write_latest(root: str | Path, step: int) -> None:
+    root = Path(root)
+    (root / (LATEST + ".tmp")).write_text(f"{step}\n")
+    os.replace(root / (LATEST + ".tmp"), root / LATEST)
 
 
 def _rank() -> int:
@@ -61,7 +112,8 @@ def _barrier() -> None:
 
 
 def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: int = 0) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep_last`` (0 = all)."""
+    """Write checkpoint ``step`` atomically with checksums; keep the newest ``keep_last`` (0 = all).
+    A collective: every rank calls it."""
     root = Path(root)
     final = iteration_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -71,31 +123,55 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
         (tmp / "optimizer").mkdir()
         (tmp / "rng").mkdir()
     _barrier()
+    _results_queue_in_process()
     model_state = model.sharded_state_dict()
     dist_checkpointing.save(model_state, str(tmp / "model"))
+    has_optimizer = False
     if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):  # megatron's optimizer
         from train.distributed_optimizer import state_for_save
 
         dist_checkpointing.save(state_for_save(model, optimizer), str(tmp / "optimizer"))
+        has_optimizer = True
     elif optimizer is not None and optimizer.state:
         dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
+        has_optimizer = True
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
+    integrity.write_checksums(tmp)
     _fault_injection_pause(step)
     if _rank() == 0:
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2) + "\n")
+        (tmp / META).write_text(json.dumps({**meta, "step": step, "has_optimizer": has_optimizer}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        (root / (LATEST + ".tmp")).write_text(f"{step}\n")
-        os.replace(root / (LATEST + ".tmp"), root / LATEST)
-        if keep_last > 0:
-            old = sorted(p for p in root.glob("iter_*") if p.name[5:].isdigit())[:-keep_last]
-            for path in old:
-                shutil.rmtree(path, ignore_errors=True)
+        write_latest(root, step)
+        _remove_old(root, step, keep_last)
     _barrier()
     return final
+
+
+def _remove_old(root: Path, step: int, keep_last: int) -> None:
+    """keep-last counts back from ``step`` (the checkpoint just written, never deleted) and also
+    clears ``.tmp`` folders of earlier interrupted saves."""
+    for path in root.glob("iter_*.tmp"):
+        if path.name[5:-4].isdigit() and int(path.name[5:-4]) < step:
+            shutil.rmtree(path, ignore_errors=True)
+    if keep_last > 0:
+        older = [s for s in complete_steps(root) if s < step]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
+            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+
+
+def _results_queue_in_process() -> None:
+    """megatron's synchronous save gathers its writer threads' results through a multiprocessing
+    Manager queue, i.e. a helper process in the rank's process group; torchrun's and SLURM's stop
+    signals reach the whole group, kill it, and the stop-save dies with BrokenPipeError. The writer
+    threads run in this process, so a plain queue does the same job without a helper process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", queue.Queue()) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _fault_injection_pause(step: int) -> None:
@@ -135,6 +211,17 @@ def resolve(path: str | Path, step: int | None = None) -> Path:
     if not (found / META).exists():
         raise CheckpointError(f"checkpoint step {chosen} not found or incomplete under {path}")
     return found
+
+
+def verify(path: Path) -> bool:
+    """Check the checkpoint's files against its checksums (a collective); raise CheckpointError
+    naming what is damaged. False when the checkpoint predates checksums (nothing to check)."""
+    problems = integrity.verify_checksums(path)
+    if problems == "unchecked":
+        return False
+    if problems is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {problems}")
+    return True
 
 
 def check_model_config(saved: dict, config: ModelConfig, where) -> None:
@@ -195,7 +282,13 @@ def load_rng_state(path: Path) -> bool:
     file = path / "rng" / f"rank_{_rank():05d}.pt"
     if not file.exists():
         return False
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - truncated or garbage file: torch and pickle raise many types
+        raise CheckpointError(
+            f"could not read the RNG state {file} ({type(err).__name__}); the checkpoint is corrupt or "
+            f"incomplete, load an earlier iter_* folder"
+        ) from None
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -242,10 +335,17 @@ def materialize_optimizer_state(optimizer) -> None:
             p.grad = grads[p]
 
 
-def load_optimizer_state(model, optimizer, path: Path, step: int) -> bool:
-    """Load (and reshard) the optimizer state saved in ``path``; False if it has none."""
+def load_optimizer_state(model, optimizer, path: Path, step: int, expected: bool = False) -> bool:
+    """Load (and reshard) the optimizer state saved in ``path``; False if it has none (a checkpoint
+    imported from Hugging Face). ``expected``: the checkpoint was saved with one (meta.json), so a
+    missing one is damage, not a fresh start."""
     folder = path / "optimizer"
     if not folder.exists() or not any(folder.iterdir()):
+        if expected:
+            raise CheckpointError(
+                f"{folder} is missing or empty but the checkpoint was saved with optimizer state; the "
+                f"checkpoint is corrupt or incomplete, load an earlier iter_* folder"
+            )
         return False
     if hasattr(optimizer, "sharded_state_dict"):  # megatron's distributed optimizer
         from train.distributed_optimizer import load
@@ -286,6 +386,7 @@ def load_model_for_inference(checkpoint, step: int | None = None, device: str = 
     config = ModelConfig.from_dict(meta["model"])
     if not parallel_state.model_parallel_is_initialized():
         state.initialize(state.ParallelDims())
+    verify(path)
     model = build_model(config, initialize_weights=False)
     load_model_state(model, path)
     return model.to(device).eval()

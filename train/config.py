@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,8 @@ class TrainConfig:
     save_interval: int = 100
     exit_interval: int = 0  # stop (after saving) once the step is a multiple of this; 0 = never
     keep_last: int = 3
+    # a start older than checkpoints in --save: move those to SAVE/discarded/ (default: refuse to start)
+    discard_newer_checkpoints: bool = False
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 4
@@ -83,6 +86,7 @@ class TrainConfig:
     wandb_run_name: str = ""
 
     def validate(self) -> "TrainConfig":
+        self._check_numbers()
         if self.global_batch_tokens:
             if self.global_batch_tokens % self.seq_length:
                 raise ConfigError(
@@ -90,9 +94,6 @@ class TrainConfig:
                     f"train.seq_length={self.seq_length}"
                 )
             self.global_batch_size = self.global_batch_tokens // self.seq_length
-        for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name}={getattr(self, name)}: must be positive")
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"train.optimizer={self.optimizer!r}: use adamw or muon")
         if self.lr_schedule not in ("wsd", "cosine", "constant"):
@@ -103,6 +104,111 @@ class TrainConfig:
                 f"{len(self.data_prefixes)}; give one weight per prefix"
             )
         return self
+
+    def _check_numbers(self) -> None:
+        """Every numeric field within its range, with a message naming the flag."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{_flag(f.name)}={value!r}: must be a number")
+            if f.type == "float" and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)}={value!r}: must be a finite number")
+            if f.type == "int" and not isinstance(value, int):
+                raise ConfigError(f"{_flag(f.name)}={value!r}: must be a whole number")
+            rule = NUMBER_RULES.get(f.name)
+            if rule is not None and not rule[0](value):
+                raise ConfigError(f"{_flag(f.name)}={value!r}: must be {rule[1]}")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"--min-lr={self.min_lr!r} exceeds --lr={self.lr!r}: the schedule decays from lr to min_lr"
+            )
+        for weight in self.data_weights:
+            number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not number or not math.isfinite(weight) or weight < 0:
+                raise ConfigError(f"--data-path weight {weight!r}: blending weights must be finite and >= 0")
+        if self.data_weights and not sum(self.data_weights) > 0:
+            raise ConfigError(f"--data-path weights {self.data_weights}: at least one must be positive")
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least(low):
+    return lambda v: v >= low
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+# (check, what it must be) for every numeric TrainConfig field
+NUMBER_RULES = {
+    "seq_length": (_positive, "positive"),
+    "micro_batch_size": (_positive, "positive"),
+    "global_batch_size": (_positive, "positive"),
+    "global_batch_tokens": (_at_least(0), ">= 0 (0 = use --global-batch-size)"),
+    "train_iters": (_positive, "positive"),
+    "lr": (_positive, "positive"),
+    "min_lr": (_at_least(0), ">= 0"),
+    "lr_warmup_iters": (_at_least(0), ">= 0"),
+    "lr_decay_fraction": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "weight_decay": (_at_least(0), ">= 0"),
+    "adam_beta1": (_fraction, "in [0, 1)"),
+    "adam_beta2": (_fraction, "in [0, 1)"),
+    "adam_eps": (_positive, "positive"),
+    "clip_grad": (_at_least(0), ">= 0 (0 = no clipping)"),
+    "muon_momentum": (_fraction, "in [0, 1)"),
+    "muon_ns_steps": (_positive, "positive"),
+    "qk_clip_tau": (_at_least(0), ">= 0 (0 = off)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "max_nonfinite_steps": (_positive, "positive"),
+    "tensor_model_parallel_size": (_positive, "positive"),
+    "pipeline_model_parallel_size": (_positive, "positive"),
+    "virtual_pipeline_model_parallel_size": (_positive, "positive"),
+    "expert_model_parallel_size": (_positive, "positive"),
+    "context_parallel_size": (_positive, "positive"),
+    "save_interval": (_positive, "positive"),
+    "exit_interval": (_at_least(0), ">= 0 (0 = never)"),
+    "keep_last": (_at_least(0), ">= 0 (0 = keep all)"),
+    "log_interval": (_positive, "positive"),
+    "eval_interval": (_at_least(0), ">= 0 (0 = never)"),
+    "eval_iters": (_positive, "positive"),
+    "metrics_interval": (_at_least(0), ">= 0 (0 = never)"),
+    "profile_step": (_at_least(0), ">= 0 (0 = off)"),
+    "peak_flops_per_gpu": (_at_least(0), ">= 0 (0 = detect)"),
+}
+
+
+def _flag(name: str) -> str:
+    """How a user sets ``name``: its Megatron-style flag, else ``--set train.NAME``."""
+    return f"--{name.replace('_', '-')}" if name in FLAG_FIELDS else f"--set train.{name}"
+
+
+# flags of launch/pretrain.py that map 1:1 onto TrainConfig fields (Megatron-LM spelling)
+FLAG_FIELDS = {
+    "train_iters": int,
+    "save": str,
+    "load": str,
+    "save_interval": int,
+    "exit_interval": int,
+    "micro_batch_size": int,
+    "global_batch_size": int,
+    "seq_length": int,
+    "lr": float,
+    "min_lr": float,
+    "seed": int,
+    "tensor_model_parallel_size": int,
+    "pipeline_model_parallel_size": int,
+    "virtual_pipeline_model_parallel_size": int,
+    "expert_model_parallel_size": int,
+    "context_parallel_size": int,
+    "log_interval": int,
+    "eval_interval": int,
+    "profile_step": int,
+    "run_dir": str,
+    "tokenizer_dir": str,
+}
 
 
 @dataclass
@@ -134,6 +240,14 @@ class RunConfig:
             raise ConfigError(
                 f"model.num_layers={self.model.num_layers} is fewer than the {stages} pipeline stages "
                 f"(pipeline {pp} x virtual {vpp}); every stage needs at least one layer"
+            )
+        tp = t.tensor_model_parallel_size
+        sequence_parallel = t.sequence_parallel or (tp > 1 and "moe" in self.model.ffn_types)
+        if sequence_parallel and (t.micro_batch_size * t.seq_length) % tp:
+            raise ConfigError(
+                f"sequence parallelism (on with --sequence-parallel, and always with MoE and TP > 1) splits the "
+                f"micro_batch_size x seq_length = {t.micro_batch_size} x {t.seq_length} tokens of a micro-batch over "
+                f"--tensor-model-parallel-size={tp} ranks; make --seq-length or --micro-batch-size a multiple of it"
             )
         micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
         if vpp > 1 and micro_batches % pp:

@@ -4,7 +4,6 @@ averaging, clipping, LR schedule, MoE expert-bias update, progress lines and che
 from __future__ import annotations
 
 import math
-import signal
 import time
 
 import torch
@@ -16,10 +15,13 @@ from model.config import ConfigError
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
-from train import distributed_optimizer
+from train import distributed_optimizer, resume, signals
 from train.config import RunConfig
+from train.errors import DataError, agree
 from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
+from train.health import divergence_error, weights_are_healthy
+from train.lock import hold_save_folder, release_save_folder
 from train.metrics import (
     GateMonitor,
     MetricsLogger,
@@ -34,25 +36,6 @@ from train.precision import MasterWeights, to_bf16
 from train.profile import StepProfiler
 from train.schedule import learning_rate
 from train.step import forward_backward
-
-
-class StopRequested:
-    """SIGTERM / SIGUSR1 (SLURM preemption, scancel, requeue) set a flag; the loop saves at the next
-    step boundary and returns, so the process exits 0 and the job can be requeued."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def set_recompute(model, spec: str) -> None:
@@ -112,20 +95,23 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
         raise ConfigError(str(err)) from None
     weights = t.data_weights or None
     blend = list(zip(weights, train_prefixes)) if weights else None
-    return build_pretraining_loaders(
-        data_prefixes=None if blend else train_prefixes,
-        blend=blend,
-        valid_prefixes=valid_prefixes,
-        seq_length=t.seq_length,
-        micro_batch_size=t.micro_batch_size,
-        global_batch_size=t.global_batch_size,
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        seed=t.seed,
-        reset_at_document_boundaries=t.reset_at_document_boundaries,
-        vocab_size=run.model.vocab_size,
-        tokenizer_dir=given_tokenizer or None,  # its vocabulary must fit the model
-    )
+    try:
+        return build_pretraining_loaders(
+            data_prefixes=None if blend else train_prefixes,
+            blend=blend,
+            valid_prefixes=valid_prefixes,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            global_batch_size=t.global_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            seed=t.seed,
+            reset_at_document_boundaries=t.reset_at_document_boundaries,
+            vocab_size=run.model.vocab_size,
+            tokenizer_dir=given_tokenizer or None,  # its vocabulary must fit the model
+        )
+    except (ValueError, OSError) as err:  # the data package's messages name the file and the fix
+        raise DataError(f"training data: {err}") from None
 
 
 def evaluate(model, loader, iters: int, device) -> dict:
@@ -156,6 +142,15 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
     at the last step; its entries are logged (metrics.jsonl, W&B), and a true ``"stop_training"``
     entry ends the run after this step, saving a checkpoint when ``--save`` is set.
     """
+    signals.install()
+    try:
+        return _train(run, data, evaluation)
+    finally:
+        release_save_folder()
+        signals.clear()
+
+
+def _train(run: RunConfig, data, evaluation) -> list[float]:
     t = run.train
     dims = state.initialize(
         state.ParallelDims(
@@ -174,8 +169,11 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
             "--context-parallel-size > 1: context parallelism (KDA state passing, MLA all-gather) is not "
             "available in this version; use tensor/pipeline/data parallelism"
         )
+    signals.watch_launcher()
+    if t.save:
+        hold_save_folder(t.save, t.run_dir, log)
     device = state.device()
-    load_from = t.load or (t.save if t.save and ckpt.latest_step(t.save) is not None else "")
+    load_from = agree(resume.candidates, t)[0]
     # weights loaded next need no initialisation (minutes of CPU time at the 48B size)
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, seed=t.seed,
                         initialize_weights=not load_from, expert_parallel=dims.expert).to(device)
@@ -191,24 +189,9 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
         runner, optimizer = model, build_optimizer(model, t)
         if t.bf16:
             optimizer = MasterWeights(optimizer)
-    train_loader, valid_loader = (data or build_data)(run, dims)
+    train_loader, valid_loader = agree(data or build_data, run, dims)
 
-    start_step = 0
-    if load_from:
-        path = ckpt.resolve(load_from)
-        meta = ckpt.read_meta(path)
-        ckpt.check_model_config(meta["model"], run.model, path)
-        ckpt.load_model_state(model, path)
-        if isinstance(optimizer, MasterWeights):
-            optimizer.sync_masters_from_model()
-        elif t.distributed_optimizer:
-            optimizer.reload_model_params()  # its fp32 main weights were copied before the load
-        start_step = int(meta["step"])
-        ckpt.load_optimizer_state(model, optimizer, path, start_step)
-        ckpt.load_rng_state(path)
-        if "data" in meta:
-            train_loader.load_state_dict(meta["data"])
-        log(f"resumed from {path} at step {start_step}")
+    start_step = resume.resume(run, model, optimizer, train_loader, log)
 
     dp = dims.data
     accumulation = t.global_batch_size // (t.micro_batch_size * dp)
@@ -221,7 +204,6 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
                            wandb_entity=t.wandb_entity, run_name=t.wandb_run_name, enabled=dist.get_rank() == 0)
     losses: list[float] = []
     skipped_steps = nonfinite_in_a_row = 0
-    stop = StopRequested()
     profiler = StepProfiler(t.profile_step, t.run_dir, write=dist.get_rank() == 0)
     run_start = time.time()
     model.train()
@@ -290,13 +272,8 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
             log(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped "
                 f"({nonfinite_in_a_row} in a row, {skipped_steps} in total)")
             if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                last = ckpt.latest_step(t.save) if t.save else None
-                raise FloatingPointError(
-                    f"{nonfinite_in_a_row} consecutive steps with non-finite loss or gradients (last at step "
-                    f"{step + 1}); stopping. The last good checkpoint is "
-                    f"{ckpt.iteration_dir(t.save, last) if last is not None else 'none'}; lower train.lr, "
-                    f"check the data, or raise train.max_nonfinite_steps"
-                )
+                raise divergence_error(f"{nonfinite_in_a_row} consecutive steps with non-finite loss or gradients "
+                                       f"(last at step {step + 1})", t.save)
         losses.append(loss)
         elapsed = time.time() - step_start
         profiler.stop()  # after the step's clock: reading the trace takes a while
@@ -321,24 +298,40 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
                 f"{valid['valid/tokens_per_s']:,.0f} tokens/s")
             record.update(valid)
         logger.log(done, record)
-        exiting = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
+        exit_interval = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
+        evaluation_stop = False
         if evaluation is not None and t.eval_interval and (done % t.eval_interval == 0 or done == t.train_iters):
             results = dict(evaluation(model, done))
             if results.pop("stop_training", False) and done < t.train_iters:
                 log(f"step {done:6d} | the evaluation ended training")
-                exiting = True
+                evaluation_stop = True
             logger.log(done, results)
-        if stop.any_rank() and done < t.train_iters:
-            log(f"stop signal received: saving at step {done} and exiting")
-            exiting = True
+        stop_reason = signals.requested_on_any_rank() if done < t.train_iters else None
+        if stop_reason:
+            log(f"stop requested ({stop_reason}): saving at step {done} and exiting")
+        exiting = exit_interval or evaluation_stop or bool(stop_reason)
         # no periodic save in the middle of a non-finite streak: the newest checkpoint stays the last good step
         periodic = (done % t.save_interval == 0 or done == t.train_iters) and nonfinite_in_a_row == 0
         if t.save and (periodic or exiting):
-            meta = {**run.to_dict(), "data": train_loader.state_dict()}
-            path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
-            log(f"saved checkpoint {path}")
-        if exiting:
+            healthy, check_loss = weights_are_healthy(model, micro[0])
+            if healthy:
+                meta = {**run.to_dict(), "data": train_loader.state_dict(), "health": {"loss": check_loss}}
+                path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
+                log(f"saved checkpoint {path}")
+                if not exiting and done < t.train_iters:  # a stop requested during this save needs no second one
+                    stop_reason = signals.requested_on_any_rank()
+                    if stop_reason:
+                        log(f"stop requested ({stop_reason}) during the save of step {done}: exiting")
+                        exiting = True
+            else:
+                newest = ckpt.latest_step(t.save)
+                log(f"step {done}: not saved, the updated weights give a non-finite loss; the newest checkpoint "
+                    f"stays {ckpt.iteration_dir(t.save, newest) if newest is not None else 'none'}")
+                if done == t.train_iters:
+                    raise divergence_error(f"the weights after the last step ({done}) give a non-finite loss", t.save)
+        if exit_interval and not stop_reason:
             log(f"exit interval reached at step {done}")
+        if exiting:
             break
     logger.close()
     return losses
