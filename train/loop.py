@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 
 from model import fusion
 from model.config import ConfigError
+from model.kda import kernel_options
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
@@ -312,7 +313,8 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
         record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
                   "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
                   "consumed_tokens": done * tokens_per_step, "skipped_steps": skipped_steps, **memory,
-                  **getattr(train_loader, "source_shares", dict)(), **extra}
+                  **getattr(train_loader, "source_shares", dict)(), **extra,
+                  **({"kda_kernel_options": kernel_options(model)} if step == start_step else {})}
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             valid = evaluate(model, valid_loader, t.eval_iters, device)
             log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
@@ -332,7 +334,7 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
         # no periodic save in the middle of a non-finite streak: the newest checkpoint stays the last good step
         periodic = (done % t.save_interval == 0 or done == t.train_iters) and nonfinite_in_a_row == 0
         if t.save and (periodic or exiting):
-            meta = {**run.to_dict(), "data": train_loader.state_dict()}
+            meta = {**run.to_dict(), "kda_kernel_options": kernel_options(model), "data": train_loader.state_dict()}
             path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
             log(f"saved checkpoint {path}")
         if exiting:
