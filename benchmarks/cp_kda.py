@@ -13,6 +13,7 @@ the slowest rank's difference), and the pieces alone (each pre-pass kernel, the 
 bf16, D = 128, the model's raw gate. Prints a table and writes JSON.
 
   python benchmarks/cp_kda.py [--heads 16,32] [--shards 4096,...,131072] [--cp 2,4,8] [--out FILE]
+                              [--cp-precision tf32x3|tf32|ieee] [--launch ...]   (kernel options)
   python benchmarks/cp_kda.py --smoke      # CPU, Triton interpreter, tiny shapes: the script runs
 """
 import argparse
@@ -28,7 +29,7 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import add_kda_option_flags, kda_options  # noqa: E402
 from kernels.kda import cp_prepass  # noqa: E402
 from kernels.kda.chunk import chunk_kda_triton  # noqa: E402
 from parallel.context import ContextParallel, kda_chunkwise  # noqa: E402
@@ -89,17 +90,17 @@ class StubGather:
 class Capture:
     """A state hook that keeps the WY pieces and do for timing the pre-pass kernels alone."""
 
-    def initial_state(self, pieces, cu, offsets):
+    def initial_state(self, pieces, cu, offsets, options):
         self.forward, self.cu, self.offsets = pieces, cu, offsets
         W = pieces["W"]
         return W.new_zeros(1, W.shape[1], W.shape[3], pieces["U"].shape[3], dtype=torch.float32)
 
-    def final_state_gradient(self, pieces, do, cu, offsets):
+    def final_state_gradient(self, pieces, do, cu, offsets, options):
         self.backward, self.do = pieces, do
         return None
 
 
-def measure(H, D, L, sizes, device, dtype, warmup, reps):
+def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
     inputs, gate = make_inputs(L, H, D, device, dtype)
     leaves = [*inputs, gate[0], gate[1]]
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -110,18 +111,19 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps):
     time_it = lambda fn: timer(fn, device, warmup, reps)
 
     def local_fb():
-        o, ht = chunk_kda_triton(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu, gate=gate)
+        o, ht = chunk_kda_triton(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu, gate=gate,
+                                 options=options)
         torch.autograd.grad((o, ht), leaves, (do, dht))
 
     local = time_it(local_fb)
     capture = Capture()
-    o, _ = chunk_kda_triton(*inputs, cu_seqlens=cu, gate=gate, state_hook=capture)
+    o, _ = chunk_kda_triton(*inputs, cu_seqlens=cu, gate=gate, state_hook=capture, options=options)
     o.backward(do)
     docs = torch.zeros(1, dtype=torch.int32, device=device)
     transition = time_it(lambda: cp_prepass.transition_pairs(capture.forward, capture.cu, capture.offsets, docs,
-                                                            torch.ones_like(docs)))
+                                                            torch.ones_like(docs), options))
     entry = time_it(lambda: cp_prepass.entry_state_gradients(capture.backward, capture.do, capture.cu,
-                                                             capture.offsets, docs))
+                                                             capture.offsets, docs, options))
     rows = []
     stub = StubGather()
     original = kda_chunkwise.all_gather_pairs
@@ -135,7 +137,7 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps):
                 stub.rank = r
 
                 def cp_fb(cp=contexts[r]):
-                    out = kda_chunkwise.chunkwise_kda(*inputs, cp=cp, gate=gate, fused_prepass=True)
+                    out = kda_chunkwise.chunkwise_kda(*inputs, cp=cp, gate=gate, fused_prepass=True, options=options)
                     torch.autograd.grad(out, leaves, do)
 
                 cp_ms[r] = time_it(cp_fb)
@@ -180,7 +182,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="cp_kda_bench.json")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, fp32")
+    add_kda_option_flags(parser)
     args = parser.parse_args()
+    options = kda_options(args)
     if args.smoke:
         args.heads, args.head_dim, args.shards, args.cp, args.warmup, args.reps = [1], 16, [64], [2], 0, 1
         device, dtype = torch.device("cpu"), torch.float32
@@ -192,14 +196,15 @@ def main() -> None:
     print("\n".join(table([]).splitlines()[:2]), flush=True)
     for H in args.heads:
         for L in args.shards:
-            new = measure(H, args.head_dim, L, args.cp, device, dtype, args.warmup, args.reps)
+            new = measure(H, args.head_dim, L, args.cp, device, dtype, args.warmup, args.reps, options)
             print("\n".join(table(new).splitlines()[2:]), flush=True)  # progress, one line per row
             rows.extend(new)
     import triton
 
     result = dict(date=datetime.date.today().isoformat(),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-                  torch=torch.__version__, triton=triton.__version__, precision=cp_prepass._prec(device), rows=rows)
+                  torch=torch.__version__, triton=triton.__version__, precision=cp_prepass._prec(device, options),
+                  kda_options=options.to_dict(), rows=rows)
     print(f"\n{result['device']}, torch {result['torch']}, Triton {result['triton']}, pre-pass dots "
           f"{result['precision']}\n" + table(rows))
     with open(args.out, "w") as f:

@@ -20,6 +20,8 @@
 #   TUNE_ONLY: "kernel:index ..." candidates of kda_tune.py, each in its own process (step tune_each)
 #   KDA_DEBUG_ARGS: extra kda_debug.py variants, ';'-separated (step debug)
 #   SANITIZE_ARGS: kda_debug.py arguments run under compute-sanitizer's memcheck (step sanitize)
+#   KDA_LAUNCH: launch overrides of our kernels, kernel[.few].option=N,... (kernels/kda/options.py), given
+#     to every step as --launch (kda.py, kda_debug.py, kda_tune.py) or --kda-launch (pytest)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 source benchmarks/gpu_env.sh
@@ -27,16 +29,17 @@ STEPS=${*:-"tests bench"}
 STEP_HIDE="^\\{|^[a-z_]+ \\{" STEP_TAIL=30  # tune rows and JSON stay in the logs
 debug() {  # each ';'-separated argument list of kda_debug.py in its own process (a crash ends only it)
   local variants args
-  IFS=';' read -ra variants <<< "${KDA_DEBUG_ARGS:-"--case dk_ne_dv --state bf16"}"
+  IFS=';' read -ra variants <<< "${KDA_DEBUG_ARGS:-"--case dk_ne_dv --state-dtype input"}"
   for v in "${variants[@]}"; do
     read -ra args <<< "$v"
-    timeout 90 python3 benchmarks/kda_debug.py "${args[@]}" 2>&1 | grep -vE "Warning|warn" \
+    timeout 90 python3 benchmarks/kda_debug.py "${args[@]}" ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} 2>&1 | grep -vE "Warning|warn" \
       | grep -E "^\[|kda_|Error|error" | tail -6
   done
 }
 tune_each() {
   for c in ${TUNE_ONLY:-bwd_dh:1}; do
-    timeout 60 python3 benchmarks/kda_tune.py --kernels "${c%%:*}" --only "${c##*:}" --out "/tmp/tune_${c/:/_}.json" 2>&1 \
+    timeout 60 python3 benchmarks/kda_tune.py --kernels "${c%%:*}" --only "${c##*:}" --out "/tmp/tune_${c/:/_}.json" \
+      ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} 2>&1 \
       | grep -E "^[a-z_]+ \{" | cut -c1-200
   done
 }
@@ -48,7 +51,8 @@ tests() {  # the kernel tests in parallel pytest shards (compilation is CPU-boun
     | grep "::" > "$dir/all.txt"
   for i in $(seq 0 $((n - 1))); do
     awk -v i="$i" -v n="$n" 'NR % n == i' "$dir/all.txt" > "$dir/$i.txt"
-    timeout "${TEST_TIMEOUT:-380}" python3 -m pytest -v -p no:cacheprovider $(cat "$dir/$i.txt") 2>&1 \
+    timeout "${TEST_TIMEOUT:-380}" python3 -m pytest -v -p no:cacheprovider ${KDA_LAUNCH:+--kda-launch "$KDA_LAUNCH"} \
+      $(cat "$dir/$i.txt") 2>&1 \
       | grep --line-buffered -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)|^E  " >> "$OUT/tests_progress.txt" &
   done
   wait
@@ -62,12 +66,14 @@ step tune_each 420 bash -c "$(declare -f tune_each); tune_each"
 step tests 400 bash -c "$(declare -f tests); tests"
 step debug 300 env KDA_DEBUG_ARGS="${KDA_DEBUG_ARGS:-}" bash -c "$(declare -f debug); debug"
 step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 python3 benchmarks/kda_debug.py \
-  ${SANITIZE_ARGS:---shape 1x2048 --state bf16} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
+  ${SANITIZE_ARGS:---shape 1x2048 --state-dtype input} ${KDA_LAUNCH:+--launch $KDA_LAUNCH} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
 step bench ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,1x32768v}" \
   --dt-bias="${BENCH_DT:--4,0,2}" --ops "${BENCH_OPS:-ours,sdpa_flash,fla}" ${BENCH_BREAKDOWN:+--breakdown} \
-  --out "$OUT/kda_bench.json"
-step bench_log 200 python3 benchmarks/kda.py --gate log --shapes 8x4096,1x32768 --out "$OUT/kda_bench_log.json"
-step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" --out "$OUT/kda_tune.json"
+  ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} --out "$OUT/kda_bench.json"
+step bench_log 200 python3 benchmarks/kda.py --gate log --shapes 8x4096,1x32768 ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} \
+  --out "$OUT/kda_bench_log.json"
+step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" \
+  ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} --out "$OUT/kda_tune.json"
 # the autotune results of this call (FLA's), for .triton/autotune.tar of the next one (gpu_env.sh)
 (cd "$TRITON_CACHE" 2>/dev/null && find . -name "*.autotune.json" > /tmp/autotune.list \
   && [ -s /tmp/autotune.list ] && tar -cf "$OUT/autotune.tar" -T /tmp/autotune.list) || true

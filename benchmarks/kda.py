@@ -7,26 +7,24 @@ of A_log / dt_bias, at 8x4096, 1x32768 and one 32k row of book-length documents,
 memory, ratio to FLA; the headline is the worst point) and writes JSON.
 
   python benchmarks/kda.py [--shapes 8x4096,1x32768v] [--dt-bias=-4,0,2,normal] [--breakdown] [--out F]
+                           [--launch kernel[.few].option=N,...] [--state-dtype float32]   (kernel options)
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.kda import chunk_kda  # noqa: E402
-from kernels.fla_compat import fla_backward_usable  # noqa: E402
-
-CHUNK = 64
+from common import add_kda_option_flags, fla_backward_usable, kda_options
+from kernels.kda import CHUNK_SIZE, chunk_kda
+from kernels.kda.gate import kda_log_decay
 
 
 def kda_flops(B, T, H, D):
     """The tech report's chunkwise FLOP count per head: 6 T d^2 + 3 T C d + T C^2 (forward)."""
-    return B * H * (6 * T * D * D + 3 * T * CHUNK * D + T * CHUNK * CHUNK)
+    return B * H * (6 * T * D * D + 3 * T * CHUNK_SIZE * D + T * CHUNK_SIZE * CHUNK_SIZE)
 
 
 def attn_flops(B, T, H, D):
@@ -44,14 +42,14 @@ def make_inputs(B, T, H, D, device="cuda", raw_gate=False, dt_bias="-4"):
     q = torch.randn(B, T, H, D, generator=gen, **bf)
     k = torch.randn(B, T, H, D, generator=gen, **bf)
     v = torch.randn(B, T, H, D, generator=gen, **bf)
-    # log-decay like the model's gate: -exp(A_log) * softplus(raw + dt_bias), fp32
+    # log-decay of the model's gate (kernels/kda/gate.py), fp32
     raw = torch.randn(B, T, H, D, generator=gen, device=device)
     A = torch.log(torch.empty(H, device=device).uniform_(1, 16, generator=gen))
     if dt_bias == "normal":
         dt_bias = 0.5 * torch.randn(H * D, generator=gen, device=device)
     else:
         dt_bias = torch.full((H * D,), float(dt_bias), device=device)
-    g = -A.exp()[:, None] * torch.nn.functional.softplus(raw + dt_bias.view(H, D))
+    g = kda_log_decay(raw, (A, dt_bias, None))
     beta = torch.rand(B, T, H, generator=gen, **bf)
     if raw_gate:
         g = raw.to(torch.bfloat16)
@@ -142,8 +140,10 @@ def main():
                     help="comma list of dt_bias points: constants or 'normal' (N(0, 0.5) per channel)")
     ap.add_argument("--breakdown", action="store_true", help="GPU time per kernel (forward and f+b) for every op")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kda_bench.json"))
+    add_kda_option_flags(ap)
     args = ap.parse_args()
     H, D = args.heads, args.dim
+    options = kda_options(args)
     try:
         from fla.ops.kda import chunk_kda as fla_chunk_kda
         import fla
@@ -151,7 +151,7 @@ def main():
     except Exception as exc:  # pragma: no cover
         fla_chunk_kda, fla_version = None, f"unavailable ({exc})"
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               fla=fla_version, gate=args.gate)
+               fla=fla_version, gate=args.gate, kda_options=options.to_dict())
     print(env)
     rows, start, wanted = [], time.time(), set(args.ops.split(","))
     points = args.dt_bias.split(",") if args.gate == "raw" else ["-4"]
@@ -166,7 +166,8 @@ def main():
             params = (A_log, dt_bias) if gate else ()
             fla_gate = dict(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias) if gate else {}
             ops = {
-                "ours": lambda q, k, v, g, beta: chunk_kda(q, k, v, g, beta, gate=gate, cu_seqlens=cu)[0],
+                "ours": lambda q, k, v, g, beta: chunk_kda(q, k, v, g, beta, gate=gate, cu_seqlens=cu,
+                                                           options=options)[0],
                 "sdpa_flash": lambda q, k, v, g, beta: torch.nn.functional.scaled_dot_product_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2),
             }

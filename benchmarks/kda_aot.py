@@ -20,7 +20,6 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)   # compile for real even where the tests interpret
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -28,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 import torch  # noqa: E402
 
 import kernels.kda.chunk as C  # noqa: E402
+from kernels.kda import KDAOptions  # noqa: E402
 
 KERNELS = ("kda_fwd_cumsum_kernel", "kda_fwd_intra_kernel", "kda_fwd_wy_kernel", "kda_fwd_h_kernel",
            "kda_fwd_o_kernel", "kda_bwd_dh_kernel", "kda_bwd_chunk_dk_kernel", "kda_bwd_chunk_wy_kernel",
@@ -54,22 +54,20 @@ def record_launches(state, sequences, dtype=torch.bfloat16, dim=128):
     `sequences` documents of one chunk each (8: the state passes' regular launch, 1: their "few" launch)."""
     launches = []
     saved = {name: getattr(C, name) for name in KERNELS}
-    saved_state = C.STATE_16
+    options = KDAOptions(state_dtype="input" if state == "bf16" else "float32")
     try:
         for name, fn in saved.items():
             setattr(C, name, _Recorder(fn, launches))
-        C.STATE_16 = state == "bf16"
         bf = dict(dtype=dtype, requires_grad=True)
         q, k, v = (torch.zeros(sequences, 64, 16, dim, **bf) for _ in range(3))
         g = torch.zeros(sequences, 64, 16, dim, **bf)
         beta = torch.zeros(sequences, 64, 16, **bf)
         gate = (torch.zeros(16), torch.zeros(16 * dim), None)
-        o, _ = C.chunk_kda_triton(q, k, v, g, beta, use_qk_l2norm=False, gate=gate)
+        o, _ = C.chunk_kda_triton(q, k, v, g, beta, use_qk_l2norm=False, gate=gate, options=options)
         torch.autograd.grad(o, [q, k, v, g, beta], torch.zeros_like(o))
     finally:
         for name, fn in saved.items():
             setattr(C, name, fn)
-        C.STATE_16 = saved_state
     return launches
 
 

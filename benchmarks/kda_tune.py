@@ -1,24 +1,25 @@
-"""Sweep the launch options of our KDA kernels (kernels.kda.chunk.LAUNCH) on the GPU.
+"""Sweep the launch options of our KDA kernels (kernels/kda/options.py, DEFAULT_LAUNCH) on the GPU.
 
-For each kernel and each candidate option set, runs chunk_kda forward+backward (bf16, H16,
-D128) under the torch profiler and records that kernel's GPU time at each shape; the other
-kernels keep their defaults. Prints, per kernel, the candidates sorted by time (sum over the
-shapes) and the best one; results are also written as JSON.
+For each kernel and each candidate launch entry, runs chunk_kda forward+backward (bf16, H16,
+D128) with that entry in its KDAOptions under the torch profiler and records that kernel's GPU
+time at each shape; the other kernels keep their defaults (or the --launch overrides). Prints, per
+kernel, the candidates sorted by time (sum over the shapes) and the best one; results are also
+written as JSON.
 
   python benchmarks/kda_tune.py [--shapes 8x4096,1x32768] [--kernels bwd_intra,fwd_intra]
   python benchmarks/kda_tune.py --kernels bwd_dh --only 1   (one candidate: a crash ends only this process)
 """
 import argparse
+import dataclasses
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.kda import make_inputs  # noqa: E402
-from kernels.kda import chunk as kda_chunk  # noqa: E402
+from common import add_kda_option_flags, kda_options
+from kda import make_inputs
+from kernels.kda import chunk_kda
 
 W = lambda w, s=1, **kw: dict(num_warps=w, num_stages=s, **kw)
 CANDIDATES = {
@@ -62,32 +63,34 @@ def main():
     ap.add_argument("--kernels", default=",".join(CANDIDATES))
     ap.add_argument("--only", type=int, default=None, help="index of the one candidate to run")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kda_tune.json"))
+    add_kda_option_flags(ap)
     args = ap.parse_args()
+    base = kda_options(args)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     data = {}
     for B, T in shapes:
         (q, k, v, g, beta), _ = make_inputs(B, T, 16, 128)
         do = torch.randn_like(v)
 
-        def fwd_bwd(q=q, k=k, v=v, g=g, beta=beta, do=do):   # bind this shape's tensors
-            o, _ = kda_chunk.chunk_kda(q, k, v, g, beta)
+        def fwd_bwd(options, q=q, k=k, v=v, g=g, beta=beta, do=do):   # bind this shape's tensors
+            o, _ = chunk_kda(q, k, v, g, beta, options=options)
             return torch.autograd.grad(o, [q, k, v, g, beta], do)
         data[(B, T)] = fwd_bwd
-    default = {key: dict(val) for key, val in kda_chunk.LAUNCH.items()}
     results = {}
     for name in args.kernels.split(","):
         kname = f"kda_{name}_kernel"
         rows = []
         cands = CANDIDATES[name] if args.only is None else [CANDIDATES[name][args.only]]
         for cand in cands:
-            kda_chunk.LAUNCH[name] = dict(cand)
+            # the candidate replaces the kernel's whole entry (a state pass then has no "few" launch)
+            options = dataclasses.replace(base, launch={**base.launch, name: cand})
             t0 = time.time()
             row = dict(cfg=cand)
             try:
                 for (B, T), fn in data.items():
-                    fn()            # compile + warm up
+                    fn(options)            # compile + warm up
                     torch.cuda.synchronize()
-                    row[f"{B}x{T}"] = kernel_times(fn).get(kname)
+                    row[f"{B}x{T}"] = kernel_times(lambda: fn(options)).get(kname)
                 row["total"] = sum(row[f"{B}x{T}"] for B, T in data)
             except Exception as exc:  # out of resources etc.
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
@@ -95,11 +98,10 @@ def main():
             row["wall_s"] = round(time.time() - t0, 1)
             print(name, row, flush=True)
             rows.append(row)
-        kda_chunk.LAUNCH[name] = default[name]
         rows.sort(key=lambda r: r["total"])
         results[name] = rows
         print(f"BEST {name}: {rows[0]['cfg']} ({rows[0]['total']:.3f} ms over shapes; default "
-              f"{default[name]})", flush=True)
+              f"{base.launch_entry(name)})", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1, default=str)
 

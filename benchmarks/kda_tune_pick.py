@@ -1,4 +1,4 @@
-"""Turn the JSON files of `kda_tune.py --only` runs into a KDA_LAUNCH override string: per kernel
+"""Turn the JSON files of `kda_tune.py --only` runs into a `--launch` override string: per kernel
 the fastest candidate that ran without error; for the sequential state passes (fwd_h, bwd_dh)
 the fastest at the many-programs shape (8x4096) as the regular launch and at the few-programs
 shape (1x32768) as the "few" entry.

@@ -21,9 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 def measure(run_dir: Path, tokens_per_step: int) -> tuple[float, float | None]:
     """(median steps/s over the last two thirds of the steps, peak GPU memory in GiB)."""

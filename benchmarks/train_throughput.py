@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 ARMS = ("mla", "gdn-h", "kimi-linear")
 
@@ -112,7 +111,7 @@ def run_transformers(preset: str, context: int, args, device) -> dict:
     import torch
     import transformers
 
-    from kernels.fla_compat import fla_backward_usable
+    from common import fla_backward_usable
     from model.hf_names import hf_config_from_model_config
     from model.presets import as_arm, get_preset
 

@@ -32,14 +32,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     initializer_range: float = 0.02
 
-    # Kimi Delta Attention / Gated DeltaNet layers (SPEC 1.2)
+    # Kimi Delta Attention / Gated DeltaNet layers (docs/architecture.md, "Kimi Delta Attention")
     kda_num_heads: int = 2
     kda_head_dim: int = 32
     short_conv_kernel: int = 4
     # optional bounded gate (lower_bound * sigmoid(...)); None is the released model's unbounded gate
     kda_gate_lower_bound: float | None = None
 
-    # MLA layers (SPEC 3.3); NoPE: the "rope" slice of the key is shared and never rotated
+    # MLA layers (docs/architecture.md); NoPE: the "rope" slice of the key is shared and never rotated
     num_attention_heads: int = 2
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
@@ -47,7 +47,7 @@ class ModelConfig:
     v_head_dim: int = 32
     kv_norm_eps: float = 1e-6  # transformers builds kv_a_layernorm with its default eps
 
-    # feed-forward: dense SwiGLU for the first layers, MoE after (SPEC 3.4)
+    # feed-forward: dense SwiGLU for the first layers, MoE after (docs/architecture.md, "Mixture of experts")
     first_k_dense: int = 1
     intermediate_size: int = 256
     num_experts: int = 8

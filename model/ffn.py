@@ -1,4 +1,5 @@
-"""Feed-forward blocks from megatron-core: the dense SwiGLU MLP and the MoE layer (SPEC 3.4).
+"""Feed-forward blocks from megatron-core: the dense SwiGLU MLP and the MoE layer (docs/architecture.md,
+"Mixture of experts").
 
 ``megatron_config`` translates our ModelConfig into megatron's TransformerConfig: sigmoid router
 scores in fp32, top-k over ``score + expert_bias`` (aux-loss-free balancing, the bias updated once

@@ -1,11 +1,12 @@
 """Conversion between our checkpoints and Hugging Face ``kimi_linear`` folders (names in hf_names).
 
 - ``export_checkpoint(load, out)``: any checkpoint (any TP layout; megatron reshards it to one
-  process) -> ``config.json`` + safetensors with SPEC 4 names, sharded with
+  process) -> ``config.json`` + safetensors with the released checkpoint's names (docs/architecture.md,
+  "Hugging Face names"), sharded with
   ``model.safetensors.index.json`` when larger than ``max_shard_size``, plus the run's tokenizer
   (the one its meta.json records, or ``tokenizer=DIR``) and its special-token ids in
   ``config.json`` and ``generation_config.json``: the folder alone tokenizes and generates.
-- ``import_hf_folder(hf_dir, save)``: an HF folder (SPEC 4 names or transformers' runtime names,
+- ``import_hf_folder(hf_dir, save)``: an HF folder (the released checkpoint's names or transformers' runtime names,
   sharded or not) -> a step-0 checkpoint that ``launch/pretrain.py --load`` and
   ``train.checkpoint.load_model_for_inference`` accept.
 """

@@ -1,16 +1,17 @@
-"""The one mapping between our model and the Hugging Face ``kimi_linear`` layout (SPEC 3.1 and 4).
+"""The one mapping between our model and the Hugging Face ``kimi_linear`` layout
+(docs/architecture.md, "Hugging Face names").
 
 Both directions use what is defined here:
 
 - ``hf_config_from_model_config`` / ``model_config_from_hf_config``: our ``ModelConfig`` <-> the HF
   ``config.json`` dict (``linear_attn_config`` with 1-based layer lists, MoE and MLA keys, plus the
   ``layer_types`` / ``mlp_layer_types`` lists transformers 5.x reads first);
-- ``hf_tensor_specs``: one ``HFTensor`` per tensor of the checkpoint, in file order, with its SPEC 4
+- ``hf_tensor_specs``: one ``HFTensor`` per tensor of the checkpoint, in file order, with its checkpoint
   name and shape (computed from the config alone, so the 48B model is counted without allocating),
   the name of our parameter it comes from and, when one of ours is split into several HF tensors
   (``[gate; up]`` SwiGLU weights), which part it is;
 - ``canonical_hf_names``: transformers' runtime names (``conv1d.weight``, ``forget_gate.*``,
-  ``mlp.experts.gate_up_proj`` ...) and ``save_pretrained``'s variants rewritten to SPEC 4 names.
+  ``mlp.experts.gate_up_proj`` ...) and ``save_pretrained``'s variants rewritten to the checkpoint's names.
 
 HF/ours semantics that cannot be expressed in the other format raise ``HFConversionError`` naming the
 field (GDN layers, a bounded KDA gate, q-LoRA, grouped routing that differs, ...).
@@ -115,7 +116,7 @@ def check_group_routing(cfg: ModelConfig, allow_mismatch: bool = False) -> None:
 def hf_config_from_model_config(
     cfg: ModelConfig, dtype: str = "bfloat16", model_max_length: int | None = None
 ) -> dict:
-    """The HF ``config.json`` dict (SPEC 3.1 keys) for ``cfg``."""
+    """The HF ``config.json`` dict (the released model's keys) for ``cfg``."""
     types = cfg.layer_types
     kda_layers = [i + 1 for i, t in enumerate(types) if t == "kda"]
     mla_layers = [i + 1 for i, t in enumerate(types) if t == "mla"]
@@ -311,7 +312,7 @@ def _model_config_from_hf_config(d: dict, name: str, allow_group_routing_mismatc
 
 # ---------------------------------------------------------------------------- tensors
 def hf_tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
-    """Every tensor of the HF checkpoint for ``cfg``, with its SPEC 4 name, shape and our source."""
+    """Every tensor of the HF checkpoint for ``cfg``, with its checkpoint name, shape and our source."""
     h, v = cfg.hidden_size, cfg.vocab_size
     heads, dim = cfg.kda_num_heads, cfg.kda_head_dim
     qkv, width = heads * dim, cfg.short_conv_kernel
@@ -449,12 +450,12 @@ _DOWN = re.compile(r"^(model\.layers\.\d+\.)(?:mlp|block_sparse_moe)\.experts\.d
 
 
 def canonical_hf_names(tensors: dict) -> dict:
-    """Rewrite transformers' runtime names to SPEC 4 names (values are tensors or zero-arg loaders).
+    """Rewrite transformers' runtime names to the checkpoint's names (values are tensors or zero-arg loaders).
 
     Handles: ``self_attn.conv1d.weight`` (q/k/v convs concatenated), ``self_attn.forget_gate.*``,
     ``mlp.experts.gate_up_proj`` / ``down_proj`` (experts stacked, [w1; w3] merged), ``mlp.gate.*`` and
     ``mlp.shared_experts.*`` on MoE layers, and ``block_sparse_moe.{gate,up,down}_proj`` on dense layers
-    (what ``save_pretrained`` writes for them). SPEC 4 names pass through unchanged.
+    (what ``save_pretrained`` writes for them). The checkpoint's names pass through unchanged.
     """
     out = {}
     for name, value in tensors.items():

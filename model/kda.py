@@ -1,11 +1,12 @@
-"""Kimi Delta Attention mixer (SPEC 1.2/1.3), and Gated DeltaNet as its one-decay-per-head case.
+"""Kimi Delta Attention mixer (docs/architecture.md, "Kimi Delta Attention"), and Gated DeltaNet as its
+one-decay-per-head case.
 
 Tensor parallel by head: q/k/v, the forget-gate and output-gate up-projections, beta, the short-conv
 kernels, ``A_log`` and ``dt_bias`` are split over TP ranks; the low-rank down-projections
 (``f_a_proj``, ``g_a_proj``) and the output-norm weight are replicated; ``o_proj`` is row-parallel.
-The recurrence itself is ``kda_op``: ``kernels.kda.chunk_kda`` on GPUs (Triton) and
-``kernels.kda.chunk_kda_cpu`` on CPUs (the chunked PyTorch reference with its intra-chunk products
-vectorised).
+The recurrence itself is ``kda_op``: ``kernels.kda.chunk_kda`` on GPUs (Triton, run with the layer's
+``kernel_options``) and ``kernels.kda.chunk_kda_cpu`` on CPUs (the chunked PyTorch reference with its
+intra-chunk products vectorised).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from kernels.kda import chunk_kda, chunk_kda_cpu
+from kernels.kda import KDAOptions, chunk_kda, chunk_kda_cpu
 
 from . import tp
 from .config import ModelConfig
@@ -27,9 +28,24 @@ from .packed import PackedSequence, causal_depthwise_conv
 from .profiling import profiled
 
 
-def kda_op(q, k, v, g, beta, **kwargs):
-    """The model's KDA op: the Triton kernels on CUDA tensors, the vectorised PyTorch path on CPU."""
-    return (chunk_kda if q.is_cuda else chunk_kda_cpu)(q, k, v, g, beta, **kwargs)
+def kda_op(q, k, v, g, beta, options: KDAOptions | None = None, **kwargs):
+    """The model's KDA op: the Triton kernels on CUDA tensors (run with ``options``, default
+    ``KDAOptions()``), the vectorised PyTorch path on CPU (no options)."""
+    if q.is_cuda:
+        return chunk_kda(q, k, v, g, beta, options=options, **kwargs)
+    return chunk_kda_cpu(q, k, v, g, beta, **kwargs)
+
+
+def kernel_options(model) -> dict:
+    """The ``KDAOptions`` of the model's KDA/GDN layers as a JSON-ready dict (what a run records in its
+    checkpoints' meta.json and its first metrics record); ``{}`` for a model without such layers. Layers
+    whose options differ from the first one's are listed by module name under ``"layers"``."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, KimiDeltaAttention)]
+    if not layers:
+        return {}
+    record = layers[0][1].kernel_options.to_dict()
+    others = {name: m.kernel_options.to_dict() for name, m in layers if m.kernel_options.to_dict() != record}
+    return {**record, "layers": others} if others else record
 
 
 @fused
@@ -39,12 +55,12 @@ def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, position: torch.Tenso
 
 
 def a_log_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """FLA's default decay rate (SPEC 1.3) from U(0, 1) draws: A_log = log U(1, 16)."""
+    """FLA's default decay rate (docs/architecture.md, "The forget gate") from U(0, 1) draws: A_log = log U(1, 16)."""
     return u.mul(15.0).add_(1.0).log_()
 
 
 def dt_bias_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """FLA's default dt bias (SPEC 1.3) from U(0, 1) draws: dt = exp U(log 1e-3, log 0.1), at
+    """FLA's default dt bias (docs/architecture.md, "The forget gate") from U(0, 1) draws: dt = exp U(log 1e-3, log 0.1), at
     least 1e-4, and dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt))."""
     low, high = math.log(1e-3), math.log(0.1)
     dt = u.mul(high - low).add_(low).exp_().clamp_min_(1e-4)
@@ -57,6 +73,7 @@ class KimiDeltaAttention(MegatronModule):
     def __init__(self, config: ModelConfig, tconfig, layer_idx: int, per_channel_decay: bool = True):
         super().__init__(config=tconfig)
         self.layer_idx = layer_idx
+        self.kernel_options = KDAOptions()  # how the Triton kernels run (kernels/kda/options.py)
         self.per_channel_decay = per_channel_decay
         heads, dim, hidden = config.kda_num_heads, config.kda_head_dim, config.hidden_size
         self.local_heads = heads // tp.tp_size()
@@ -83,7 +100,7 @@ class KimiDeltaAttention(MegatronModule):
         self.o_norm_weight = nn.Parameter(torch.ones(dim))
         self.o_proj = tp.row(heads * dim, hidden, tconfig)
         for fp32_param in (self.A_log, self.dt_bias):
-            fp32_param.keep_fp32 = True  # the decay path stays fp32 under mixed precision (SPEC 1.3)
+            fp32_param.keep_fp32 = True  # the decay path stays fp32 under mixed precision
             fp32_param.no_weight_decay = True
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +126,7 @@ class KimiDeltaAttention(MegatronModule):
             if initial_state is not None or output_final_state:
                 raise ValueError("KDA under context parallelism takes no initial_state/output_final_state")
             out = profiled("kda_core", context_parallel.kda, projections, kernels, g, beta_logits, gate,
-                           self.head_dim)
+                           self.head_dim, self.kernel_options)
             final_state = None
         else:
             position = packed.position_in_document
@@ -122,6 +139,7 @@ class KimiDeltaAttention(MegatronModule):
                 cu_seqlens=packed.cu_seqlens,
                 use_qk_l2norm=True,
                 gate=gate,
+                options=self.kernel_options,
             )
         out_gate = self.g_b_proj(self.g_a_proj(x))[0].view(t, self.local_heads, self.head_dim)
         norm_weight = tp.reduce_grad_over_tp(self.o_norm_weight)

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention without positional encoding (NoPE MLA, SPEC 3.3).
+"""Multi-head Latent Attention without positional encoding (NoPE MLA, docs/architecture.md).
 
 Queries ``[q_nope_h | q_rot_h]`` per head; keys ``[k_nope_h | k_rot]`` where ``k_rot`` (the 64-dim
 "rope" slice) is shared by all heads and never rotated; values from the same latent. Softmax scale

@@ -1,4 +1,4 @@
-"""RMSNorm variants, computed in fp32 as the reference model does (SPEC 1.2, 3.2)."""
+"""RMSNorm variants, computed in fp32 as the released model does."""
 
 from __future__ import annotations
 

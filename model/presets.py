@@ -3,8 +3,8 @@
 - ``tiny``: a toy that trains on two CPU cores (vocab 8192 = the embedded-corpus tokenizer).
 - ``small``: 208M parameters (87M activated), the scaling presets' shapes at 12 layers and hidden
   512: the size for comparing the arms at 4k context on one GPU in minutes (``configs/small-*.json``).
-- ``kimi-linear-48b-a3b``: the released model, SPEC 3.1 exactly (49,122,681,728 parameters).
-- ``scaling-653m`` ... ``scaling-1.7b``: the paper's scaling-law sizes (SPEC 5.2: MoE 8 of 64
+- ``kimi-linear-48b-a3b``: the released model exactly (docs/architecture.md; 49,122,681,728 parameters).
+- ``scaling-653m`` ... ``scaling-1.7b``: the paper's scaling-law sizes (tech report Table 2: MoE 8 of 64
   experts). The paper gives heads, layers and hidden size only; the remaining widths follow the
   released model's proportions (KDA/MLA head dim 128, dense MLP 4x hidden, 1 shared expert) and the
   expert width is chosen so that the activated parameters without embeddings match the table (see
@@ -66,7 +66,7 @@ def _kimi_48b() -> ModelConfig:
     )
 
 
-# (heads, layers, hidden, moe_intermediate_size) per activated size of SPEC 5.2; the expert width
+# (heads, layers, hidden, moe_intermediate_size) per activated size of the tech report's Table 2; the expert width
 # is the one that brings the activated parameters without embeddings to the paper's number.
 _SCALING = {
     "scaling-653m": (16, 16, 1216, 960),  # 657.9M activated without embeddings

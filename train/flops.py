@@ -8,7 +8,8 @@ definitions (PaLM, Megatron, torchtitan). Per token and layer, with d = hidden s
 * KDA / GDN (H heads of dim dh, short conv width W, low-rank gates of rank dh, decay width
   H*dh for KDA, H for GDN): projections ``2d(3 H dh) + 2d dh + 2 dh decay + 2d H + 2d dh
   + 2 dh H dh + 2 H dh d`` (q/k/v, f_a, f_b, b, g_a, g_b, o) and convs ``3 * 2 W H dh``; the chunked
-  recurrence per head is SPEC 2.9 (TR Eq. 13), ``6 T dh^2 + 3 T C dh + T C^2`` for chunk C = 64,
+  recurrence per head is the tech report's Eq. 13 (docs/architecture.md, "Cost"),
+  ``6 T dh^2 + 3 T C dh + T C^2`` for chunk C = 64,
   evaluated per document (state resets at document starts): a document of length L has
   floor(L / C) full chunks and one partial chunk of length c = L mod C, which costs
   ``6 c dh^2 + 3 c^2 dh + c^3`` (the same formula with T = C = c). For documents that are
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.kda.options import CHUNK_SIZE
 from model.config import ModelConfig
 
 # dense bf16 tensor-core peak per GPU (no sparsity), FLOP/s
@@ -38,8 +40,6 @@ PEAK_BF16_FLOPS = {
     "A100": 312e12,
     "A800": 312e12,
 }
-
-KDA_CHUNK = 64
 
 
 def peak_flops_per_gpu(device_name: str | None = None) -> float | None:
@@ -85,7 +85,7 @@ def document_lengths(
     return [int(seq_length)] * (micro_batch_size * num_micro_batches)
 
 
-def kda_recurrence_flops(doc_lengths: Sequence[int], head_dim: int, chunk: int = KDA_CHUNK) -> int:
+def kda_recurrence_flops(doc_lengths: Sequence[int], head_dim: int, chunk: int = CHUNK_SIZE) -> int:
     """Forward FLOPs of the chunked KDA/GDN recurrence for ONE head over the given documents."""
     total = 0
     for length in doc_lengths:
@@ -95,7 +95,7 @@ def kda_recurrence_flops(doc_lengths: Sequence[int], head_dim: int, chunk: int =
     return total
 
 
-def forward_flops(config: ModelConfig, doc_lengths: Sequence[int], chunk: int = KDA_CHUNK) -> dict:
+def forward_flops(config: ModelConfig, doc_lengths: Sequence[int], chunk: int = CHUNK_SIZE) -> dict:
     """Forward FLOPs by part for the documents ``doc_lengths`` (their sum = tokens)."""
     d = config.hidden_size
     tokens = sum(int(x) for x in doc_lengths)
@@ -143,7 +143,7 @@ def model_flops_per_step(
     num_micro_batches: int = 1,
     cu_seqlens_list: Sequence | None = None,
     doc_lengths: Sequence[int] | None = None,
-    chunk: int = KDA_CHUNK,
+    chunk: int = CHUNK_SIZE,
     training: bool = True,
 ) -> dict:
     """Training FLOPs (3x forward; ``training=False``: forward only) of one step, by part and

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 
 from model import fusion
 from model.config import ConfigError
+from model.kda import kernel_options
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
@@ -291,7 +292,8 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
         record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed,
                   "tflops_per_gpu": tflops_per_gpu, **({"mfu": step_mfu} if step_mfu is not None else {}),
                   "consumed_tokens": done * tokens_per_step, "skipped_steps": skipped_steps, **memory,
-                  **getattr(train_loader, "source_shares", dict)(), **extra}
+                  **getattr(train_loader, "source_shares", dict)(), **extra,
+                  **({"kda_kernel_options": kernel_options(model)} if step == start_step else {})}
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
             valid = evaluate(model, valid_loader, t.eval_iters, device)
             log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
@@ -315,7 +317,8 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
         if t.save and (periodic or exiting):
             healthy, check_loss = weights_are_healthy(model, micro[0])
             if healthy:
-                meta = {**run.to_dict(), "data": train_loader.state_dict(), "health": {"loss": check_loss}}
+                meta = {**run.to_dict(), "kda_kernel_options": kernel_options(model), "data": train_loader.state_dict(),
+                        "health": {"loss": check_loss}}
                 path = ckpt.save_checkpoint(t.save, done, model, optimizer, meta, keep_last=t.keep_last)
                 log(f"saved checkpoint {path}")
                 if not exiting and done < t.train_iters:  # a stop requested during this save needs no second one

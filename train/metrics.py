@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+
+from kernels.kda.gate import kda_log_decay
 
 
 def _layer_index(name: str) -> int:
@@ -92,15 +93,12 @@ def _prefix(layer_idx: int, module) -> str:
 
 
 def log_decay(raw: torch.Tensor, module) -> torch.Tensor:
-    """Per-channel (KDA) or per-head (GDN) log-decay g <= 0 from the raw gate projection
-    ``raw`` [T, local decay width] (zeros: the decay at zero input): SPEC 1.3,
-    ``-exp(A_log) softplus(raw + dt_bias)``, or ``lower_bound * sigmoid(exp(A_log)(raw + dt_bias))``."""
+    """Per-channel (KDA) or per-head (GDN) log-decay g <= 0 [T, heads, channels] from the raw gate
+    projection ``raw`` [T, local decay width] (zeros: the decay at zero input); the gate of
+    kernels/kda/gate.py (docs/architecture.md, "The forget gate")."""
     heads = module.A_log.numel()
-    x = raw.float().reshape(raw.shape[0], heads, -1) + module.dt_bias.float().view(heads, -1)
-    a = module.A_log.float().view(heads, 1)
-    if module.lower_bound is None:
-        return -torch.exp(a) * F.softplus(x)
-    return module.lower_bound * torch.sigmoid(torch.exp(a) * x)
+    x = raw.reshape(1, raw.shape[0], heads, -1)   # per-channel layout; GDN: one channel per head
+    return kda_log_decay(x, (module.A_log, module.dt_bias, module.lower_bound))[0]
 
 
 def _reduce_mean_min(sums: torch.Tensor, counts: torch.Tensor, mins: torch.Tensor, group):

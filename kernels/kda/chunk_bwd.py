@@ -21,8 +21,8 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import (_chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay, _doc_chunks,
-                                   gate_backward)
+from kernels.kda.chunk_fwd import CHUNK, _chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay, _doc_chunks
+from kernels.kda.gate import gate_backward
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
     i_n = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
     bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, i_n)
-    r64 = tl.arange(0, 64)
+    r64 = tl.arange(0, CHUNK)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     m_kv = (dk[:, None] < K) & (dv[None, :] < V)
@@ -46,15 +46,15 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
     for c in range(0, n_chunks):
         c_rev = n_chunks - 1 - c
         i_c = c_first + c_rev
-        cbase = (i_c * H + i_h) * 64
-        t0 = bos + c_rev * 64
+        cbase = (i_c * H + i_h) * CHUNK
+        t0 = bos + c_rev * CHUNK
         valid = r64 < eos - t0
         tok = (t0 + r64) * H + i_h
         tl.store(dh + (i_c * H + i_h) * K * V + state_off, b_ds.to(dh.dtype.element_ty), mask=m_kv)
         b_do = tl.load(do + tok[:, None] * V + dv[None, :], mask=valid[:, None] & (dv[None, :] < V),
                        other=0.).to(tl.float32)
-        b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
-        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        b_a = tl.load(Aqk + (cbase + r64)[:, None] * CHUNK + r64[None, :])
+        b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk, mask=dk < K, other=0.)
         b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k, other=0.)
         # bf16 inputs: q e^G, kg, W, dh are bf16 (bf16 tensor-core dots); the rest fp32
         b_dvn = (tl.dot(tl.trans(b_a), b_do, input_precision=PREC)
@@ -90,7 +90,7 @@ def _bwd_dk_cols_out(b_dqg, b_dw, b_dkg, b_dgl, q, k, Gc, Ainv, dq_p, dk_p, dG_p
     b_G = tl.load(Gc + out, mask=m_k, other=0.)
     e_G = tl.exp(b_G)
     b_k = tl.load(k + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
-    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * CHUNK + r64[None, :])
     b_dx = tl.dot(tl.trans(b_inv), b_dw, input_precision=PREC)
     b_dbeta = tl.sum(b_dx * b_k * e_G, axis=1)
     b_dxe = b_dx * e_G * b_beta[:, None]               # dk through X = beta k e^G
@@ -98,13 +98,13 @@ def _bwd_dk_cols_out(b_dqg, b_dw, b_dkg, b_dgl, q, k, Gc, Ainv, dq_p, dk_p, dG_p
     tl.store(dq_p + out, b_dqg * e_G, mask=m_k)
     b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=valid[:, None] & m_k, other=0.).to(tl.float32)
     b_dG += b_dqg * b_q * e_G
-    b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+    b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk, mask=dk < K, other=0.)
     b_dkd = b_dkg * tl.exp(b_gl[None, :] - b_G)        # dk through kg = k e^{G_last - G}
     tl.store(dk_p + out, b_dxe + b_dkd, mask=m_k)
     b_dkk = b_dkd * b_k
     extra = tl.sum(b_dkk, axis=0) + b_dgl * tl.exp(b_gl)
     b_dG -= b_dkk
-    b_dG = tl.where(r64[:, None] == 63, b_dG + extra[None, :], b_dG)
+    b_dG = tl.where(r64[:, None] == CHUNK - 1, b_dG + extra[None, :], b_dG)
     tl.store(dG_p + out, b_dG, mask=m_k)
     return b_dbeta
 
@@ -144,7 +144,7 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
     (d(q e^G) = dO S^T, dW = -dv_new S^T, dkg = v_new dS'^T, dG_last), then dX = Ainv^T dW,
     the partial dq / dk / dG of the block, and its shares of dAinv (dW X^T) and dbeta, summed
     over the blocks by kda_bwd_chunk_wy. The accumulators are kept as two 32-column halves and
-    the epilogue runs per half, so that fewer [64, 64] tiles are live at once (no spills at 4
+    the epilogue runs per half, so that fewer [CHUNK, 64] tiles are live at once (no spills at 4
     warps in the sm_90 AOT report with fp32 states)."""
     i_c, i_k = _chunk_and_part((K + 63) // 64)
     i_h = tl.program_id(1)
@@ -153,13 +153,13 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
     sbase = (i_c * H + i_h) * K * V
     dk0 = i_k * 64 + tl.arange(0, 32)
     dk1 = dk0 + 32
-    b_dqg0 = tl.zeros([64, 32], dtype=tl.float32)    # d (q e^G)
-    b_dw0 = tl.zeros([64, 32], dtype=tl.float32)     # d W
-    b_dkg0 = tl.zeros([64, 32], dtype=tl.float32)    # d (k e^{G_last - G})
+    b_dqg0 = tl.zeros([CHUNK, 32], dtype=tl.float32)    # d (q e^G)
+    b_dw0 = tl.zeros([CHUNK, 32], dtype=tl.float32)     # d W
+    b_dkg0 = tl.zeros([CHUNK, 32], dtype=tl.float32)    # d (k e^{G_last - G})
     b_dgl0 = tl.zeros([32], dtype=tl.float32)        # d G_last through e^{G_last} S
-    b_dqg1 = tl.zeros([64, 32], dtype=tl.float32)
-    b_dw1 = tl.zeros([64, 32], dtype=tl.float32)
-    b_dkg1 = tl.zeros([64, 32], dtype=tl.float32)
+    b_dqg1 = tl.zeros([CHUNK, 32], dtype=tl.float32)
+    b_dw1 = tl.zeros([CHUNK, 32], dtype=tl.float32)
+    b_dkg1 = tl.zeros([CHUNK, 32], dtype=tl.float32)
     b_dgl1 = tl.zeros([32], dtype=tl.float32)
     for v0 in range(0, V, BV):
         dvv = v0 + tl.arange(0, BV)
@@ -169,13 +169,13 @@ def kda_bwd_chunk_dk_kernel(q, k, beta, Gc, Ainv, Vn, h, dh, dVn, do, dq_p, dk_p
         b_dqg1, b_dw1, b_dkg1, b_dgl1 = _bwd_state_contractions(h, dh, sbase, dk1, dvv, b_do, b_dvn, b_vn, b_dqg1,
                                                                 b_dw1, b_dkg1, b_dgl1, K, V, PREC)
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
-    # this block's shares of the sums over Dk: row block i_k of [NC, H, cdiv(K, 64), 64, X]
-    pbase = ((i_c * H + i_h) * ((K + 63) // 64) + i_k) * 64
+    # this block's shares of the sums over Dk: row block i_k of [NC, H, cdiv(K, 64), CHUNK, X]
+    pbase = ((i_c * H + i_h) * ((K + 63) // 64) + i_k) * CHUNK
     b_pinv = tl.dot(b_dw0, tl.trans(_bwd_x_cols(k, Gc, b_beta, tok, cbase, valid, r64, dk0, K)),
                     input_precision=PREC)
     b_pinv = tl.dot(b_dw1, tl.trans(_bwd_x_cols(k, Gc, b_beta, tok, cbase, valid, r64, dk1, K)), b_pinv,
                     input_precision=PREC)
-    tl.store(dAinv_p + (pbase + r64)[:, None] * 64 + r64[None, :], b_pinv)
+    tl.store(dAinv_p + (pbase + r64)[:, None] * CHUNK + r64[None, :], b_pinv)
     b_pbeta = _bwd_dk_cols_out(b_dqg0, b_dw0, b_dkg0, b_dgl0, q, k, Gc, Ainv, dq_p, dk_p, dG_p, b_beta, tok,
                                cbase, valid, r64, dk0, K, PREC)
     b_pbeta += _bwd_dk_cols_out(b_dqg1, b_dw1, b_dkg1, b_dgl1, q, k, Gc, Ainv, dq_p, dk_p, dG_p, b_beta, tok,
@@ -194,14 +194,14 @@ def kda_bwd_chunk_wy_kernel(v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, d
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64, valid, tok, cbase = _chunk_rows(bos, L, i_c, i_h, H)
-    sq = (cbase + r64)[:, None] * 64 + r64[None, :]
+    sq = (cbase + r64)[:, None] * CHUNK + r64[None, :]
     b_beta = tl.load(beta + tok, mask=valid, other=0.).to(tl.float32)
     b_inv = tl.load(Ainv + sq)
 
     # over V: dA_qk = dO v_new^T, dY = Ainv^T dv_new (-> dv, dbeta), dAinv += dv_new Y^T
-    b_dA = tl.zeros([64, 64], dtype=tl.float32)
-    b_dinv = tl.zeros([64, 64], dtype=tl.float32)
-    b_dbeta = tl.zeros([64], dtype=tl.float32)
+    b_dA = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
+    b_dinv = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
+    b_dbeta = tl.zeros([CHUNK], dtype=tl.float32)
     for v0 in range(0, V, BV):
         dvv = v0 + tl.arange(0, BV)
         m_v = dvv[None, :] < V
@@ -215,10 +215,10 @@ def kda_bwd_chunk_wy_kernel(v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, d
     tl.store(dAqk + sq, tl.where(r64[:, None] >= r64[None, :], b_dA, 0.))
 
     # the Dk blocks' parts: dAinv += dW X^T, dbeta += sum_d dX k e^G (kda_bwd_chunk_dk)
-    pbase = (i_c * H + i_h) * ((K + 63) // 64) * 64
-    for k0 in tl.static_range(0, K, 64):
-        b_dinv += tl.load(dAinv_p + (pbase + k0 + r64)[:, None] * 64 + r64[None, :])
-        b_dbeta += tl.load(dbeta_p + pbase + k0 + r64)
+    pbase = (i_c * H + i_h) * ((K + 63) // 64) * CHUNK
+    for i_k in tl.static_range(0, (K + 63) // 64):   # the 64-wide Dk blocks
+        b_dinv += tl.load(dAinv_p + (pbase + i_k * CHUNK + r64)[:, None] * CHUNK + r64[None, :])
+        b_dbeta += tl.load(dbeta_p + pbase + i_k * CHUNK + r64)
 
     # Ainv = L^-1  =>  dL = -Ainv^T dAinv Ainv^T ; A_kk = diag(beta) B_kk is the strict lower part
     b_dL = -tl.dot(tl.dot(tl.trans(b_inv), b_dinv, input_precision=PREC), tl.trans(b_inv), input_precision=PREC)
@@ -237,7 +237,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r16 = tl.arange(0, 16)
-    cbase = (i_c * H + i_h) * 64
+    cbase = (i_c * H + i_h) * CHUNK
     dd = i_k * BD + tl.arange(0, BD)
     dm = dd[None, :] < K
     carry = tl.zeros([BD], dtype=tl.float32)
@@ -265,7 +265,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
                 b_kj = tl.load(k + ((bos + cols) * H + i_h)[:, None] * K + dd[None, :],
                                mask=(cols < L)[:, None] & dm, other=0.).to(tl.float32)
                 k_ref = b_kj * tl.exp(b_gn[None, :] - b_Gj)
-                t_off = (cbase + rows)[:, None] * 64 + cols[None, :]
+                t_off = (cbase + rows)[:, None] * CHUNK + cols[None, :]
                 acc_q += tl.dot(tl.load(dAqk + t_off), k_ref, input_precision=PREC)
                 acc_k += tl.dot(tl.load(dBkk + t_off), k_ref, input_precision=PREC)
             e_row = tl.exp(b_G - b_gn[None, :])
@@ -286,7 +286,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
                 b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
                 b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
                 e_low = tl.exp(b_Gj - b_gm[None, :])
-                t_off = (cbase + rws)[:, None] * 64 + rows[None, :]
+                t_off = (cbase + rws)[:, None] * CHUNK + rows[None, :]
                 acc_c += (tl.dot(tl.trans(tl.load(dAqk + t_off)), b_qj * e_low, input_precision=PREC)
                           + tl.dot(tl.trans(tl.load(dBkk + t_off)), b_kj * e_low, input_precision=PREC))
             dk_c = acc_c * tl.exp(b_gm[None, :] - b_G)
@@ -302,7 +302,7 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
         b_g0, fits = _diag_block_decay(Gc, cbase + b * 16, dd, K, SPAN)
         if fits:
-            t_off = (cbase + rows)[:, None] * 64 + rows[None, :]
+            t_off = (cbase + rows)[:, None] * CHUNK + rows[None, :]
             dA_d = tl.where(r16[:, None] >= r16[None, :], tl.load(dAqk + t_off), 0.)
             dB_d = tl.where(r16[:, None] > r16[None, :], tl.load(dBkk + t_off), 0.)
             e_row = tl.exp(b_G - b_g0[None, :])
@@ -320,10 +320,10 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
                 b_kj = tl.load(k + tok_j, mask=m_j, other=0.).to(tl.float32)
                 b_qj = tl.load(q + tok_j, mask=m_j, other=0.).to(tl.float32)
                 b_gj = tl.load(Gc + (cbase + row_j) * K + dd, mask=dd < K, other=0.)
-                dA_col = tl.load(dAqk + (cbase + rows) * 64 + row_j)
-                dB_col = tl.load(dBkk + (cbase + rows) * 64 + row_j)
-                dA_row = tl.load(dAqk + (cbase + row_j) * 64 + rows)
-                dB_row = tl.load(dBkk + (cbase + row_j) * 64 + rows)
+                dA_col = tl.load(dAqk + (cbase + rows) * CHUNK + row_j)
+                dB_col = tl.load(dBkk + (cbase + rows) * CHUNK + row_j)
+                dA_row = tl.load(dAqk + (cbase + row_j) * CHUNK + rows)
+                dB_row = tl.load(dBkk + (cbase + row_j) * CHUNK + rows)
                 x = b_G - b_gj[None, :]
                 below = (r16 >= j)[:, None]
                 e = tl.exp(tl.where(below, x, -x))
@@ -354,7 +354,7 @@ def kda_gate_bwd_kernel(dglog, g, A_log, dt_bias, lower_bound, dg, d_bias_p, dA_
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
+    r64 = tl.arange(0, CHUNK)
     dk = tl.arange(0, BK)
     m = (r64 < L)[:, None] & (dk[None, :] < K)
     off = ((bos + r64) * H + i_h)[:, None] * K + dk[None, :]

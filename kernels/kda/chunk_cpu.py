@@ -61,7 +61,7 @@ def _gated_products(p_list, k, G):
 
 def chunk_kda_cpu(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                   cu_seqlens=None, use_qk_l2norm=True, gate=None):
-    """``chunk_kda_reference`` (SPEC 2.2-2.3, chunk 64) with vectorised intra-chunk products."""
+    """``chunk_kda_reference`` (chunks of 64) with vectorised intra-chunk products."""
     return chunkwise_kda(lambda qc, kc, G: _gated_products([qc, kc], kc, G), q, k, v, g, beta, scale=scale,
                          initial_state=initial_state, output_final_state=output_final_state,
                          cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, gate=gate)

@@ -1,8 +1,9 @@
-"""Triton forward of chunkwise KDA (SPEC §2.2–2.3), chunk C=64, sub-chunks of 16.
+"""Triton forward of chunkwise KDA (docs/architecture.md, "Chunkwise algorithm"): chunks of
+CHUNK_SIZE = 64 tokens (kernels/kda/options.py), sub-chunks of 16.
 
 Buffers: inputs/outputs use the token layout [T_total, H, D] (B folded into T, documents
 delimited by cu_seqlens). Per-chunk intermediates use a padded chunk layout
-[NC, H, 64, X] (NC = number of chunks over all documents): rows past a document's end hold
+[NC, H, CHUNK, X] (NC = number of chunks over all documents): rows past a document's end hold
 G = G_last, zeros elsewhere, so later kernels need no row masks on them.
 
 Kernels:
@@ -20,8 +21,12 @@ the sub-chunk (G_r - G_n <= 0, G_n - G_j <= 0), so nothing can overflow.
 import triton
 import triton.language as tl
 
-CHUNK = 64
-SUB = 16
+from kernels.kda.gate import gate_log_decay
+from kernels.kda.options import CHUNK_SIZE
+
+# the chunk length inside the kernels; their tiling is written for 4 row blocks of 16
+assert CHUNK_SIZE == 4 * 16, "the Triton KDA kernels tile a chunk as 4 blocks of 16 rows"
+CHUNK: tl.constexpr = tl.constexpr(CHUNK_SIZE)
 
 
 @triton.jit
@@ -29,9 +34,9 @@ def _chunk_coords(cu_seqlens, chunk_info, i_c):
     """(first token, number of valid rows) of global chunk i_c, as int64."""
     i_n = tl.load(chunk_info + i_c * 2).to(tl.int64)
     i_cc = tl.load(chunk_info + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_cc * 64
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64) + i_cc * CHUNK
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    return bos, tl.minimum(eos - bos, 64)
+    return bos, tl.minimum(eos - bos, CHUNK)
 
 
 @triton.jit
@@ -40,15 +45,15 @@ def _doc_chunks(cu_seqlens, chunk_offsets, i_n):
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     c_first = tl.load(chunk_offsets + i_n).to(tl.int64)
-    return bos, eos, c_first, tl.cdiv(eos - bos, 64)
+    return bos, eos, c_first, tl.cdiv(eos - bos, CHUNK)
 
 
 @triton.jit
 def _chunk_rows(bos, L, i_c, i_h, H: tl.constexpr):
     """A chunk-head's 64 rows: their index, which are valid tokens, their token-layout row
     (token * H + head) and the padded-layout row of chunk row 0."""
-    r64 = tl.arange(0, 64)
-    return r64, r64 < L, (bos + r64) * H + i_h, (i_c * H + i_h) * 64
+    r64 = tl.arange(0, CHUNK)
+    return r64, r64 < L, (bos + r64) * H + i_h, (i_c * H + i_h) * CHUNK
 
 
 @triton.jit
@@ -61,51 +66,16 @@ def _chunk_and_part(N_PARTS: tl.constexpr):
 
 
 @triton.jit
-def softplus(z):
-    """log(1 + e^z) with PyTorch's threshold 20; for e^-|z| < 1e-2 a 3-term series replaces
-    log(1 + t), which in fp32 loses the low bits of small t (no log1p in tl)."""
-    t = tl.exp(-tl.abs(z))
-    small = t * (1. - t * (0.5 - t / 3.))
-    sp = tl.maximum(z, 0.) + tl.where(t < 1e-2, small, tl.log(1. + t))
-    return tl.where(z > 20., z, sp)
-
-
-@triton.jit
-def gate_log_decay(x, A_log, dt_bias, lower_bound, i_h, dk, K: tl.constexpr, GATE: tl.constexpr):
-    """GATE 1: -exp(A_log[h]) softplus(x + dt_bias) (threshold 20); GATE 2:
-    lower_bound * sigmoid(exp(A_log[h]) (x + dt_bias)). x: [rows, BK] raw gate."""
-    a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-    z = x + tl.load(dt_bias + i_h * K + dk, mask=dk < K, other=0.).to(tl.float32)[None, :]
-    if GATE == 1:
-        return -a * softplus(z)
-    else:
-        return lower_bound * tl.sigmoid(a * z)
-
-
-@triton.jit
-def gate_backward(dglog, x, A_log, dt_bias, lower_bound, i_h, dk, K: tl.constexpr, GATE: tl.constexpr):
-    """(d raw gate, per-element d A_log) from d log-decay; see gate_log_decay."""
-    a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
-    z = x + tl.load(dt_bias + i_h * K + dk, mask=dk < K, other=0.).to(tl.float32)[None, :]
-    if GATE == 1:
-        return -a * tl.sigmoid(z) * dglog, -a * softplus(z) * dglog
-    else:
-        s = tl.sigmoid(a * z)
-        ds = lower_bound * s * (1. - s) * dglog
-        return ds * a, ds * a * z
-
-
-@triton.jit
 def _tile(ptr, cbase, i: tl.constexpr, j: tl.constexpr):
     """16x16 tile (block row i, block column j) of a per-chunk [64, 64] matrix."""
     r16 = tl.arange(0, 16)
-    return tl.load(ptr + (cbase + i * 16 + r16)[:, None] * 64 + j * 16 + r16[None, :])
+    return tl.load(ptr + (cbase + i * 16 + r16)[:, None] * CHUNK + j * 16 + r16[None, :])
 
 
 @triton.jit
 def _store_tile(ptr, cbase, i: tl.constexpr, j: tl.constexpr, x):
     r16 = tl.arange(0, 16)
-    tl.store(ptr + (cbase + i * 16 + r16)[:, None] * 64 + j * 16 + r16[None, :], x)
+    tl.store(ptr + (cbase + i * 16 + r16)[:, None] * CHUNK + j * 16 + r16[None, :], x)
 
 
 @triton.jit
@@ -123,14 +93,14 @@ def kda_fwd_cumsum_kernel(g, A_log, dt_bias, lower_bound, Gc, cu_seqlens, chunk_
     i_c = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
-    r64 = tl.arange(0, 64)
+    r64 = tl.arange(0, CHUNK)
     dk = tl.arange(0, BK)
     m_k = (r64 < L)[:, None] & (dk[None, :] < K)
     b_g = tl.load(g + ((bos + r64) * H + i_h)[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
     if GATE != 0:   # g is the raw gate projection: compute the log-decay here (fp32)
         b_g = tl.where(m_k, gate_log_decay(b_g, A_log, dt_bias, lower_bound, i_h, dk, K, GATE), 0.)
     b_G = tl.cumsum(b_g, axis=0)
-    tl.store(Gc + ((i_c * H + i_h) * 64 + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
+    tl.store(Gc + ((i_c * H + i_h) * CHUNK + r64)[:, None] * K + dk[None, :], b_G, mask=dk[None, :] < K)
 
 
 @triton.jit
@@ -153,7 +123,7 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r16 = tl.arange(0, 16)
-    cbase = (i_c * H + i_h) * 64                     # padded-layout row of chunk row 0
+    cbase = (i_c * H + i_h) * CHUNK                  # padded-layout row of chunk row 0
     rows = i * 16 + r16
     m_rows = (rows < L)[:, None]
     tok_i = ((bos + rows) * H + i_h)[:, None] * K
@@ -177,13 +147,13 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
             k_ref = tl.trans(b_kj * tl.exp(b_gn[None, :] - b_Gj))
             acc_qk += tl.dot(b_qi * e_row, k_ref, input_precision=PREC)
             acc_kk += tl.dot(b_ki * e_row, k_ref, input_precision=PREC)
-        off = (cbase + rows)[:, None] * 64 + cols[None, :]
+        off = (cbase + rows)[:, None] * CHUNK + cols[None, :]
         tl.store(Aqk + off, acc_qk)
         tl.store(Bkk + off, acc_kk)
     # tiles right of the diagonal are zero (later kernels read whole rows)
     zero = tl.zeros([16, 16], dtype=tl.float32)
     for j in range(i + 1, 4):
-        off = (cbase + rows)[:, None] * 64 + (j * 16 + r16)[None, :]
+        off = (cbase + rows)[:, None] * CHUNK + (j * 16 + r16)[None, :]
         tl.store(Aqk + off, zero)
         tl.store(Bkk + off, zero)
     # diagonal tile. Where the slice's decay over the block is at most SPAN, one reference row
@@ -215,7 +185,7 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
                 sel = r16[None, :] == c
                 dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
                 dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
-    off = (cbase + rows)[:, None] * 64 + i * 16 + r16[None, :]
+    off = (cbase + rows)[:, None] * CHUNK + i * 16 + r16[None, :]
     tl.store(Aqk + off, tl.where(r16[:, None] >= r16[None, :], dg_qk, 0.))
     tl.store(Bkk + off, tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))
 
@@ -244,7 +214,7 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
     r64, valid, tok, cbase = _chunk_rows(bos, L, i_c, i_h, H)
-    c64 = tl.arange(0, 64)
+    c64 = tl.arange(0, CHUNK)
 
     # 3) (I + A)^-1 with A = diag(beta) B_kk (strictly lower): the four 16x16 diagonal blocks
     #    by a doubling product of tensor-core dots (no sequential substitution), then merged
@@ -289,7 +259,7 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
     _store_tile(Ainv, cbase, 1, 3, zero)
     _store_tile(Ainv, cbase, 2, 3, zero)
     tl.debug_barrier()
-    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * 64 + c64[None, :])
+    b_inv = tl.load(Ainv + (cbase + r64)[:, None] * CHUNK + c64[None, :])
 
     # 4) W = Ainv (beta k e^G), U = Ainv (beta v); also q e^G and k e^{G_last - G}, which the
     #    sequential passes and the output kernel consume
@@ -302,7 +272,7 @@ def kda_fwd_wy_kernel(q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu_seqlens, ch
         b_q = tl.load(q + tok[:, None] * K + dk[None, :], mask=m_k, other=0.).to(tl.float32)
         pad_k = (cbase + r64)[:, None] * K + dk[None, :]
         b_G = tl.load(Gc + pad_k, mask=dk[None, :] < K, other=0.)
-        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk, mask=dk < K, other=0.)
         e_G = tl.exp(b_G)
         tl.store(Kg + pad_k, (b_k * tl.exp(b_gl[None, :] - b_G)).to(Kg.dtype.element_ty), mask=dk[None, :] < K)
         tl.store(Qg + pad_k, (b_q * e_G).to(Qg.dtype.element_ty), mask=dk[None, :] < K)
@@ -325,7 +295,7 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
     i_n = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
     bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, i_n)
-    r64 = tl.arange(0, 64)
+    r64 = tl.arange(0, CHUNK)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     m_kv = (dk[:, None] < K) & (dv[None, :] < V)
@@ -335,14 +305,14 @@ def kda_fwd_h_kernel(Kg, Gc, W, U, Vn, h, h0, ht, cu_seqlens, chunk_offsets,
         b_h += tl.load(h0 + (i_n * H + i_h) * K * V + state_off, mask=m_kv, other=0.)
     for c in range(0, n_chunks):
         i_c = c_first + c
-        cbase = (i_c * H + i_h) * 64
+        cbase = (i_c * H + i_h) * CHUNK
         tl.store(h + (i_c * H + i_h) * K * V + state_off, b_h.to(h.dtype.element_ty), mask=m_kv)
         b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
         b_u = tl.load(U + (cbase + r64)[:, None] * V + dv[None, :], mask=dv[None, :] < V, other=0.)
         # bf16 inputs: W, kg, h are bf16 here (bf16 tensor-core dots, fp32 state and sums)
         b_vn = b_u - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
         tl.store(Vn + (cbase + r64)[:, None] * V + dv[None, :], b_vn, mask=dv[None, :] < V)
-        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=dk < K, other=0.)
+        b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk, mask=dk < K, other=0.)
         # kg^T loaded transposed (no tl.trans of a 16-bit dot operand: a Hopper miscompile class)
         b_kgT = tl.load(Kg + (cbase + r64)[None, :] * K + dk[:, None], mask=dk[:, None] < K, other=0.)
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(b_kgT, b_vn.to(b_kgT.dtype), input_precision=PREC)
@@ -363,7 +333,7 @@ def kda_fwd_o_kernel(Qg, Aqk, Vn, h, o, cu_seqlens, chunk_info,
     b_qg = tl.load(Qg + (cbase + r64)[:, None] * K + dk[None, :], mask=dk[None, :] < K, other=0.)
     b_h = tl.load(h + (i_c * H + i_h) * K * V + dk[:, None] * V + dv[None, :],
                   mask=(dk[:, None] < K) & (dv[None, :] < V), other=0.)
-    b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
+    b_a = tl.load(Aqk + (cbase + r64)[:, None] * CHUNK + r64[None, :])
     b_vn = tl.load(Vn + (cbase + r64)[:, None] * V + dv[None, :], mask=dv[None, :] < V, other=0.)
     b_o = tl.dot(b_qg, b_h, input_precision=PREC) + tl.dot(b_a, b_vn, input_precision=PREC)
     tl.store(o + tok[:, None] * V + dv[None, :], b_o, mask=valid[:, None] & (dv[None, :] < V))

@@ -1,6 +1,6 @@
 """Triton pre-passes of chunkwise KDA context parallelism, on the forward's WY pieces.
 
-Layouts as in chunk_fwd.py (padded chunk layout [NC, H, 64, X]; ``do`` in token layout [T, H, V]).
+Layouts as in chunk_fwd.py (padded chunk layout [NC, H, CHUNK, X]; ``do`` in token layout [T, H, V]).
 Both kernels run one program per (column block, selected document, head), walk the chunks of that
 document like the state passes ``kda_fwd_h`` / ``kda_bwd_dh`` do, keep their state in fp32 registers,
 take fp32 dots (16-bit stored pieces are widened; ``PREC`` "ieee" or "tf32x3": the transition is a
@@ -16,13 +16,12 @@ only the final state:
 The PyTorch reference of both is parallel/context/kda_prepass.py; the tests compare the two paths
 through whole CP runs (tests/parallel/test_context_parallel.py).
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import _doc_chunks
+from kernels.kda.chunk_fwd import CHUNK, _doc_chunks
+from kernels.kda.options import KDAOptions
 
 
 @triton.jit
@@ -33,7 +32,7 @@ def kda_cp_transition_kernel(Kg, Gc, W, U, with_m, docs, out, cu_seqlens, chunk_
     i_s = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
     bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, tl.load(docs + i_s).to(tl.int64))
-    r64 = tl.arange(0, 64)
+    r64 = tl.arange(0, CHUNK)
     dk = tl.arange(0, BK)
     col = i_v * BV + tl.arange(0, BV)          # column of [M | E]
     m_k = dk < K
@@ -41,11 +40,11 @@ def kda_cp_transition_kernel(Kg, Gc, W, U, with_m, docs, out, cu_seqlens, chunk_
     identity = (dk[:, None] == col[None, :]) & (tl.load(with_m + i_s) != 0)
     b_x = tl.where(identity, 1., 0.).to(tl.float32)
     for c in range(0, n_chunks):
-        cbase = ((c_first + c) * H + i_h) * 64
+        cbase = ((c_first + c) * H + i_h) * CHUNK
         b_w = tl.load(W + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k[None, :], other=0.).to(tl.float32)
         b_u = tl.load(U + (cbase + r64)[:, None] * V + (col - K)[None, :], mask=in_e[None, :], other=0.)
         b_vn = b_u - tl.dot(b_w, b_x, input_precision=PREC)
-        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=m_k, other=0.)
+        b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk, mask=m_k, other=0.)
         b_kgT = tl.load(Kg + (cbase + r64)[None, :] * K + dk[:, None], mask=m_k[:, None], other=0.).to(tl.float32)
         b_x = b_x * tl.exp(b_gl)[:, None] + tl.dot(b_kgT, b_vn, input_precision=PREC)
     width = K + V
@@ -61,7 +60,7 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
     i_s = tl.program_id(1).to(tl.int64)
     i_h = tl.program_id(2)
     bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, tl.load(docs + i_s).to(tl.int64))
-    r64 = tl.arange(0, 64)
+    r64 = tl.arange(0, CHUNK)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     m_k = dk < K
@@ -69,13 +68,13 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(0, n_chunks):
         c_rev = n_chunks - 1 - c
-        cbase = ((c_first + c_rev) * H + i_h) * 64
-        t0 = bos + c_rev * 64
+        cbase = ((c_first + c_rev) * H + i_h) * CHUNK
+        t0 = bos + c_rev * CHUNK
         valid = r64 < eos - t0
         tok = (t0 + r64) * H + i_h
         b_do = tl.load(do + tok[:, None] * V + dv[None, :], mask=valid[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_a = tl.load(Aqk + (cbase + r64)[:, None] * 64 + r64[None, :])
-        b_gl = tl.load(Gc + (cbase + 63) * K + dk, mask=m_k, other=0.)
+        b_a = tl.load(Aqk + (cbase + r64)[:, None] * CHUNK + r64[None, :])
+        b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk, mask=m_k, other=0.)
         b_kg = tl.load(Kg + (cbase + r64)[:, None] * K + dk[None, :], mask=m_k[None, :], other=0.).to(tl.float32)
         b_dvn = tl.dot(tl.trans(b_a), b_do, input_precision=PREC) + tl.dot(b_kg, b_ds, input_precision=PREC)
         kT = (cbase + r64)[None, :] * K + dk[:, None]
@@ -86,13 +85,10 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
     tl.store(out + (i_s * H + i_h) * K * V + dk[:, None] * V + dv[None, :], b_ds, mask=m_k[:, None] & m_v[None, :])
 
 
-# fp32 dots: exact fp32 in the interpreter; on GPUs three tf32 passes (~fp32 accuracy on tensor
-# cores). KDA_CP_PREC overrides it on GPUs (tf32 / tf32x3 / ieee: for benchmarks/cp_kda.py).
-PREC_CUDA = os.environ.get("KDA_CP_PREC", "tf32x3")
-
-
-def _prec(device) -> str:
-    return PREC_CUDA if device.type == "cuda" else "ieee"
+def _prec(device, options: KDAOptions | None) -> str:
+    """fp32 dots: exact fp32 in the interpreter; on GPUs ``options.cp_precision`` (default tf32x3:
+    three tf32 passes, ~fp32 accuracy on tensor cores)."""
+    return (options or KDAOptions()).cp_precision if device.type == "cuda" else "ieee"
 
 
 BV_CP = 32  # column block of both kernels (more programs for the few documents x heads of a shard)
@@ -102,7 +98,8 @@ def _device_ints(values, device) -> torch.Tensor:
     return values if torch.is_tensor(values) else torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def transition_pairs(pieces: dict, cu, offsets, docs, with_transition) -> torch.Tensor:
+def transition_pairs(pieces: dict, cu, offsets, docs, with_transition,
+                     options: KDAOptions | None = None) -> torch.Tensor:
     """[len(docs), H, K, K + V] fp32: [M | E] of the local documents ``docs`` (see module doc);
     ``docs`` / ``with_transition``: int32 device tensors (or lists) of document indices and 0/1 flags."""
     Gc, W, U, Kg = pieces["Gc"], pieces["W"], pieces["U"], pieces["Kg"]
@@ -111,12 +108,13 @@ def transition_pairs(pieces: dict, cu, offsets, docs, with_transition) -> torch.
     out = torch.empty(docs.numel(), H, K, K + V, dtype=torch.float32, device=W.device)
     BK = max(16, triton.next_power_of_2(K))
     kda_cp_transition_kernel[(triton.cdiv(K + V, BV_CP), docs.numel(), H)](
-        Kg, Gc, W, U, flags, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP, PREC=_prec(W.device),
-        num_warps=4, num_stages=1)
+        Kg, Gc, W, U, flags, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP,
+        PREC=_prec(W.device, options), num_warps=4, num_stages=1)
     return out
 
 
-def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs) -> torch.Tensor:
+def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs,
+                          options: KDAOptions | None = None) -> torch.Tensor:
     """[len(docs), H, K, V] fp32: gradient of each document's entering state through its outputs."""
     Gc, Aqk, W, Qg, Kg = pieces["Gc"], pieces["Aqk"], pieces["W"], pieces["Qg"], pieces["Kg"]
     H, K, V = W.shape[1], W.shape[3], do.shape[-1]
@@ -124,6 +122,6 @@ def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs) -> 
     out = torch.empty(docs.numel(), H, K, V, dtype=torch.float32, device=W.device)
     BK = max(16, triton.next_power_of_2(K))
     kda_cp_entry_grad_kernel[(triton.cdiv(V, BV_CP), docs.numel(), H)](
-        Qg, Kg, Gc, Aqk, W, do, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP, PREC=_prec(W.device),
-        num_warps=4, num_stages=1)
+        Qg, Kg, Gc, Aqk, W, do, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP,
+        PREC=_prec(W.device, options), num_warps=4, num_stages=1)
     return out

@@ -1,4 +1,5 @@
-"""fused_recurrent_kda: token-by-token KDA for decoding (forward only), SPEC §2.8.
+"""fused_recurrent_kda: token-by-token KDA for decoding (forward only; docs/architecture.md,
+"Decoding").
 
 One Triton program per (sequence, head, V-block) keeps its [Dk, BV] slice of the state in
 fp32 registers and walks the tokens: L2-norm q/k in-kernel, optional in-kernel gate,
@@ -9,10 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import softplus
+from kernels.kda.gate import GATE_LOG, gate_activation, gate_mode
 from kernels.kda.naive import _check_args, recurrent_kda_reference
-
-GATE_NONE, GATE_SOFTPLUS, GATE_BOUNDED = 0, 1, 2
 
 
 @triton.jit
@@ -52,11 +51,8 @@ def kda_fused_recurrent_kernel(q, k, v, g, beta, o, h0, ht, A_log, dt_bias, cu_s
             b_g = tl.load(g + row).to(tl.float32) + tl.zeros([BK], dtype=tl.float32)
         else:
             b_g = tl.load(g + row * K + dk, mask=m_k, other=0.).to(tl.float32)
-        if GATE == 1:    # -exp(A_log) * softplus(g + dt_bias), softplus threshold 20
-            x = b_g + b_bias
-            b_g = -b_a * softplus(x)
-        elif GATE == 2:  # lower_bound * sigmoid(exp(A_log) * (g + dt_bias))
-            b_g = lower_bound * tl.sigmoid(b_a * (b_g + b_bias))
+        if GATE != 0:   # g is the raw gate projection (kernels/kda/gate.py)
+            b_g = gate_activation(b_g + b_bias, b_a, lower_bound, GATE)
         if L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -92,10 +88,10 @@ def fused_recurrent_kda_triton(q, k, v, g, beta, scale=None, initial_state=None,
         ht = torch.empty(n_seq, H, K, V, dtype=torch.float32, device=q.device)
     else:
         ht = None
-    mode, A_log, dt_bias, lower = GATE_NONE, None, None, 0.0
+    mode, A_log, dt_bias, lower = GATE_LOG, None, None, 0.0
     if gate is not None:
         A_log, dt_bias, lb = gate
-        mode = GATE_SOFTPLUS if lb is None else GATE_BOUNDED
+        mode = gate_mode(lb)
         lower = 0.0 if lb is None else float(lb)
         A_log, dt_bias = A_log.float().contiguous(), dt_bias.float().contiguous()
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)

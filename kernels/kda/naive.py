@@ -1,7 +1,7 @@
-"""Pure-PyTorch KDA references (SPEC §1.2, §1.4, §2).
+"""Pure-PyTorch KDA references (docs/architecture.md: "Kimi Delta Attention", "Chunkwise algorithm").
 
 * ``recurrent_kda_reference``: token-by-token delta-rule recurrence in float64 — the oracle.
-* ``chunk_kda_reference``: the chunkwise algorithm (C=64, sub-chunks of 16 with reference
+* ``chunk_kda_reference``: the chunkwise algorithm (chunks of 64, sub-chunks with reference
   points) in plain PyTorch, autograd-capable, vectorised over documents; the CPU path of
   ``chunk_kda``.
 
@@ -14,7 +14,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64
+from kernels.kda.gate import kda_log_decay
+from kernels.kda.options import CHUNK_SIZE
+
 # Sub-block of the exact (elementwise) diagonal part. The kernels use 16 (tensor-core tile);
 # the reference uses 8, which halves the elementwise work; both are exact for any decay.
 REF_SUB = 8
@@ -24,27 +26,6 @@ L2_EPS = 1e-6
 # ----------------------------------------------------------------------------- shared helpers
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
-
-
-def kda_log_decay(g: torch.Tensor, gate, dtype=torch.float32) -> torch.Tensor:
-    """Log-decay from ``g``. ``gate=None``: g already is the log-decay.
-    ``gate=(A_log, dt_bias, lower_bound)``: g is the raw projection (per key channel
-    [B,T,H,Dk] or per head [B,T,H])."""
-    g = g.to(dtype)
-    if gate is None:
-        return g
-    A_log, dt_bias, lower_bound = gate
-    H = A_log.shape[0]
-    if g.dim() == 4:
-        bias = dt_bias.to(dtype).view(H, -1)
-        a = A_log.to(dtype).view(H, 1)
-    else:
-        bias = dt_bias.to(dtype).view(H)
-        a = A_log.to(dtype).view(H)
-    x = g + bias
-    if lower_bound is None:
-        return -torch.exp(a) * F.softplus(x, beta=1.0, threshold=20.0)
-    return lower_bound * torch.sigmoid(torch.exp(a) * x)
 
 
 def check_cu_ends(cu: list[int], total: int) -> None:
@@ -86,7 +67,7 @@ def _prepare(q, k, g, gate, scale, use_qk_l2norm, dtype):
 def recurrent_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
                             output_final_state=False, cu_seqlens=None, use_qk_l2norm=True,
                             gate=None):
-    """Delta form of SPEC §1.2: S' = diag(exp g) S; e = v - S'^T k; S = S' + beta k e^T; o = S^T q.
+    """The delta form of the recurrence: S' = diag(exp g) S; e = v - S'^T k; S = S' + beta k e^T; o = S^T q.
     Float64 internally; returns (o in q.dtype, final state fp32 or fp64 for fp64 inputs)."""
     n_seq = _check_args(q, k, v, g, beta, initial_state, cu_seqlens)
     f64 = torch.float64
@@ -161,7 +142,7 @@ def _pack_documents(x, n_pad, doc_idx, pos_idx, n_docs):
 def chunk_kda_reference(q, k, v, g, beta, scale=None, initial_state=None,
                         output_final_state=False, cu_seqlens=None, use_qk_l2norm=True,
                         gate=None):
-    """Chunkwise KDA (SPEC §2.2–2.3), chunk 64, fp32 math (fp64 for fp64 inputs)."""
+    """Chunkwise KDA (WY form, state passed chunk to chunk), chunk 64, fp32 math (fp64 for fp64 inputs)."""
     def intra_products(qc, kc, G):
         decay = _diag_decay(G, REF_SUB)
         return _gated_products(qc, kc, G, decay, REF_SUB), _gated_products(kc, kc, G, decay, REF_SUB)
@@ -191,29 +172,29 @@ def chunk_pieces(intra_products, q, k, v, g, beta, scale=None, cu_seqlens=None, 
     if cu_seqlens is not None:
         n_seq = cu_seqlens.numel() - 1
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        n_pad = max(1, int(-(-int(lens.max()) // CHUNK))) * CHUNK
+        n_pad = max(1, int(-(-int(lens.max()) // CHUNK_SIZE))) * CHUNK_SIZE
         doc_idx = torch.repeat_interleave(torch.arange(n_seq, device=k.device), lens)
         pos_idx = torch.arange(T, device=k.device) - cu_seqlens.long()[:-1][doc_idx]
         pack = lambda x: _pack_documents(x, n_pad, doc_idx, pos_idx, n_seq)
         Bd, Tp = n_seq, n_pad
         unpack = lambda o: o[doc_idx, pos_idx].unsqueeze(0)
     else:
-        Tp = -(-T // CHUNK) * CHUNK
+        Tp = -(-T // CHUNK_SIZE) * CHUNK_SIZE
         # zero padding (k=q=v=beta=g=0) leaves the state unchanged
         pack = (lambda x: F.pad(x, (0, 0) * (x.dim() - 2) + (0, Tp - T))) if Tp != T else (lambda x: x)
         Bd = B
         unpack = lambda o: o[:, :T]
-    N = Tp // CHUNK
-    to_chunks = lambda x: pack(x).unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2, 4)   # [Bd, H, N, C, D]
+    N = Tp // CHUNK_SIZE
+    to_chunks = lambda x: pack(x).unflatten(1, (N, CHUNK_SIZE)).permute(0, 3, 1, 2, 4)   # [Bd, H, N, C, D]
     kc, vc, gc = map(to_chunks, (ks, vs, glog))
     qc = None if qs is None else to_chunks(qs)
-    bc = pack(bs).unflatten(1, (N, CHUNK)).permute(0, 3, 1, 2)  # [Bd, H, N, C]
+    bc = pack(bs).unflatten(1, (N, CHUNK_SIZE)).permute(0, 3, 1, 2)  # [Bd, H, N, C]
     G = gc.cumsum(-2)
     G_last = G[..., -1:, :]
 
     A_qk, M_kk = intra_products(kc if qc is None else qc, kc, G)  # A_qk incl. the diagonal
     A_kk = torch.tril(M_kk, -1) * bc[..., :, None]
-    eye = torch.eye(CHUNK, dtype=dtype, device=k.device)
+    eye = torch.eye(CHUNK_SIZE, dtype=dtype, device=k.device)
     # W = (I + A_kk)^-1 diag(beta) (exp(G) * K),  U = (I + A_kk)^-1 diag(beta) V
     expG = torch.exp(G)
     rhs = torch.cat([bc[..., None] * kc * expG, bc[..., None] * vc], -1)

@@ -149,7 +149,7 @@ class TritonStateHook:
         self.cp, self.chain = cp, chain
         self.transitions = None
 
-    def initial_state(self, pieces, cu, offsets):
+    def initial_state(self, pieces, cu, offsets, options):
         from kernels.kda import cp_prepass
 
         cp, chain = self.cp, self.chain
@@ -157,29 +157,31 @@ class TritonStateHook:
         pairs = pieces["W"].new_zeros(cp.batch_size, H, K, K + V, dtype=torch.float32)
         if chain.sends:
             pairs[chain.sends_t] = cp_prepass.transition_pairs(pieces, cu, offsets, chain.send_docs_t,
-                                                               chain.send_with_m_t)
+                                                               chain.send_with_m_t, options)
         initial, self.transitions = _entering_states(cp, chain, pairs, V)
         return initial
 
-    def final_state_gradient(self, pieces, do, cu, offsets):
+    def final_state_gradient(self, pieces, do, cu, offsets, options):
         from kernels.kda import cp_prepass
 
         cp, chain = self.cp, self.chain
         H, K, V = pieces["W"].shape[1], pieces["W"].shape[3], do.shape[-1]
         own = do.new_zeros(cp.batch_size, H, K, V, dtype=torch.float32)
         if chain.receives:
-            own[chain.receives_t] = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, chain.receive_docs_t)
+            own[chain.receives_t] = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, chain.receive_docs_t,
+                                                                     options)
         return _final_state_gradients(cp, chain, own, self.transitions)
 
 
 def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l2norm=True, gate=None,
-                  op=None, fused_prepass=None) -> torch.Tensor:
+                  op=None, fused_prepass=None, options=None) -> torch.Tensor:
     """This rank's KDA output [1, b*L, H, Dv] for its slice ([1, b*L, H, D] inputs in the API of
     ``kernels/kda/__init__.py``, documents from ``cp``).
 
     fused_prepass (default: on CUDA tensors): the Triton op runs the Triton pre-passes on its own WY
     pieces (``TritonStateHook``); otherwise the PyTorch pre-passes run around ``op``, any local KDA op
-    (default: the model's, ``model.kda.kda_op``) with ``ExitStateGradient`` after it."""
+    (default: the model's, ``model.kda.kda_op``) with ``ExitStateGradient`` after it. ``options``: the
+    ``kernels.kda.KDAOptions`` of the Triton op and pre-passes (default ones when None)."""
     if q.shape[1] != cp.batch_size * cp.local_length:
         raise ValueError(f"chunkwise KDA got {q.shape[1]} tokens; this CP rank holds b*L = "
                          f"{cp.batch_size}x{cp.local_length}")
@@ -188,6 +190,8 @@ def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l
         fused_prepass = q.is_cuda
     if op is None:
         from model.kda import kda_op as op
+    if options is not None:
+        kwargs["options"] = options
     if not cp.any_continues:  # every slice starts a document: nothing crosses a rank boundary
         return op(q, k, v, g, beta, **kwargs)[0]
     chain = _Chain.of(cp, q.device)
@@ -212,10 +216,11 @@ def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l
                                    gate_a, gate_b, transitions)
 
 
-def chunkwise_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, gate, head_dim: int):
+def chunkwise_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, gate, head_dim: int,
+                       options=None):
     """The KDA layer's core under chunkwise CP (see ``ContextParallel.kda``): short conv with the
     previous rank's halo, SiLU, then ``chunkwise_kda``."""
     t = projections[0].shape[0]
     q, k, v = (x.view(1, t, -1, head_dim) for x in conv_silu_with_halo(cp, projections, kernels))
     beta = torch.sigmoid(beta_logits.float()).view(1, t, -1)
-    return chunkwise_kda(q, k, v, g.unsqueeze(0), beta, cp, use_qk_l2norm=True, gate=gate)
+    return chunkwise_kda(q, k, v, g.unsqueeze(0), beta, cp, use_qk_l2norm=True, gate=gate, options=options)

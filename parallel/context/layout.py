@@ -147,19 +147,20 @@ class ContextParallel:
                 f"or another CP size")
 
     # ------------------------------------------------------------------ mixer entry points
-    def kda(self, projections, kernels, g, beta_logits, gate, head_dim: int):
+    def kda(self, projections, kernels, g, beta_logits, gate, head_dim: int, options=None):
         """KDA/GDN core under CP: short conv + SiLU of the q/k/v projections, then the KDA op.
 
         projections: three [b*L, H*D] tensors (before the convolution); kernels: their conv weights
         [H*D, 1, W]; g: raw gate [b*L, H, Dk] (or [b*L, H] for GDN); beta_logits: [b*L, H] (before the
-        sigmoid); gate = (A_log, dt_bias, lower_bound). Returns o [1, b*L, H, Dv]."""
+        sigmoid); gate = (A_log, dt_bias, lower_bound); options: the ``kernels.kda.KDAOptions`` of the
+        Triton kernels (default ones when None). Returns o [1, b*L, H, Dv]."""
         if self.mode == "chunkwise":
             from .kda_chunkwise import chunkwise_kda_core
 
-            return chunkwise_kda_core(self, projections, kernels, g, beta_logits, gate, head_dim)
+            return chunkwise_kda_core(self, projections, kernels, g, beta_logits, gate, head_dim, options)
         from .ulysses import ulysses_kda_core
 
-        return ulysses_kda_core(self, projections, kernels, g, beta_logits, gate, head_dim)
+        return ulysses_kda_core(self, projections, kernels, g, beta_logits, gate, head_dim, options)
 
     def mla_keys(self, compressed: torch.Tensor) -> torch.Tensor:
         """MLA's compressed keys ``[latent | k_rot]`` ([b*L, kv_lora_rank + rope]) for the keys this

@@ -60,7 +60,8 @@ def ulysses_attention(cp: ContextParallel, q, k, v, scale: float) -> torch.Tenso
     return out.reshape(b * L, heads, -1)
 
 
-def ulysses_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, gate, head_dim: int):
+def ulysses_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, gate, head_dim: int,
+                     options=None):
     """The KDA layer's core under Ulysses (see ``ContextParallel.kda``). Returns o [1, b*L, H, Dv]."""
     from model.kda import kda_op, short_conv_silu
 
@@ -95,7 +96,7 @@ def ulysses_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, 
             gx = gx.squeeze(-1)
         beta = torch.sigmoid(vs[..., dv].float()).reshape(1, b * S, local)
         o, _ = kda_op(qx, kx, vx, gx, beta, cu_seqlens=cp.global_cu_seqlens, use_qk_l2norm=True,
-                      gate=(A_log[mine], channel(dt_bias), lower_bound))
+                      gate=(A_log[mine], channel(dt_bias), lower_bound), options=options)
         return o.view(b, S, local, -1)
 
     out = _exchange(cp, whole_samples, q, k, v)

@@ -3,13 +3,9 @@ synthetic shard of known documents."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # data_test_helpers, under any --import-mode
-from data_test_helpers import make_documents, write_shard  # noqa: E402
+from tests.helpers.data import make_documents, write_shard
 
 
 @pytest.fixture(scope="session")

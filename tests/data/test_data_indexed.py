@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from data_test_helpers import make_documents, write_shard
+from tests.helpers.data import make_documents, write_shard
 
 from data.indexed import (CorruptIndexedFileError, TokenShard, bin_path, idx_path,
                           megatron_indexed_dataset, token_dtype_for_vocab)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_test_helpers import make_documents, write_shard
+from tests.helpers.data import make_documents, write_shard
 
 from data import build_pretraining_loaders
 

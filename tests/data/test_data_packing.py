@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from data_test_helpers import EOS, make_documents, write_shard
+from tests.helpers.data import EOS, make_documents, write_shard
 
 from data import build_pretraining_loaders
 from data.loader import collate

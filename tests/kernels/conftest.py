@@ -9,6 +9,7 @@ not if triton was imported before pytest started.
 import os
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,3 +21,11 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU-only machines)")
+
+
+@pytest.fixture(scope="session")
+def kda_options(request):
+    """The KDAOptions the Triton kernel tests run with: the defaults, with pytest's --kda-launch overrides."""
+    from kernels.kda import KDAOptions
+
+    return KDAOptions().with_launch(request.config.getoption("--kda-launch"))

@@ -13,7 +13,7 @@ import torch
 from kernels.kda import recurrent_kda_reference
 from kernels.kda.chunk import chunk_kda_triton
 from parallel.context import kda_prepass
-from tests.kernels.utils import HAS_CUDA, assert_close, make_inputs, random_cu_seqlens
+from tests.helpers.kda import HAS_CUDA, assert_close, make_inputs, random_cu_seqlens
 
 LENGTHS = [1, 70, 3, 150, 64]  # one token, a partial chunk, exactly one chunk, several chunks
 DOCS = [0, 1, 3, 4]
@@ -50,17 +50,17 @@ def _oracle(inputs, cu, do):
 class _Capture:
     """A state hook that records the Triton pre-passes' results and leaves the op's states at zero."""
 
-    def initial_state(self, pieces, cu, offsets):
+    def initial_state(self, pieces, cu, offsets, options):
         from kernels.kda import cp_prepass
 
-        self.pairs = cp_prepass.transition_pairs(pieces, cu, offsets, DOCS, WITH_M)
+        self.pairs = cp_prepass.transition_pairs(pieces, cu, offsets, DOCS, WITH_M, options)
         W = pieces["W"]
         return W.new_zeros(len(LENGTHS), W.shape[1], W.shape[3], pieces["U"].shape[3], dtype=torch.float32)
 
-    def final_state_gradient(self, pieces, do, cu, offsets):
+    def final_state_gradient(self, pieces, do, cu, offsets, options):
         from kernels.kda import cp_prepass
 
-        self.grads = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, DOCS)
+        self.grads = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, DOCS, options)
         return None
 
 

@@ -7,8 +7,8 @@ import torch
 from kernels.kda import chunk_kda_reference
 from kernels.kda import chunk_kda_cpu
 from model import kda as model_kda
-from tests.kernels.test_kda_reference import CASES, _case, assert_exact_in_fp64, assert_matches_recurrence
-from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens
+from tests.helpers.kda import CASES, assert_close, case, make_inputs, random_cu_seqlens
+from tests.kernels.test_kda_reference import assert_exact_in_fp64, assert_matches_recurrence
 
 MODEL_CASES = {
     # the tiny preset's micro-batches: 2 samples, documents split inside them
@@ -24,7 +24,7 @@ def _model_case(name, dtype=torch.float32):
     return make_inputs(dtype=dtype, n_docs=len(lens), **kw), random_cu_seqlens(lens)
 
 
-ALL = [(n, _case) for n in CASES] + [(n, _model_case) for n in MODEL_CASES]
+ALL = [(n, case) for n in CASES] + [(n, _model_case) for n in MODEL_CASES]
 
 
 @pytest.mark.parametrize("name,make", ALL, ids=[n for n, _ in ALL])
@@ -32,8 +32,8 @@ def test_cpu_kda_matches_recurrence(name, make):
     assert_matches_recurrence(chunk_kda_cpu, *make(name))
 
 
-@pytest.mark.parametrize("name,make", [("basic_T150", _case), ("varlen", _case), ("softplus_gate_strong", _case),
-                                       ("varlen_empty_docs", _case), ("strong_decay_varlen", _model_case)])
+@pytest.mark.parametrize("name,make", [("basic_T150", case), ("varlen", case), ("softplus_gate_strong", case),
+                                       ("varlen_empty_docs", case), ("strong_decay_varlen", _model_case)])
 def test_cpu_kda_exact_in_fp64(name, make):
     assert_exact_in_fp64(chunk_kda_cpu, *make(name, torch.float64))
 

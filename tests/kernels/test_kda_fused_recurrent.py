@@ -4,8 +4,7 @@ import torch
 
 from kernels.kda import fused_recurrent_kda, recurrent_kda_reference
 from kernels.kda.fused_recurrent import fused_recurrent_kda_triton
-from tests.kernels.test_kda_reference import CASES, _case
-from tests.kernels.utils import HAS_CUDA, assert_close
+from tests.helpers.kda import CASES, HAS_CUDA, assert_close, case
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 FWD_KEYS = ("q", "k", "v", "g", "beta", "initial_state")
@@ -28,7 +27,7 @@ def _args(inputs, device, dtype=None):
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if HAS_CUDA else []))
 def test_fused_recurrent_matches_recurrence(name, dtype):
-    inputs, cu = _case(name)
+    inputs, cu = case(name)
     o_ref, s_ref = recurrent_kda_reference(**_args(inputs, "cpu"), cu_seqlens=cu, output_final_state=True)
     o, s = fused_recurrent_kda_triton(**_args(inputs, DEVICE, dtype), output_final_state=True,
                                       cu_seqlens=None if cu is None else cu.to(DEVICE))
@@ -40,7 +39,7 @@ def test_fused_recurrent_matches_recurrence(name, dtype):
 
 def test_fused_recurrent_inplace_state_and_no_l2norm():
     """Decode step by step with the state updated in place equals one pass over all tokens."""
-    inputs, _ = _case("softplus_gate_strong")
+    inputs, _ = case("softplus_gate_strong")
     args = _args(inputs, DEVICE)
     args["q"], args["k"] = args["q"] * 0.3, args["k"] * 0.3   # without the norm keep |k| small
     o_ref, s_ref = recurrent_kda_reference(**_args(dict(inputs, q=inputs["q"] * 0.3, k=inputs["k"] * 0.3),
@@ -61,7 +60,7 @@ def test_fused_recurrent_inplace_state_and_no_l2norm():
 
 
 def test_fused_recurrent_cpu_entry_point_is_the_recurrence():
-    inputs, cu = _case("varlen")
+    inputs, cu = case("varlen")
     o1, s1 = fused_recurrent_kda(**_args(inputs, "cpu"), cu_seqlens=cu, output_final_state=True)
     o2, s2 = recurrent_kda_reference(**_args(inputs, "cpu"), cu_seqlens=cu, output_final_state=True)
     assert torch.equal(o1, o2) and torch.equal(s1, s2)

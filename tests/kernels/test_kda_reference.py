@@ -3,34 +3,7 @@ import pytest
 import torch
 
 from kernels.kda import chunk_kda, chunk_kda_reference, recurrent_kda_reference
-from tests.kernels.utils import assert_close, make_inputs, random_cu_seqlens, run_with_grads
-
-# name -> (make_inputs kwargs, varlen lengths or None)
-CASES = {
-    "basic_T150": (dict(B=2, T=150, H=2, Dk=32, Dv=16), None),
-    "dk_ne_dv": (dict(B=1, T=100, H=2, Dk=16, Dv=32), None),
-    "dk256": (dict(B=1, T=70, H=1, Dk=256, Dv=32), None),
-    "softplus_gate_strong": (dict(B=1, T=130, H=2, Dk=16, Dv=16, gate_kind="softplus"), None),
-    "bounded_gate": (dict(B=1, T=96, H=2, Dk=16, Dv=16, gate_kind="bounded"), None),
-    "log_decay_to_-20": (dict(B=1, T=140, H=2, Dk=16, Dv=16, decay=(0.0, 20.0)), None),
-    "near_zero_decay": (dict(B=1, T=140, H=2, Dk=16, Dv=16, decay=(0.0, 1e-4)), None),
-    "varlen": (dict(B=1, T=160, H=2, Dk=16, Dv=16), [1, 70, 3, 64, 22]),
-    "varlen_softplus_gate": (dict(B=1, T=160, H=2, Dk=16, Dv=16, gate_kind="softplus"), [65, 1, 94]),
-    "varlen_empty_docs": (dict(B=1, T=80, H=2, Dk=16, Dv=16), [10, 0, 70, 0]),
-    "gdn_scalar_gate": (dict(B=2, T=80, H=2, Dk=16, Dv=16, scalar_gate=True, decay=(0.0, 3.0)), None),
-    "gdn_scalar_raw_gate": (dict(B=1, T=80, H=2, Dk=16, Dv=16, scalar_gate=True, gate_kind="softplus"), None),
-}
-
-
-def _case(name, dtype=torch.float32):
-    kw, lens = CASES[name]
-    cu = None
-    if lens is not None:
-        assert sum(lens) == kw["T"]
-        cu = random_cu_seqlens(lens)
-        kw = dict(kw, n_docs=len(lens))
-    return make_inputs(dtype=dtype, **kw), cu
-
+from tests.helpers.kda import CASES, assert_close, case, gdn_reference, run_with_grads
 
 def assert_matches_recurrence(fn, inputs, cu):
     """fp32 forward, final state and every gradient of ``fn`` against the fp64 recurrence."""
@@ -57,39 +30,22 @@ def assert_exact_in_fp64(fn, inputs, cu):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_chunk_reference_matches_recurrence(name):
-    assert_matches_recurrence(chunk_kda_reference, *_case(name))
+    assert_matches_recurrence(chunk_kda_reference, *case(name))
 
 
 @pytest.mark.parametrize("name", ["basic_T150", "varlen", "softplus_gate_strong"])
 def test_chunk_reference_exact_in_fp64(name):
-    assert_exact_in_fp64(chunk_kda_reference, *_case(name, torch.float64))
+    assert_exact_in_fp64(chunk_kda_reference, *case(name, torch.float64))
 
 
 def _fwd_args(inputs):
     return {k: inputs[k] for k in ("q", "k", "v", "g", "beta", "initial_state", "gate")}
 
 
-def _gdn_reference(q, k, v, a_log, beta, scale, S):
-    """Gated DeltaNet written directly: S = a S; S += beta k (v - S^T k)^T; o = S^T q (fp64)."""
-    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * scale
-    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    B, T, H, _ = q.shape
-    out = torch.empty(B, T, H, v.shape[-1], dtype=torch.float64)
-    S = S.clone()
-    for b in range(B):
-        for t in range(T):
-            for h in range(H):
-                St = torch.exp(a_log[b, t, h]) * S[b, h]
-                St = St + beta[b, t, h] * torch.outer(k[b, t, h], v[b, t, h] - St.T @ k[b, t, h])
-                S[b, h] = St
-                out[b, t, h] = St.T @ q[b, t, h]
-    return out, S
-
-
 def test_scalar_gate_equals_independent_gdn():
-    inputs, _ = _case("gdn_scalar_gate", torch.float64)
+    inputs, _ = case("gdn_scalar_gate", torch.float64)
     Dk = inputs["q"].shape[-1]
-    o_ref, s_ref = _gdn_reference(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+    o_ref, s_ref = gdn_reference(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
                                   Dk ** -0.5, inputs["initial_state"].double())
     for fn in (chunk_kda_reference, recurrent_kda_reference):
         o, s = fn(**_fwd_args(inputs), output_final_state=True)
@@ -100,7 +56,7 @@ def test_scalar_gate_equals_independent_gdn():
 def test_causality():
     """Perturbing inputs at positions >= P changes no output or input gradient before P."""
     P = 70
-    inputs, _ = _case("softplus_gate_strong")
+    inputs, _ = case("softplus_gate_strong")
     pert = dict(inputs)
     for key in ("q", "k", "v", "g", "beta"):
         x = inputs[key].clone()
@@ -120,7 +76,7 @@ def test_causality():
 
 
 def test_chunk_kda_cpu_dispatches_to_reference():
-    inputs, _ = _case("basic_T150")
+    inputs, _ = case("basic_T150")
     o1, s1 = chunk_kda(**_fwd_args(inputs), output_final_state=True)
     o2, s2 = chunk_kda_reference(**_fwd_args(inputs), output_final_state=True)
     assert torch.equal(o1, o2) and torch.equal(s1, s2)

@@ -4,17 +4,19 @@ On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1
 On a GPU the same cases run in fp32 and bf16; in bf16 the error is also compared with
 flash-linear-attention's chunk_kda on the same inputs when fla is importable.
 """
+import dataclasses
+import functools
 import os
 
 import pytest
 import torch
 
-from kernels.fla_compat import fla_backward_usable
+from benchmarks.common import fla_backward_usable
 from kernels.kda import recurrent_kda_reference
 from kernels.kda.chunk import ChunkKDAFunction, chunk_kda, chunk_kda_triton
-from kernels.kda.naive import kda_log_decay
-from tests.kernels.test_kda_reference import CASES, _case
-from tests.kernels.utils import HAS_CUDA, assert_close, make_inputs, rel_rms, run_with_grads
+from kernels.kda.gate import kda_log_decay
+from tests.helpers.kda import (CASES, HAS_CUDA, assert_close, case, gdn_reference, make_inputs, on_device, rel_rms,
+                               run_with_grads)
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -27,33 +29,21 @@ TOL_FP32_GRAD = 1e-4
 TOL_BF16 = 3e-2
 
 
-def _on(inputs, device, dtype=None):
-    out = {}
-    for key, x in inputs.items():
-        if key == "gate":
-            out[key] = None if x is None else [x[0].to(device), x[1].to(device), x[2]]
-        elif x is None:
-            out[key] = None
-        else:
-            cast = dtype if (dtype is not None and key in ("q", "k", "v")) else None
-            out[key] = x.to(device=device, dtype=cast) if cast else x.to(device)
-    return out
-
-
-def _errors(name, dtype, device):
+def _errors(name, dtype, device, options):
     """(errors, inputs, cu_seqlens, fp64 reference) of case `name`."""
-    inputs, cu = _case(name)
+    inputs, cu = case(name)
     ref = run_with_grads(recurrent_kda_reference, inputs, cu)
-    return _errors_of(inputs, cu, dtype, device, ref), inputs, cu, ref
+    return _errors_of(inputs, cu, dtype, device, ref, options), inputs, cu, ref
 
 
-def _errors_of(inputs, cu, dtype, device, ref=None):
+def _errors_of(inputs, cu, dtype, device, ref=None, options=None):
     """{name: (Triton value, fp64 recurrence value)} for the output, final state and every gradient
-    (ref: the recurrence's run_with_grads result when the caller already has it)."""
+    (ref: the recurrence's run_with_grads result when the caller already has it; options: the
+    KDAOptions of the Triton run)."""
     ref = ref or run_with_grads(recurrent_kda_reference, inputs, cu)
-    dev_inputs = _on(inputs, device, dtype)
+    dev_inputs = on_device(inputs, device, dtype)
     cu_dev = None if cu is None else cu.to(device)
-    o, s, grads = run_with_grads(chunk_kda_triton, dev_inputs, cu_dev)
+    o, s, grads = run_with_grads(functools.partial(chunk_kda_triton, options=options), dev_inputs, cu_dev)
     assert o.dtype == (dtype or torch.float32) and s.dtype == torch.float32
     errs = {"o": (o, ref[0]), "final_state": (s, ref[1])}
     errs.update({f"d{k}": (grads[k], ref[2][k]) for k in grads})
@@ -66,8 +56,8 @@ def _assert_within(errs, tol=lambda key: TOL_FP32.get(key, TOL_FP32_GRAD)):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_chunk_kda_triton_fp32(name):
-    errs = _errors(name, torch.float32, DEVICE)[0]
+def test_chunk_kda_triton_fp32(name, kda_options):
+    errs = _errors(name, torch.float32, DEVICE, kda_options)[0]
     _assert_within(errs)
 
 
@@ -75,7 +65,7 @@ def test_chunk_kda_triton_fp32(name):
 @pytest.mark.gpu
 def test_chunk_kda_uses_triton_on_cuda():
     """chunk_kda (the model's entry point) must take the Triton path on CUDA tensors."""
-    inputs, _ = _case("basic_T150")
+    inputs, _ = case("basic_T150")
     calls = []
     orig = ChunkKDAFunction.forward
 
@@ -85,7 +75,7 @@ def test_chunk_kda_uses_triton_on_cuda():
 
     ChunkKDAFunction.forward = staticmethod(spy)
     try:
-        chunk_kda(**_on(inputs, "cuda"))
+        chunk_kda(**on_device(inputs, "cuda"))
     finally:
         ChunkKDAFunction.forward = staticmethod(orig)
     assert calls
@@ -98,7 +88,7 @@ def _fla_errors(inputs, cu, ref):
         from fla.ops.kda import chunk_kda as fla_chunk_kda
     except Exception:
         return None
-    dev = _on(inputs, "cuda", torch.bfloat16)
+    dev = on_device(inputs, "cuda", torch.bfloat16)
     leaves = {k: dev[k].detach().clone().requires_grad_(True) for k in ("q", "k", "v", "beta")}
     g = dev["g"].detach().clone().requires_grad_(True)
     h0 = dev["initial_state"].detach().clone().requires_grad_(True)
@@ -128,8 +118,8 @@ def _fla_errors(inputs, cu, ref):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
-def test_chunk_kda_triton_bf16(name):
-    errs, inputs, cu, ref = _errors(name, torch.bfloat16, "cuda")
+def test_chunk_kda_triton_bf16(name, kda_options):
+    errs, inputs, cu, ref = _errors(name, torch.bfloat16, "cuda", kda_options)
     # FLA autotunes its kernels for minutes in each process at every new shape: KDA_COMPARE_FLA=0
     # leaves out every comparison with FLA, =model all but the model-size test's
     fla = _fla_errors(inputs, cu, ref) if os.environ.get("KDA_COMPARE_FLA", "1") == "1" else None
@@ -143,7 +133,7 @@ def test_chunk_kda_triton_bf16(name):
 
 @gpu
 @pytest.mark.gpu
-def test_bf16_errors_no_worse_than_fla_at_model_size():
+def test_bf16_errors_no_worse_than_fla_at_model_size(kda_options):
     """The model's head size (H 16, Dk = Dv = 128; one 1000-token sequence, initial state): our
     bf16 output, final state and every gradient no further from the fp64 recurrence than 1.1x
     FLA's on the same inputs (the margin covers two bf16 implementations rounding differently;
@@ -162,7 +152,7 @@ def test_bf16_errors_no_worse_than_fla_at_model_size():
     ref = run_with_grads(recurrent_kda_reference, inputs, cu)  # once: ~4 s of fp64 on the CPU
     fla = _fla_errors(inputs, cu, ref)
     assert {"o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dinitial_state"} <= set(fla)
-    for key, (actual, expected) in _errors_of(inputs, cu, torch.bfloat16, "cuda", ref).items():
+    for key, (actual, expected) in _errors_of(inputs, cu, torch.bfloat16, "cuda", ref, kda_options).items():
         err, limit = rel_rms(actual, expected), max(1.1 * fla[key], 2e-3)
         print(f"{key}: ours {err:.3e}, fla {fla[key]:.3e}")
         assert err <= limit, f"{key}: {err:.3e} > {limit:.3e} (fla {fla[key]:.3e})"
@@ -214,7 +204,7 @@ def test_l2norm_scale_kernel(D):
 def test_chunk_kda_triton_causality():
     """Perturbing inputs at positions >= P changes no output or gradient before P (Triton path)."""
     P = 70
-    inputs, _ = _case("softplus_gate_strong")
+    inputs, _ = case("softplus_gate_strong")
     pert = dict(inputs)
     gen = torch.Generator().manual_seed(5)
     for key in ("q", "k", "v", "g"):
@@ -226,8 +216,8 @@ def test_chunk_kda_triton_causality():
     do = torch.randn(inputs["v"].shape, generator=gen, dtype=torch.float64)
     do[:, P:] = 0
     dht = torch.zeros(inputs["initial_state"].shape, dtype=torch.float64)
-    o1, _, g1 = run_with_grads(chunk_kda_triton, _on(inputs, DEVICE), do=do, dht=dht)
-    o2, _, g2 = run_with_grads(chunk_kda_triton, _on(pert, DEVICE), do=do, dht=dht)
+    o1, _, g1 = run_with_grads(chunk_kda_triton, on_device(inputs, DEVICE), do=do, dht=dht)
+    o2, _, g2 = run_with_grads(chunk_kda_triton, on_device(pert, DEVICE), do=do, dht=dht)
     assert torch.allclose(o1[:, :P], o2[:, :P], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(o1[:, P:], o2[:, P:])
     for key in ("q", "k", "v", "g", "beta"):
@@ -236,12 +226,11 @@ def test_chunk_kda_triton_causality():
 
 def test_chunk_kda_triton_scalar_gate_equals_gdn():
     """The scalar-gate (Gated DeltaNet) case against the GDN recurrence written directly."""
-    from tests.kernels.test_kda_reference import _gdn_reference
-    inputs, _ = _case("gdn_scalar_gate", torch.float64)
+    inputs, _ = case("gdn_scalar_gate", torch.float64)
     Dk = inputs["q"].shape[-1]
-    o_ref, s_ref = _gdn_reference(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+    o_ref, s_ref = gdn_reference(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
                                   Dk ** -0.5, inputs["initial_state"].double())
-    dev = _on({k: (x.float() if torch.is_tensor(x) else x) for k, x in inputs.items()}, DEVICE)
+    dev = on_device({k: (x.float() if torch.is_tensor(x) else x) for k, x in inputs.items()}, DEVICE)
     o, s = chunk_kda_triton(**dev, output_final_state=True)
     assert_close("o", o, o_ref, 2e-5)
     assert_close("final_state", s, s_ref, 2e-5)
@@ -268,71 +257,40 @@ def test_sequence_tables_are_built_once_per_cu_seqlens_tensor():
 
 def _block_spans(g: torch.Tensor) -> torch.Tensor:
     """Decay G_16i - G_16i+15 of every 16-row block of every 64-token chunk, max over channels
-    (B = 1, no cu_seqlens, T a multiple of 64): what the intra kernels compare with DIAG_SPAN_MAX."""
+    (B = 1, no cu_seqlens, T a multiple of 64): what the intra kernels compare with diag_span_max."""
     G = g[0].reshape(-1, 4, 16, *g.shape[2:]).cumsum(2)       # [chunks, blocks, rows, H, Dk]
     return (G[:, :, 0] - G[:, :, 15]).amax(-1)
 
 
 @pytest.mark.parametrize("name,span", [("basic_T150", 0.0), ("varlen", 0.0), ("mixed_decay", None)])
-def test_diagonal_tile_paths(name, span, monkeypatch):
+def test_diagonal_tile_paths(name, span, kda_options):
     """Both forms of the intra kernels' diagonal tiles against the fp64 recurrence: the exact column
-    loop on every tile (span 0), and a case whose blocks fall on both sides of the threshold."""
-    from kernels.kda import chunk as chunk_module
-    if span is not None:
-        monkeypatch.setattr(chunk_module, "DIAG_SPAN_MAX", span)
+    loop on every tile (diag_span_max 0), and a case whose blocks fall on both sides of the default."""
+    options = kda_options if span is None else dataclasses.replace(kda_options, diag_span_max=span)
     if name == "mixed_decay":
         inputs, cu = make_inputs(1, 256, 2, 16, 16, decay=(0.0, 6.5)), None
         spans = _block_spans(inputs["g"].double())
-        assert (spans <= chunk_module.DIAG_SPAN_MAX).any() and (spans > chunk_module.DIAG_SPAN_MAX).any()
+        assert (spans <= options.diag_span_max).any() and (spans > options.diag_span_max).any()
     else:
-        inputs, cu = _case(name)
-    _assert_within(_errors_of(inputs, cu, torch.float32, DEVICE))
+        inputs, cu = case(name)
+    _assert_within(_errors_of(inputs, cu, torch.float32, DEVICE, options=options))
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("which", ["many_programs", "few_programs"])
-def test_state_pass_launch_options(which, dtype, monkeypatch):
-    """Both launches each state pass picks between (chunk.LAUNCH and its "few" entry), at the
+def test_state_pass_launch_options(which, dtype, kda_options):
+    """Both launches each state pass picks between (its launch entry and the entry's "few"), at the
     model's head size Dk = Dv = 128 (the small test cases never reach V-blocks of 32 or 64),
     against the recurrence."""
-    from kernels.kda import chunk as chunk_module
+    launch = dict(kda_options.launch)
     for name in ("fwd_h", "bwd_dh"):
-        entry = chunk_module.LAUNCH[name]
-        fixed = entry["few"] if which == "few_programs" else {k: v for k, v in entry.items() if k != "few"}
-        monkeypatch.setitem(chunk_module.LAUNCH, name, fixed)
+        entry = kda_options.launch_entry(name)
+        launch[name] = entry["few"] if which == "few_programs" else {k: v for k, v in entry.items() if k != "few"}
     inputs, cu = make_inputs(1, 300, 2, 128, 128, n_docs=2), torch.tensor([0, 130, 300], dtype=torch.int32)
-    errs = _errors_of(inputs, cu, dtype, "cuda")
+    errs = _errors_of(inputs, cu, dtype, "cuda", options=dataclasses.replace(kda_options, launch=launch))
     if dtype == torch.float32:
         _assert_within(errs)
     else:
         _assert_within(errs, lambda key: TOL_BF16)
-
-
-def test_launch_overrides(monkeypatch):
-    """KDA_LAUNCH-style overrides reach the regular and the "few" launch of a kernel and leave
-    the rest of LAUNCH alone; a malformed item names itself and the expected form."""
-    from kernels.kda import chunk as chunk_module
-    for name in ("bwd_dh", "fwd_wy"):
-        monkeypatch.setitem(chunk_module.LAUNCH, name, dict(chunk_module.LAUNCH[name]))
-    before = {name: dict(entry) for name, entry in chunk_module.LAUNCH.items()}
-    few_bv = before["bwd_dh"]["few"]["BV"]
-    chunk_module.override_launch(f"bwd_dh.few.BV={2 * few_bv}, fwd_wy.num_warps=8")
-    assert chunk_module.LAUNCH["bwd_dh"]["few"]["BV"] == 2 * few_bv
-    assert chunk_module.LAUNCH["bwd_dh"]["BV"] == before["bwd_dh"]["BV"]
-    assert before["bwd_dh"]["few"]["BV"] == few_bv   # the override copied "few", it did not edit it
-    assert chunk_module.LAUNCH["fwd_wy"] == dict(before["fwd_wy"], num_warps=8)
-    assert all(chunk_module.LAUNCH[n] == before[n] for n in before if n not in ("bwd_dh", "fwd_wy"))
-    for bad in ("bwd_dh.BV", "nokernel.num_warps=2", "bwd_dh.more.BV=2", "fwd_wy.num_warps=x"):
-        with pytest.raises(ValueError, match="KDA_LAUNCH item .*kernel\\[.few\\].option=int"):
-            chunk_module.override_launch(bad)
-
-
-def test_launch_options_reach_the_kernel_call(monkeypatch):
-    """_cfg passes num_warps / num_stages and the register cap (maxnreg) of a LAUNCH entry, not its
-    block sizes; head sizes over 128 fall back to one stage (pipelined launches measured at <= 128)."""
-    from kernels.kda import chunk as chunk_module
-    monkeypatch.setitem(chunk_module.LAUNCH, "bwd_intra", dict(num_warps=2, num_stages=2, BD=32, maxnreg=160))
-    assert chunk_module._cfg("bwd_intra", 128) == dict(num_warps=2, num_stages=2, maxnreg=160)
-    assert chunk_module._cfg("bwd_intra", 256) == dict(num_warps=2, num_stages=1, maxnreg=160)

@@ -5,25 +5,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_fixtures beside this file, packaged or not
-import hf_fixtures as fx  # noqa: E402
-from model.hf_names import (  # noqa: E402
+from model.hf_names import (
     HFConversionError,
     canonical_hf_names,
     hf_config_from_model_config,
     hf_tensor_specs,
     model_config_from_hf_config,
 )
+from tests.model import hf_fixtures as fx
 
 
 # ---------------------------------------------------------------------------- name map and config
 def test_name_map_counts_48b():
-    """SPEC 4: 20,493 tensors holding 49,122,681,728 values, computed from the config alone."""
+    """The released checkpoint (docs/architecture.md): 20,493 tensors holding 49,122,681,728 values,
+    computed from the config alone."""
     from model.presets import get_preset
 
     cfg = get_preset("kimi-linear-48b-a3b")

@@ -67,8 +67,7 @@ def test_export_alone_tokenizes_generates_and_detokenizes(trained, tmp_path):
 def test_export_takes_a_given_tokenizer_and_names_a_missing_one(tmp_path):
     """A checkpoint that records no tokenizer ships the one given; a recorded one that is gone is an
     error naming the fix."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import hf_fixtures as fx
+    from tests.model import hf_fixtures as fx
 
     from data import ensure_default_dataset
     from model.hf_export import export_checkpoint

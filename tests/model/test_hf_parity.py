@@ -7,14 +7,10 @@ change the selected experts, so a dropped or misplaced e_score_correction_bias f
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_fixtures beside this file, packaged or not
-import hf_fixtures as fx  # noqa: E402
+from tests.model import hf_fixtures as fx
 
 TOL = 1e-4
 

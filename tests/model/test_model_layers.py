@@ -1,4 +1,5 @@
-"""Each layer against a plain-PyTorch float64 reference written from SPEC 1.2 / 3.3 / 3.4.
+"""Each layer against a plain-PyTorch float64 reference written from the math of
+docs/architecture.md.
 
 The references below read the layer's weights by name and recompute the layer token by token
 (short conv, L2 norm, gate, delta rule, gated norm; softmax attention per document; sigmoid top-k
@@ -50,7 +51,7 @@ def documents():
 
 
 def kda_reference(layer, x, per_channel: bool):
-    """SPEC 1.2 / 1.4, one document at a time, float64."""
+    """The KDA layer's token-level dataflow and recurrence, one document at a time, float64."""
     H, D = layer.local_heads, layer.head_dim
     out = torch.zeros(x.shape[0], layer.o_proj.weight.shape[0], dtype=torch.float64)
     for a, b in documents():
@@ -92,7 +93,7 @@ def kda_reference(layer, x, per_channel: bool):
 
 
 def mla_reference(layer, x):
-    """SPEC 3.3: NoPE MLA, shared un-rotated k_rot, causal softmax within each document."""
+    """NoPE MLA: shared un-rotated k_rot, causal softmax within each document."""
     H, nope, rope, dv = layer.local_heads, layer.nope, layer.rope, layer.v_dim
     out = torch.zeros(x.shape[0], layer.o_proj.weight.shape[0], dtype=torch.float64)
     for a, b in documents():
@@ -118,7 +119,7 @@ def swiglu(x, fc1, fc2):
 
 
 def moe_reference(ffn, config, x):
-    """SPEC 3.4: sigmoid scores, top-k over score + bias, renormalised unbiased scores times the
+    """MoE: sigmoid scores, top-k over score + bias, renormalised unbiased scores times the
     routed scaling factor, plus the shared expert."""
     scores = torch.sigmoid(x @ w(ffn, "router.weight").T)
     bias = dict(ffn.named_buffers())["router.expert_bias"].double()

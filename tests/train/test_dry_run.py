@@ -20,7 +20,7 @@ def _peak_rss_gib() -> float:
 
 
 def test_48b_dry_run_prints_its_size_without_allocating(capsys):
-    """49,122,681,728 parameters (SPEC 3.5), about 3.48 B activated per token (2.73 B without
+    """49,122,681,728 parameters (docs/architecture.md), about 3.48 B activated per token (2.73 B without
     embedding and LM head); the fp32 weights would be 196 GB, one MoE layer's experts 7 GB."""
     from launch.pretrain import main
 

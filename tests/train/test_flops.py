@@ -40,7 +40,7 @@ PAIR = 2 * 2 * 24 + 2 * 2 * 16
 
 
 def kda_chunk(c, dh=16):
-    """SPEC 2.9 for one chunk of length c (T = C = c), one head."""
+    """The tech report's chunkwise count for one chunk of length c (T = C = c), one head."""
     return 6 * c * dh * dh + 3 * c * c * dh + c**3
 
 
@@ -94,7 +94,7 @@ def test_gdn_layers_and_chunk_multiples():
 
 def test_48b_matmul_flops_are_six_times_the_active_parameters():
     """Without attention/recurrence, training FLOPs per token = 6 x the active weights used in
-    matmuls and convs; counts from SPEC 3.5 minus the vectors (dt_bias, A_log, o_norm,
+    matmuls and convs; counts from docs/architecture.md minus the vectors (dt_bias, A_log, o_norm,
     kv_a_layernorm, router bias): KDA 20 x 39,510,016, MLA 7 x 29,114,368, dense 63,700,992,
     routers 26 x 256 x 2304, shared 184,025,088, routed 26 x 8 x 7,077,888, LM head 377,487,360."""
     from model.presets import get_preset

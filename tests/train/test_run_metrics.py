@@ -110,3 +110,28 @@ def test_blend_shares_go_to_metrics_and_wandb(tmp_path, monkeypatch):
     assert first == pytest.approx([3, 6, 9]) and second == pytest.approx([1, 2, 3])  # 3:1 in every step of 4
     (wandb_run,) = runs
     assert [data["data/source0_share"] for _, data in wandb_run.logged] == [r["data/source0_share"] for r in records]
+
+
+def test_run_records_its_kernel_options(tmp_path, monkeypatch):
+    """The KDA layers' kernel options reach the op in every layer call, and the run records them in
+    every checkpoint's meta.json and in its first metrics record (a resumed run's first one too)."""
+    import model.kda as model_kda
+    from kernels.kda import KDAOptions
+    from train.loop import train
+
+    options = KDAOptions(state_dtype="float32", diag_span_max=0.0).with_launch("fwd_wy.num_warps=8")
+    monkeypatch.setattr(model_kda, "KDAOptions", lambda: options)   # what every KDA layer is built with
+    seen = []
+    op = model_kda.kda_op
+    monkeypatch.setattr(model_kda, "kda_op", lambda *a, options=None, **k: seen.append(options) or op(*a, **k))
+    save = tmp_path / "o"
+    train(small_run(train_iters=2, save=str(save), save_interval=1, run_dir=str(save)))
+    assert seen and all(o is options for o in seen)
+    record = json.loads(json.dumps(options.to_dict()))
+    for step in (1, 2):
+        assert json.loads((ckpt.resolve(save, step) / "meta.json").read_text())["kda_kernel_options"] == record
+    train(small_run(train_iters=3, save=str(save), save_interval=1, run_dir=str(save)))  # resumes at step 2
+    records = _metrics(save)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["kda_kernel_options"] == records[2]["kda_kernel_options"] == record
+    assert "kda_kernel_options" not in records[1]

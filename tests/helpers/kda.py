@@ -1,4 +1,5 @@
-"""Helpers shared by the KDA kernel tests."""
+"""KDA test inputs, comparisons and cases, shared by the kernel tests, the model and context-parallel
+tests and the GPU debugging aid (benchmarks/kda_debug.py)."""
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -82,3 +83,62 @@ def run_with_grads(fn, inputs, cu_seqlens=None, seed=1, do=None, dht=None):
     loss.backward()
     grads = {key: x.grad for key, x in leaves.items()}
     return o, final, grads
+
+
+# name -> (make_inputs kwargs, varlen lengths or None): the cases every KDA implementation is tested on
+CASES = {
+    "basic_T150": (dict(B=2, T=150, H=2, Dk=32, Dv=16), None),
+    "dk_ne_dv": (dict(B=1, T=100, H=2, Dk=16, Dv=32), None),
+    "dk256": (dict(B=1, T=70, H=1, Dk=256, Dv=32), None),
+    "softplus_gate_strong": (dict(B=1, T=130, H=2, Dk=16, Dv=16, gate_kind="softplus"), None),
+    "bounded_gate": (dict(B=1, T=96, H=2, Dk=16, Dv=16, gate_kind="bounded"), None),
+    "log_decay_to_-20": (dict(B=1, T=140, H=2, Dk=16, Dv=16, decay=(0.0, 20.0)), None),
+    "near_zero_decay": (dict(B=1, T=140, H=2, Dk=16, Dv=16, decay=(0.0, 1e-4)), None),
+    "varlen": (dict(B=1, T=160, H=2, Dk=16, Dv=16), [1, 70, 3, 64, 22]),
+    "varlen_softplus_gate": (dict(B=1, T=160, H=2, Dk=16, Dv=16, gate_kind="softplus"), [65, 1, 94]),
+    "varlen_empty_docs": (dict(B=1, T=80, H=2, Dk=16, Dv=16), [10, 0, 70, 0]),
+    "gdn_scalar_gate": (dict(B=2, T=80, H=2, Dk=16, Dv=16, scalar_gate=True, decay=(0.0, 3.0)), None),
+    "gdn_scalar_raw_gate": (dict(B=1, T=80, H=2, Dk=16, Dv=16, scalar_gate=True, gate_kind="softplus"), None),
+}
+
+
+def case(name, dtype=torch.float32):
+    """(inputs, cu_seqlens or None) of ``CASES[name]``."""
+    kw, lens = CASES[name]
+    cu = None
+    if lens is not None:
+        assert sum(lens) == kw["T"]
+        cu = random_cu_seqlens(lens)
+        kw = dict(kw, n_docs=len(lens))
+    return make_inputs(dtype=dtype, **kw), cu
+
+
+def on_device(inputs, device, dtype=None):
+    """``inputs`` on ``device``, q/k/v cast to ``dtype`` when given (the gate's parameters stay fp32)."""
+    out = {}
+    for key, x in inputs.items():
+        if key == "gate":
+            out[key] = None if x is None else [x[0].to(device), x[1].to(device), x[2]]
+        elif x is None:
+            out[key] = None
+        else:
+            cast = dtype if (dtype is not None and key in ("q", "k", "v")) else None
+            out[key] = x.to(device=device, dtype=cast) if cast else x.to(device)
+    return out
+
+
+def gdn_reference(q, k, v, a_log, beta, scale, S):
+    """Gated DeltaNet written directly: S = a S; S += beta k (v - S^T k)^T; o = S^T q (fp64)."""
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * scale
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    B, T, H, _ = q.shape
+    out = torch.empty(B, T, H, v.shape[-1], dtype=torch.float64)
+    S = S.clone()
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                St = torch.exp(a_log[b, t, h]) * S[b, h]
+                St = St + beta[b, t, h] * torch.outer(k[b, t, h], v[b, t, h] - St.T @ k[b, t, h])
+                S[b, h] = St
+                out[b, t, h] = St.T @ q[b, t, h]
+    return out, S
