@@ -36,6 +36,7 @@ FLAG_FIELDS = {
     "virtual_pipeline_model_parallel_size": int,
     "expert_model_parallel_size": int,
     "context_parallel_size": int,
+    "cp_mode": str,
     "log_interval": int,
     "eval_interval": int,
     "profile_step": int,
