@@ -116,10 +116,8 @@ class MultiLatentAttention(MegatronModule):
         q = self.q_proj(x)[0].view(t, self.local_heads, self.nope + self.rope)
         compressed = self.kv_a_proj_with_mqa(x)  # [latent | k_rot] of this rank's tokens
         whole_keys = False  # the keys are already gathered over TP (sequence parallelism) and CP
+        recording = self.record_max_logits and self.training
         if context_parallel is not None:
-            if self.record_max_logits and self.training:
-                raise NotImplementedError("MLA under context parallelism does not record QK-Clip's max "
-                                          "logits yet; set train.qk_clip_tau=0")
             whole_keys = self.sequence_parallel and context_parallel.mode == "chunkwise"
             if whole_keys:
                 compressed = self._gather_sequence_parallel(compressed)
@@ -134,10 +132,14 @@ class MultiLatentAttention(MegatronModule):
         k_nope, v = kv.view(n, self.local_heads, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(n, self.local_heads, self.rope)], dim=-1)
         if context_parallel is not None:
-            out = profiled("mla_core_attention", context_parallel.mla_attention, q, k, v, self.scale)
+            out = profiled("mla_core_attention", context_parallel.mla_attention, q, k, v, self.scale,
+                           record_max_logits=recording)
+            if recording:  # this rank's queries (chunkwise) or heads (ulysses); qk_clip max-reduces over CP
+                out, best = out
+                self._keep_max_logits(best)
         else:
-            if self.record_max_logits and self.training:
-                self._record_max_logits(q, k, packed)
+            if recording:
+                self._keep_max_logits(document_max_logits(q, k, packed, self.scale))
             out = profiled("mla_core_attention", document_causal_attention, q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
 
@@ -163,16 +165,22 @@ class MultiLatentAttention(MegatronModule):
         rows = scatter_to_sequence_parallel_region(F.pad(latent, (0, 0, 0, pad)))
         return self.kv_b_proj(self.kv_a_layernorm(rows))[0][:n]
 
-    @torch.no_grad()
-    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, packed: PackedSequence) -> None:
-        s = packed.seq_length
-        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-        best = torch.full((self.local_heads,), float("-inf"), device=q.device)
-        for i in range(packed.batch_size):
-            ids = packed.document_ids[i]
-            mask = (ids[:, None] == ids[None, :]) & causal
-            qi, ki = q[i * s:(i + 1) * s].float(), k[i * s:(i + 1) * s].float()
-            for h in range(self.local_heads):  # one head at a time: S x S memory
-                logits = (qi[:, h] @ ki[:, h].T) * self.scale
-                best[h] = torch.maximum(best[h], logits.masked_fill(~mask, float("-inf")).max())
+    def _keep_max_logits(self, best: torch.Tensor) -> None:
         self.max_logits = best if self.max_logits is None else torch.maximum(self.max_logits, best)
+
+
+@torch.no_grad()
+def document_max_logits(q: torch.Tensor, k: torch.Tensor, packed: PackedSequence, scale: float) -> torch.Tensor:
+    """Per head, the largest logit ``q.k * scale`` a query gives a key it attends to (same document,
+    not later): q, k [T, H, D] -> fp32 [H]. QK-Clip's record (train/muon.py)."""
+    s, heads = packed.seq_length, q.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    best = torch.full((heads,), float("-inf"), device=q.device)
+    for i in range(packed.batch_size):
+        ids = packed.document_ids[i]
+        mask = (ids[:, None] == ids[None, :]) & causal
+        qi, ki = q[i * s:(i + 1) * s].float(), k[i * s:(i + 1) * s].float()
+        for h in range(heads):  # one head at a time: S x S memory
+            logits = (qi[:, h] @ ki[:, h].T) * scale
+            best[h] = torch.maximum(best[h], logits.masked_fill(~mask, float("-inf")).max())
+    return best

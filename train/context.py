@@ -64,12 +64,6 @@ def check_layout(run) -> None:
         raise ConfigError(
             f"sequence parallelism splits each rank's micro_batch_size x seq_length / CP = {t.micro_batch_size * local} "
             f"tokens over --tensor-model-parallel-size {tp}; change --micro-batch-size, --seq-length or {CP_FLAG}")
-    from train.optim import qk_clip_enabled
-
-    if "mla" in types and qk_clip_enabled(t):
-        raise ConfigError(
-            f"QK-Clip (train.optimizer=muon with train.qk_clip_tau > 0) does not record MLA's max logits under "
-            f"{CP_FLAG} > 1 yet; --set train.qk_clip_tau=0, or use train.optimizer=adamw or {CP_FLAG} 1")
 
 
 class ContextSlicer:
