@@ -80,7 +80,7 @@ def run_layout(workdir: Path, spec: str) -> None:
     action, name, layout = parse(spec)
     out = workdir / (f"{action}-{name}" if action != "train" else name)
     changes = dict(context_parallel_size=layout["cp"], cp_mode=layout["mode"], eval_interval=5, eval_iters=2,
-                   metrics_interval=5, run_dir=str(out))
+                   metrics_interval=1, run_dir=str(out))
     if layout["muon"]:
         changes.update(optimizer="muon", qk_clip_tau=0.05)
     if action == "save":
