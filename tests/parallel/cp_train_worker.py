@@ -6,7 +6,8 @@ usage: cp_train_worker.py WORKDIR LAYOUT [LAYOUT ...]
 LAYOUT: ``[save:|resume:]name`` with name dash-separated sizes and a mode, e.g. ``cp1``,
 ``cp2-chunkwise``, ``tp2-cp2-ulysses``, ``pp2-cp2-chunkwise``, ``ep2-cp2-chunkwise``,
 ``cp2-chunkwise-zero`` (megatron's DDP + distributed optimizer), ``cp2-chunkwise-muon`` (Muon with
-QK-Clip at a threshold every MLA head exceeds, so the max-logit record under CP decides the update). The layouts of one call run one
+QK-Clip at a threshold the MLA heads exceed, so the max-logit record under CP decides the update),
+``cp2-chunkwise-bf16`` (bf16 weights and compute). The layouts of one call run one
 after another in the same torchrun job (the world size must fit each; starting a job costs more
 than a layout's 10 steps on 2 CPU cores). ``save:`` trains the first 5 steps and checkpoints to
 WORKDIR/saved; ``resume:`` continues that checkpoint. Rank 0 writes WORKDIR/NAME/losses.json
@@ -31,11 +32,11 @@ EXTRA_STARTS = {0: (16, 17), 1: (32, 63)}  # per sample index modulo 2
 def parse(spec: str) -> tuple[str, str, dict]:
     action, _, name = spec.rpartition(":")
     sizes = {"tp": 1, "pp": 1, "ep": 1, "cp": 1}
-    options = {"mode": "chunkwise", "zero": False, "muon": False}
+    options = {"mode": "chunkwise", "zero": False, "muon": False, "bf16": False}
     for part in name.split("-"):
         if part in ("chunkwise", "ulysses"):
             options["mode"] = part
-        elif part in ("zero", "muon"):
+        elif part in ("zero", "muon", "bf16"):
             options[part] = True
         else:
             sizes[part[:2]] = int(part[2:])
@@ -81,6 +82,8 @@ def run_layout(workdir: Path, spec: str) -> None:
     out = workdir / (f"{action}-{name}" if action != "train" else name)
     changes = dict(context_parallel_size=layout["cp"], cp_mode=layout["mode"], eval_interval=5, eval_iters=2,
                    metrics_interval=1, run_dir=str(out))
+    if layout["bf16"]:
+        changes.update(bf16=True)
     if layout["muon"]:
         changes.update(optimizer="muon", qk_clip_tau=0.05)
     if action == "save":
