@@ -115,35 +115,72 @@ class MultiLatentAttention(MegatronModule):
         t = packed.num_tokens
         q = self.q_proj(x)[0].view(t, self.local_heads, self.nope + self.rope)
         compressed = self.kv_a_proj_with_mqa(x)  # [latent | k_rot] of this rank's tokens
+        whole_keys = False  # the keys are already gathered over TP (sequence parallelism) and CP
+        recording = self.record_max_logits and self.training
         if context_parallel is not None:
-            if self.sequence_parallel or (self.record_max_logits and self.training):
-                raise NotImplementedError("MLA under context parallelism does not support sequence "
-                                          "parallelism or QK-Clip's max-logit record yet")
+            whole_keys = self.sequence_parallel and context_parallel.mode == "chunkwise"
+            if whole_keys:
+                compressed = self._gather_sequence_parallel(compressed)
             compressed = context_parallel.mla_keys(compressed)  # the keys these queries see
         latent, k_rot = compressed.split([self.kv_lora_rank, self.rope], dim=-1)
-        k_rot = tp.gather_tokens(k_rot, self.sequence_parallel)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0]
+        if whole_keys:
+            kv = self._expand_whole_keys(latent)
+        else:
+            k_rot = tp.gather_tokens(k_rot, self.sequence_parallel)
+            kv = self.kv_b_proj(self.kv_a_layernorm(latent))[0]
         n = kv.shape[0]  # key tokens: t, or the gathered keys under context parallelism
         k_nope, v = kv.view(n, self.local_heads, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(n, self.local_heads, self.rope)], dim=-1)
         if context_parallel is not None:
-            out = profiled("mla_core_attention", context_parallel.mla_attention, q, k, v, self.scale)
+            out = profiled("mla_core_attention", context_parallel.mla_attention, q, k, v, self.scale,
+                           record_max_logits=recording)
+            if recording:  # this rank's queries (chunkwise) or heads (ulysses); qk_clip max-reduces over CP
+                out, best = out
+                self._keep_max_logits(best)
         else:
-            if self.record_max_logits and self.training:
-                self._record_max_logits(q, k, packed)
+            if recording:
+                self._keep_max_logits(document_max_logits(q, k, packed, self.scale))
             out = profiled("mla_core_attention", document_causal_attention, q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
 
-    @torch.no_grad()
-    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, packed: PackedSequence) -> None:
-        s = packed.seq_length
-        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-        best = torch.full((self.local_heads,), float("-inf"), device=q.device)
-        for i in range(packed.batch_size):
-            ids = packed.document_ids[i]
-            mask = (ids[:, None] == ids[None, :]) & causal
-            qi, ki = q[i * s:(i + 1) * s].float(), k[i * s:(i + 1) * s].float()
-            for h in range(self.local_heads):  # one head at a time: S x S memory
-                logits = (qi[:, h] @ ki[:, h].T) * self.scale
-                best[h] = torch.maximum(best[h], logits.masked_fill(~mask, float("-inf")).max())
+    def _gather_sequence_parallel(self, compressed: torch.Tensor) -> torch.Tensor:
+        """This rank's sequence-parallel share of ``[latent | k_rot]`` -> every local token's, so that
+        the CP all-gather sees the slice in order. The latent's gradient comes back whole on every
+        TP rank (``_expand_whole_keys``), so its backward keeps this rank's rows; k_rot's is head-local,
+        so its backward sums over TP."""
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        latent, k_rot = compressed.split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = gather_from_sequence_parallel_region(latent, tensor_parallel_output_grad=False)
+        return torch.cat([latent, tp.gather_tokens(k_rot, True)], dim=-1)
+
+    def _expand_whole_keys(self, latent: torch.Tensor) -> torch.Tensor:
+        """kv_a_layernorm + kv_b_proj of keys that every TP rank holds whole ([K, kv_lora_rank]): each
+        rank normalises its 1/TP of the rows (padded to a multiple of TP), as under plain sequence
+        parallelism, and kv_b_proj gathers them, so the norm's weight gradient is summed over TP
+        exactly once."""
+        from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+        n, pad = latent.shape[0], -latent.shape[0] % tp.tp_size()
+        rows = scatter_to_sequence_parallel_region(F.pad(latent, (0, 0, 0, pad)))
+        return self.kv_b_proj(self.kv_a_layernorm(rows))[0][:n]
+
+    def _keep_max_logits(self, best: torch.Tensor) -> None:
         self.max_logits = best if self.max_logits is None else torch.maximum(self.max_logits, best)
+
+
+@torch.no_grad()
+def document_max_logits(q: torch.Tensor, k: torch.Tensor, packed: PackedSequence, scale: float) -> torch.Tensor:
+    """Per head, the largest logit ``q.k * scale`` a query gives a key it attends to (same document,
+    not later): q, k [T, H, D] -> fp32 [H]. QK-Clip's record (train/muon.py)."""
+    s, heads = packed.seq_length, q.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    best = torch.full((heads,), float("-inf"), device=q.device)
+    for i in range(packed.batch_size):
+        ids = packed.document_ids[i]
+        mask = (ids[:, None] == ids[None, :]) & causal
+        qi, ki = q[i * s:(i + 1) * s].float(), k[i * s:(i + 1) * s].float()
+        for h in range(heads):  # one head at a time: S x S memory
+            logits = (qi[:, h] @ ki[:, h].T) * scale
+            best[h] = torch.maximum(best[h], logits.masked_fill(~mask, float("-inf")).max())
+    return best

@@ -41,8 +41,9 @@ class DecoderLayer(MegatronModule):
 
     recompute = False  # activation recompute: keep only the layer input, redo the layer in backward
 
-    def _block(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
-        hidden = hidden + profiled("mixer", self.mixer, self.input_norm(hidden), packed)
+    def _block(self, hidden: torch.Tensor, packed: PackedSequence, context_parallel=None) -> torch.Tensor:
+        mixer_kwargs = {} if context_parallel is None else {"context_parallel": context_parallel}
+        hidden = hidden + profiled("mixer", self.mixer, self.input_norm(hidden), packed, **mixer_kwargs)
         try:
             out = profiled("moe" if self.ffn_type == "moe" else "dense_mlp", self.ffn, self.post_mixer_norm(hidden))
         finally:  # also when the checkpoint stops a recompute early, by raising inside the MoE layer
@@ -51,12 +52,16 @@ class DecoderLayer(MegatronModule):
         out = out[0] if isinstance(out, tuple) else out
         return hidden + out
 
-    def forward(self, hidden: torch.Tensor, packed: PackedSequence) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, packed: PackedSequence, context_parallel=None) -> torch.Tensor:
+        """``context_parallel``: the ``parallel.context.ContextParallel`` of this rank's slice (the
+        mixers exchange what crosses slice boundaries; everything else is per token)."""
         if self.recompute and self.training and torch.is_grad_enabled():
             # re-running the router in backward counts its tokens twice; the expert-bias update
-            # uses only the sign of (mean load - load), which doubling does not change
-            return torch.utils.checkpoint.checkpoint(self._block, hidden, packed, use_reentrant=False)
-        return self._block(hidden, packed)
+            # uses only the sign of (mean load - load), which doubling does not change. Under
+            # context parallelism the recompute repeats the mixer's exchange (every CP rank alike)
+            return torch.utils.checkpoint.checkpoint(self._block, hidden, packed, context_parallel,
+                                                     use_reentrant=False)
+        return self._block(hidden, packed, context_parallel)
 
 
 class LayerStack(nn.ModuleDict):
@@ -83,9 +88,12 @@ class KimiLinearModel(MegatronModule):
     """Call with token ids ``[B, S]`` (a tensor or nested lists; ``cu_seqlens`` for packed documents).
 
     Returns logits ``[B, S, vocab]`` (gathered over TP) or, given ``labels``, the per-token loss
-    ``[B, S]`` computed with megatron's vocab-parallel cross entropy. A pipeline stage holds
-    ``layer_range`` only; the first has the embedding, the last the final norm and LM head, and a
-    later stage takes its input from ``set_input_tensor`` (megatron's pipeline schedules).
+    ``[B, S]`` computed with megatron's vocab-parallel cross entropy. Under context parallelism the
+    tokens are this rank's slice ``[B, S / CP]`` with its local ``cu_seqlens``, and
+    ``context_parallel`` is the slice's ``parallel.context.ContextParallel`` (train/context.py).
+    A pipeline stage holds ``layer_range`` only; the first has the embedding, the last the final
+    norm and LM head, and a later stage takes its input from ``set_input_tensor`` (megatron's
+    pipeline schedules).
     """
 
     def __init__(self, config: ModelConfig, tconfig=None, pre_process: bool = True, post_process: bool = True,
@@ -121,6 +129,7 @@ class KimiLinearModel(MegatronModule):
         tokens: torch.Tensor,
         cu_seqlens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        context_parallel=None,
     ) -> torch.Tensor:
         if not torch.is_tensor(tokens):  # lists of token ids (the README snippet)
             tokens = torch.tensor(tokens, dtype=torch.long, device=self.embedding.weight.device)
@@ -140,7 +149,7 @@ class KimiLinearModel(MegatronModule):
         else:
             hidden = self.input_tensor
         for layer in self.layers:
-            hidden = layer(hidden, packed)
+            hidden = layer(hidden, packed, context_parallel)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)

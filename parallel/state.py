@@ -36,16 +36,17 @@ class ParallelDims:
         return self.world_size // (self.tensor * self.pipeline * self.context)
 
     def validate(self) -> "ParallelDims":
-        for name in ("tensor", "pipeline", "expert", "context"):
+        for name, flag in (("tensor", "tensor-model"), ("pipeline", "pipeline-model"), ("expert", "expert-model"),
+                           ("context", "context")):
             value = getattr(self, name)
             if value < 1:
-                raise ParallelConfigError(f"--{name}-model-parallel-size={value}: must be >= 1")
+                raise ParallelConfigError(f"--{flag}-parallel-size={value}: must be >= 1")
         model_parallel = self.tensor * self.pipeline * self.context
         if self.world_size % model_parallel:
             raise ParallelConfigError(
-                f"world size {self.world_size} is not divisible by tensor ({self.tensor}) x pipeline "
-                f"({self.pipeline}) x context ({self.context}) = {model_parallel}; change the sizes or "
-                f"the number of processes"
+                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size ({self.tensor}) x "
+                f"--pipeline-model-parallel-size ({self.pipeline}) x --context-parallel-size ({self.context}) = "
+                f"{model_parallel}; change the sizes or the number of processes"
             )
         if (self.data * self.context) % self.expert:
             raise ParallelConfigError(

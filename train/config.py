@@ -64,6 +64,7 @@ class TrainConfig:
     virtual_pipeline_model_parallel_size: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    cp_mode: str = "chunkwise"  # context parallelism: chunkwise (KDA state passing, MLA latent all-gather) | ulysses
     sequence_parallel: bool = False
     # checkpoints and logging
     save: str = ""
@@ -203,6 +204,7 @@ FLAG_FIELDS = {
     "virtual_pipeline_model_parallel_size": int,
     "expert_model_parallel_size": int,
     "context_parallel_size": int,
+    "cp_mode": str,
     "log_interval": int,
     "eval_interval": int,
     "profile_step": int,
@@ -225,9 +227,13 @@ class RunConfig:
         model_parallel = t.tensor_model_parallel_size * t.pipeline_model_parallel_size * t.context_parallel_size
         if world_size % model_parallel:
             raise ConfigError(
-                f"world size {world_size} is not divisible by tensor x pipeline x context parallel sizes "
-                f"({model_parallel})"
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+                f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}; change these "
+                f"sizes or the number of processes"
             )
+        from train.context import check_layout
+
+        check_layout(self)
         dp = world_size // model_parallel
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(

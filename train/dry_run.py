@@ -106,7 +106,7 @@ def _activation_bytes(run: RunConfig, layers_per_chunk: list[list[int]], rank: i
     """Peak activation bytes on one GPU of pipeline rank ``rank`` (``docs/training.md``)."""
     config, t = run.model, run.train
     tp, pp, vpp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size, t.virtual_pipeline_model_parallel_size
-    tokens = t.micro_batch_size * t.seq_length
+    tokens = t.micro_batch_size * t.seq_length // t.context_parallel_size  # this rank's slice under CP
     low = 2 if t.bf16 else 4
     token_share = tokens / tp if sequence_parallel else tokens
     recompute = (None if not t.recompute_layers else
@@ -188,9 +188,9 @@ def dry_run(run: RunConfig, world_size: int | None = None) -> DryRun:
         weight = 4 if not t.bf16 or keeps_fp32(name, p) else 2
         rank.parameters += local
         rank.weights += local * weight
-        if t.distributed_optimizer:  # fp32 grad buffer; fp32 main weights (bf16) and Adam state sharded over DP
+        if t.distributed_optimizer:  # fp32 grad buffer; fp32 main weights (bf16) and Adam state sharded over DP x CP
             rank.grads += local * 4
-            rank.optimizer += local * ((4 if weight == 2 else 0) + 8) / (expert_dp if expert else dp)
+            rank.optimizer += local * ((4 if weight == 2 else 0) + 8) / (expert_dp if expert else dp * cp)
         else:  # grads in the parameter's dtype; fp32 master (bf16) and Muon momentum or Adam moments
             rank.grads += local * weight
             moments = 4 if t.optimizer == "muon" and uses_muon(name, p) else 8

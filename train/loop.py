@@ -16,7 +16,7 @@ from model.kda import kernel_options
 from model.model import build_model
 from parallel import state
 from train import checkpoint as ckpt
-from train import distributed_optimizer, resume, signals
+from train import context, distributed_optimizer, resume, signals
 from train.config import RunConfig
 from train.errors import DataError, agree
 from train.flops import mfu, model_flops_per_step, peak_flops_per_gpu
@@ -115,19 +115,20 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
         raise DataError(f"training data: {err}") from None
 
 
-def evaluate(model, loader, iters: int, device) -> dict:
+def evaluate(model, loader, iters: int, device, slicer=None) -> dict:
     """The validation metrics (``validation_metrics``) over ``iters`` micro-batches per DP rank, the
-    same batches at every evaluation."""
+    same batches at every evaluation (each CP rank its slice: ``slicer``, train/context.py)."""
     start = time.time()
     model.eval()
     loader.reset()
-    batches = [_to_device(next(loader), device) for _ in range(iters)]
+    cut = slicer.slice if slicer is not None else (lambda batch: batch)
+    batches = [_to_device(cut(next(loader)), device) for _ in range(iters)]
     loss_sum = forward_backward(model, batches, torch.ones(()), forward_only=True)
     total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu(),
                          torch.tensor(float(sum(b["tokens"].numel() for b in batches)), dtype=torch.float64)])
     if dist.is_initialized():  # on the device: NCCL reduces no CPU tensors
         total = total.to(device)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=context.reduction_group())
         total = total.cpu()
     model.train()
     loss_sum, loss_tokens, tokens = total.tolist()
@@ -165,11 +166,7 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
         seed=t.seed,
     )
     run.validate(dims.world_size)
-    if dims.context > 1:
-        raise ConfigError(
-            "--context-parallel-size > 1: context parallelism (KDA state passing, MLA all-gather) is not "
-            "available in this version; use tensor/pipeline/data parallelism"
-        )
+    slicer = context.ContextSlicer(t.cp_mode)
     signals.watch_launcher()
     if t.save:
         hold_save_folder(t.save, t.run_dir, log)
@@ -195,6 +192,7 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
     start_step = resume.resume(run, model, optimizer, train_loader, log)
 
     dp = dims.data
+    reducing = context.reduction_size() > 1  # over data x context ranks
     accumulation = t.global_batch_size // (t.micro_batch_size * dp)
     tokens_per_step = t.global_batch_size * t.seq_length
     clipping = qk_clip_enabled(t)
@@ -223,23 +221,24 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
         detailed = t.metrics_interval > 0 and (step + 1) % t.metrics_interval == 0
         if detailed:
             gates.arm()
-        micro = [_to_device(next(train_loader), device) for _ in range(accumulation)]
+        micro = [_to_device(slicer.slice(next(train_loader)), device) for _ in range(accumulation)]
         local_tokens = sum(m["loss_mask"].sum() for m in micro)
         total_tokens = local_tokens.clone().double()
-        if dp > 1:
-            dist.all_reduce(total_tokens, group=parallel_state.get_data_parallel_group())
-        # scale so that the gradients after the DP reduction are those of the global token mean
-        # (our reduction averages over DP; megatron's DDP with per-token losses sums)
-        loss_sum = forward_backward(runner, micro, (1 if t.distributed_optimizer else dp) / total_tokens)
+        if reducing:
+            dist.all_reduce(total_tokens, group=context.reduction_group())
+        # scale so that the gradients after the DP x CP reduction are those of the global token mean
+        loss_sum = forward_backward(runner, micro, context.gradient_scale(total_tokens, t.distributed_optimizer))
         if not t.distributed_optimizer:
             all_reduce_sequence_parallel(model)
             all_reduce_data_parallel(model)
         # detailed statistics read the router counters before the expert-bias update clears them
         extra = {**moe_load_metrics(model), **gates.collect(), **kda_decay_at_zero_input(model)} if detailed else {}
-        flops = model_flops_per_step(run.model, cu_seqlens_list=[m["cu_seqlens"].cpu() for m in micro])["total"]
+        # this rank's share of the FLOPs of its whole sequences (each CP rank counts 1/CP of them)
+        flops = model_flops_per_step(
+            run.model, cu_seqlens_list=[context.global_cu_seqlens(m).cpu() for m in micro])["total"] / slicer.size
         sums = torch.tensor([float(loss_sum), float(flops)], dtype=torch.float64)
-        if dp > 1:
-            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        if reducing:
+            dist.all_reduce(sums, group=context.reduction_group())
         loss_sum, flops = sums[0], float(sums[1])
         loss = float(loss_sum / total_tokens.cpu())
         if t.distributed_optimizer:
@@ -295,7 +294,7 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
                   **getattr(train_loader, "source_shares", dict)(), **extra,
                   **({"kda_kernel_options": kernel_options(model)} if step == start_step else {})}
         if t.eval_interval and valid_loader is not None and done % t.eval_interval == 0:
-            valid = evaluate(model, valid_loader, t.eval_iters, device)
+            valid = evaluate(model, valid_loader, t.eval_iters, device, slicer)
             log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
                 f"{valid['valid/tokens_per_s']:,.0f} tokens/s")
             record.update(valid)

@@ -4,7 +4,8 @@ The loss of a micro-batch is the sum of its masked per-token losses times ``scal
 the data-parallel average the gradient is that of the global token mean). Without pipeline
 parallelism the micro-batches run one after another (gradient accumulation); with it, megatron's
 schedules (1F1B) run them, every stage reading the same micro-batches for their ``cu_seqlens``.
-Returns the summed (unscaled) token loss of this data-parallel rank, on every stage.
+Under context parallelism a micro-batch is this rank's slice and carries its ``ContextParallel``.
+Returns the summed (unscaled) token loss of this rank's micro-batches, on every stage.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ def masked_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token.float() * mask.to(torch.float32)).sum()
 
 
+def _context(batch: dict) -> dict:
+    """The model's ``context_parallel`` argument when the batch is a CP slice (train/context.py)."""
+    cp = batch.get("context_parallel")
+    return {} if cp is None else {"context_parallel": cp}
+
+
 def forward_backward(model, micro_batches: list[dict], scale: torch.Tensor, forward_only: bool = False) -> torch.Tensor:
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return _sequential(model, micro_batches, scale, forward_only)
@@ -30,7 +37,7 @@ def _sequential(model, micro_batches, scale, forward_only) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for batch in micro_batches:
         with torch.no_grad() if forward_only else contextlib.nullcontext():
-            per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+            per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"], **_context(batch))
             loss = masked_sum(per_token, batch["loss_mask"])
         if not forward_only:
             (loss * scale.to(loss.dtype)).backward()
@@ -47,7 +54,7 @@ def _pipelined(model, micro_batches, scale, forward_only) -> torch.Tensor:
 
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
-        output = stage_model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"])
+        output = stage_model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"], **_context(batch))
 
         def loss_func(per_token):
             loss = masked_sum(per_token, batch["loss_mask"])
@@ -64,7 +71,8 @@ def _pipelined(model, micro_batches, scale, forward_only) -> torch.Tensor:
         data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
         model=chunks,
         num_microbatches=len(micro_batches),
-        seq_length=first.numel(),  # the packed stream [B*S, 1, hidden] travels between stages
+        # the packed stream [B*S, 1, hidden] travels between stages; megatron divides by the CP size
+        seq_length=first.numel() * parallel_state.get_context_parallel_world_size(),
         micro_batch_size=1,
         forward_only=forward_only,
     )

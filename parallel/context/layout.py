@@ -171,13 +171,16 @@ class ContextParallel:
             return gather_latent(self, compressed)
         return compressed
 
-    def mla_attention(self, q, k, v, scale: float) -> torch.Tensor:
+    def mla_attention(self, q, k, v, scale: float, record_max_logits: bool = False):
         """Document-causal softmax attention of this rank's queries q [b*L, H, Dqk] against the keys of
-        ``mla_keys``. Returns [b*L, H, Dv]."""
+        ``mla_keys``. Returns [b*L, H, Dv]; with ``record_max_logits`` also QK-Clip's record, fp32 [H]:
+        per head the largest logit this rank computed (-inf for heads it did not see), so that a MAX
+        over the CP ranks gives the whole sequences' maxima."""
         if self.mode == "chunkwise":
-            from .mla_latent import latent_attention
+            from .mla_latent import latent_attention, latent_max_logits
 
-            return latent_attention(self, q, k, v, scale)
+            out = latent_attention(self, q, k, v, scale)
+            return (out, latent_max_logits(self, q, k, scale)) if record_max_logits else out
         from .ulysses import ulysses_attention
 
-        return ulysses_attention(self, q, k, v, scale)
+        return ulysses_attention(self, q, k, v, scale, record_max_logits)

@@ -100,3 +100,20 @@ def latent_attention(cp: ContextParallel, q, k, v, scale: float, flash: bool | N
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          attn_mask=plan.mask(), scale=scale)  # heads as the batch dim
     return out.transpose(0, 1)
+
+
+@torch.no_grad()
+def latent_max_logits(cp: ContextParallel, q, k, scale: float) -> torch.Tensor:
+    """QK-Clip's record for this rank's queries: per head the largest ``q.k * scale`` over the keys each
+    query sees (the ``gather_latent`` keys, segment by segment, causal at the segment ends). fp32 [H]."""
+    plan = _KeyPlan.of(cp, q.device)
+    best = torch.full((q.shape[1],), float("-inf"), device=q.device)
+    q_start = k_start = 0
+    for q_len, k_len in zip(plan.q_lengths, plan.k_lengths):
+        qs, ks = q[q_start:q_start + q_len].float(), k[k_start:k_start + k_len].float()
+        visible = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        for h in range(q.shape[1]):  # one head at a time: q_len x k_len memory
+            logits = (qs[:, h] @ ks[:, h].T) * scale
+            best[h] = torch.maximum(best[h], logits.masked_fill(~visible, float("-inf")).max())
+        q_start, k_start = q_start + q_len, k_start + k_len
+    return best

@@ -43,21 +43,28 @@ def _exchange(cp: ContextParallel, local_attention, q, k, v):
     return attention(q, k, v, 0)  # batch_dim_idx 0: [b, L, H, D]
 
 
-def ulysses_attention(cp: ContextParallel, q, k, v, scale: float) -> torch.Tensor:
-    """MLA core attention: q, k [b*L, H, Dqk], v [b*L, H, Dv] -> [b*L, H, Dv]."""
-    from model.mla import document_causal_attention
+def ulysses_attention(cp: ContextParallel, q, k, v, scale: float, record_max_logits: bool = False):
+    """MLA core attention: q, k [b*L, H, Dqk], v [b*L, H, Dv] -> [b*L, H, Dv]; with
+    ``record_max_logits`` also QK-Clip's record [H] (this rank's heads, -inf elsewhere)."""
+    from model.mla import document_causal_attention, document_max_logits
 
     b, L, S = cp.batch_size, cp.local_length, cp.seq_length
     heads = q.shape[1]
     cp.check_heads(heads, "attention")
     packed = cp.global_packed(q.device)
+    best = torch.full((heads,), float("-inf"), device=q.device)
+    local = heads // cp.size
 
     def whole_samples(qs, ks, vs):  # [b, S, H/P, D]
-        out = document_causal_attention(qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1), packed, scale)
+        qs, ks, vs = qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1)
+        if record_max_logits:  # whole documents of this rank's heads
+            best[cp.rank * local:(cp.rank + 1) * local] = document_max_logits(qs, ks, packed, scale)
+        out = document_causal_attention(qs, ks, vs, packed, scale)
         return out.view(b, S, *out.shape[1:])
 
     out = _exchange(cp, whole_samples, *(x.view(b, L, heads, x.shape[-1]) for x in (q, k, v)))
-    return out.reshape(b * L, heads, -1)
+    out = out.reshape(b * L, heads, -1)
+    return (out, best) if record_max_logits else out
 
 
 def ulysses_kda_core(cp: ContextParallel, projections, kernels, g, beta_logits, gate, head_dim: int,

@@ -288,6 +288,26 @@ def check_causality(kind, mode, layers, config):
     return dict(before=before, after=after, scale=float(y.abs().max()))
 
 
+def check_max_logits(mode, layers, config):
+    """QK-Clip's record of the MLA layer (training mode): per head the largest logit, from this rank's
+    part, max-reduced over the CP ranks, against the whole sequences at CP=1."""
+    from model.packed import pack
+
+    layer = layers["mla"]
+    cp = context(mode)
+    x = torch.randn(B * S, 1, config.hidden_size, generator=torch.Generator().manual_seed(41))
+    layer.train()
+    layer.record_max_logits, layer.max_logits = True, None
+    with torch.no_grad():
+        layer(x, pack(B, S, cp.global_cu_seqlens, "cpu"))
+        reference, layer.max_logits = layer.max_logits, None
+        layer(local_slice(x, cp, S), pack(B, cp.local_length, cp.cu_seqlens, "cpu"), context_parallel=cp)
+    mine, layer.record_max_logits, layer.max_logits = layer.max_logits, False, None
+    reduced = mine.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=cp.group)
+    return dict(errors={"max_logits": rel(reduced, reference)}, reference=reference.tolist())
+
+
 def main(out_dir: str, checks: list[str]) -> None:
     from parallel import state
 
@@ -304,6 +324,10 @@ def main(out_dir: str, checks: list[str]) -> None:
             results[check] = check_op(arg)
         elif name == "conv":
             results[check] = check_conv_halo()
+        elif name == "qkclip":
+            if layers is None:
+                config, layers = build_layers()
+            results[check] = check_max_logits(arg, layers, config)
         elif name in ("layer", "causal"):
             kind, mode = arg.split("/")
             if layers is None:

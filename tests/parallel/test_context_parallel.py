@@ -7,6 +7,7 @@ and of every input gradient with the CP=1 run, and the parameter gradients summe
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ MODES = ("chunkwise", "ulysses")
 KINDS = ("kda", "gdn", "mla")
 OPS = ("reference", "triton", "fused")
 CHECKS = ([f"op:{op}" for op in OPS] + ["conv"] + [f"layer:{k}/{m}" for k in KINDS for m in MODES]
-          + [f"causal:{k}/{m}" for k in ("kda", "mla") for m in MODES])
+          + [f"causal:{k}/{m}" for k in ("kda", "mla") for m in MODES] + [f"qkclip:{m}" for m in MODES])
 TOL = 1e-5  # fp32: outputs and input gradients (relative norm of the difference)
 TOL_PARAM = 3e-5  # parameter gradients: sums over all tokens (dA_log the largest, ~7e-6)
 
@@ -68,6 +69,15 @@ def test_layer_matches_cp1(ranks, kind, mode):
     _check_errors(ranks, f"layer:{kind}/{mode}")
     names = ranks[0][f"layer:{kind}/{mode}"]["errors"]
     assert "dx" in names and sum(n.startswith("d.") for n in names) >= 5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", MODES)
+def test_mla_max_logit_record_matches_cp1(ranks, mode):
+    """QK-Clip's per-head max logit: each rank records what its queries (chunkwise) or heads (ulysses)
+    see; the MAX over CP ranks (what train/muon.py::qk_clip reduces) equals the CP=1 record."""
+    _check_errors(ranks, f"qkclip:{mode}")
+    assert all(math.isfinite(x) for x in ranks[0][f"qkclip:{mode}"]["reference"])
 
 
 @pytest.mark.distributed

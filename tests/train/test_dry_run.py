@@ -124,6 +124,21 @@ def test_activation_estimate_follows_recompute_and_pipeline():
     assert first > plain / 2 * 1.5  # two micro-batches in flight on the first of two stages
 
 
+def test_context_parallel_splits_the_activations_and_the_optimizer_shards():
+    """Under CP each rank keeps its slice's activations; the distributed optimizer shards over DP x CP."""
+    from train.dry_run import dry_run
+
+    def memory(cp):
+        run = load_run_config("scaling-653m")
+        run.train.seq_length, run.train.micro_batch_size, run.train.global_batch_size = 4096, 1, 8
+        run.train.context_parallel_size, run.train.distributed_optimizer = cp, True
+        return dry_run(run, world_size=2).memory[0]
+
+    dp2, cp2 = memory(1), memory(2)
+    assert cp2.activations == pytest.approx(dp2.activations / 2)
+    assert cp2.optimizer == pytest.approx(dp2.optimizer) and cp2.weights == dp2.weights
+
+
 def test_dry_run_refuses_a_layout_that_does_not_fit(capsys):
     from launch.pretrain import main
 
