@@ -166,14 +166,14 @@ def test_comparison_array_stop_requeue_and_resume(tmp_path, cluster):
             "mla": "A", "gdn-h": "GGGA", "kimi-linear": "KKKA"}[arm]
         log = array.log(task)
         if task in (batch_stop, step_stop):
-            stop = re.search(r"stop signal received: saving at step (\d+)", log)
+            stop = re.search(r"stop requested \([^)]*\): saving at step (\d+)", log)
             assert stop, f"task {task} did not stop\n{array.diagnosis()}"
             step = int(stop.group(1))
             assert 0 < step < STEPS
             assert f"resumed from {folder}/iter_{step:07d} at step {step}" in log, array.diagnosis()
             assert len(starts) == 2 and starts[1]["restart_count"] == "1", array.diagnosis()
         else:
-            assert "stop signal received" not in log and len(starts) == 1, array.diagnosis()
+            assert "stop requested" not in log and len(starts) == 1, array.diagnosis()
     assert [e for e in _events(array.folder(batch_stop)) if e["event"] == "end"][0]["requeue"] == 1
     assert [e for e in _events(array.folder(step_stop)) if e["event"] == "end"][0]["requeue"] == 0
     assert len(set(ports)) == 3, f"rendezvous ports repeat: {ports}"
@@ -328,7 +328,7 @@ def test_pretrain_sbatch_on_two_nodes_stops_requeues_and_resumes(tmp_path, two_n
     assert all(e["master"] == "127.0.0.1" for e in starts)  # the first node's address
     for node in ("n1", "n2"):  # the stop reached a rank on every node
         assert re.search(rf"\[{node}\] SIGUSR1 sent to rank process \d+", text), diagnosis()
-    stop = re.search(r"stop signal received: saving at step (\d+)", text)
+    stop = re.search(r"stop requested \([^)]*\): saving at step (\d+)", text)
     assert stop and 0 < int(stop.group(1)) < steps, diagnosis()
     step = int(stop.group(1))
     assert f"resumed from {run_dir}/iter_{step:07d} at step {step}" in text, diagnosis()
