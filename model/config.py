@@ -2,11 +2,11 @@
 
 The layer pattern is data: one symbol per layer, ``K`` (Kimi Delta Attention), ``A`` (MLA, NoPE),
 ``G`` (Gated DeltaNet: the KDA layer with one decay per head) or any mixer registered in
-model/mixers.py. A pattern shorter than the model is
-repeated, so ``"KKKA"`` with 16 layers is the 3:1 hybrid, ``"A"`` the all-MLA baseline and
-``"GGGA"`` the GDN hybrid. When its length does not divide the number of layers, the last, partial
-repeat is the pattern's tail: ``"KKKA"`` on 27 layers is ``KKKA`` x 6 + ``KKA``, the released
-model. The first ``first_k_dense`` layers use a dense SwiGLU MLP, the rest MoE.
+model/mixers.py. A pattern shorter than the model is repeated, so ``"KKKA"`` with 16 layers is the
+3:1 hybrid, ``"A"`` the all-MLA baseline and ``"GGGA"`` the GDN hybrid. When its length does not
+divide the number of layers, the last, partial repeat is the pattern's tail: ``"KKKA"`` on 27
+layers is ``KKKA`` x 6 + ``KKA``, the released model. The first ``first_k_dense`` layers use a
+dense SwiGLU MLP, the rest MoE.
 """
 
 from __future__ import annotations

@@ -129,9 +129,8 @@ def of_kind(kind: str) -> Mixer:
 
 
 def in_config(config) -> list[Mixer]:
-    """The mixers ``config``'s layers use, in registry order."""
-    kinds = set(config.layer_types)
-    return [m for m in _REGISTRY.values() if m.kind in kinds]
+    """The mixers ``config``'s layers use, in the order they first appear in the layer pattern."""
+    return [of_kind(kind) for kind in dict.fromkeys(config.layer_types)]
 
 
 def arms() -> tuple[str, ...]:
