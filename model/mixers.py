@@ -28,8 +28,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import ConfigError
-from .plan import (ContextParallelPlan, Param, ParallelPlan, column, head_sharded, norm, replicated,
-                   replicated_linear, row)
+from .plan import (
+    ContextParallelPlan,
+    ParallelPlan,
+    Param,
+    column,
+    head_sharded,
+    norm,
+    replicated,
+    replicated_linear,
+    row,
+)
 
 
 @dataclass(frozen=True)
