@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-ARMS = ("mla", "gdn-h", "kimi-linear")
+from model.presets import ARMS  # noqa: E402  (the registered mixers' arms: mla, gdn-h, kimi-linear)
 
 
 def matmul_ceiling_tflops(device) -> float | None:

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(argv)
     from model.config import ConfigError
-    from model.hf_export import import_hf_folder
+    from train.hf_checkpoint import import_hf_folder
     from parallel.state import destroy
     from train.checkpoint import CheckpointError
 

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = parse_args(argv)
     from model.config import ConfigError
-    from model.hf_export import export_checkpoint
+    from train.hf_checkpoint import export_checkpoint
     from parallel.state import destroy
     from train.checkpoint import CheckpointError
 

@@ -1,11 +1,12 @@
 """The model configuration: one dataclass for every arm of the comparison.
 
-The layer pattern is data: one symbol per layer, ``K`` (Kimi Delta Attention), ``A`` (MLA, NoPE) or
-``G`` (Gated DeltaNet: the KDA layer with one decay per head). A pattern shorter than the model is
-repeated, so ``"KKKA"`` with 16 layers is the 3:1 hybrid, ``"A"`` the all-MLA baseline and
-``"GGGA"`` the GDN hybrid. When its length does not divide the number of layers, the last, partial
-repeat is the pattern's tail: ``"KKKA"`` on 27 layers is ``KKKA`` x 6 + ``KKA``, the released
-model. The first ``first_k_dense`` layers use a dense SwiGLU MLP, the rest MoE.
+The layer pattern is data: one symbol per layer, ``K`` (Kimi Delta Attention), ``A`` (MLA, NoPE),
+``G`` (Gated DeltaNet: the KDA layer with one decay per head) or any mixer registered in
+model/mixers.py. A pattern shorter than the model is repeated, so ``"KKKA"`` with 16 layers is the
+3:1 hybrid, ``"A"`` the all-MLA baseline and ``"GGGA"`` the GDN hybrid. When its length does not
+divide the number of layers, the last, partial repeat is the pattern's tail: ``"KKKA"`` on 27
+layers is ``KKKA`` x 6 + ``KKA``, the released model. The first ``first_k_dense`` layers use a
+dense SwiGLU MLP, the rest MoE.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LAYER_SYMBOLS = {"K": "kda", "A": "mla", "G": "gdn"}
+from . import mixers
+from .errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+__all__ = ["ConfigError", "ModelConfig", "coerce_field", "expand_pattern"]
 
 
 @dataclass
@@ -70,8 +70,9 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived
     @property
     def layer_types(self) -> list[str]:
-        """One of 'kda', 'mla', 'gdn' per layer (the pattern expanded to num_layers)."""
-        return [LAYER_SYMBOLS[s] for s in expand_pattern(self.layer_pattern, self.num_layers)]
+        """The mixer kind of each layer ('kda', 'mla', 'gdn', ...: model/mixers.py), the pattern
+        expanded to num_layers."""
+        return [mixers.get(s).kind for s in expand_pattern(self.layer_pattern, self.num_layers)]
 
     @property
     def ffn_types(self) -> list[str]:
@@ -120,17 +121,10 @@ class ModelConfig:
                 f"kda_gate_lower_bound={self.kda_gate_lower_bound}: must be negative (e.g. -5.0) or None"
             )
         tp = tensor_parallel_size
-        types = set(self.layer_types)
-        if types & {"kda", "gdn"} and self.kda_num_heads % tp:
-            raise ConfigError(
-                f"kda_num_heads={self.kda_num_heads} is not divisible by tensor_model_parallel_size={tp}; "
-                f"choose a tensor-parallel size that divides it"
-            )
-        if "mla" in types and self.num_attention_heads % tp:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"tensor_model_parallel_size={tp}; choose a tensor-parallel size that divides it"
-            )
+        for mixer in mixers.in_config(self):  # each mixer's plan says what it splits over TP
+            problem = mixer.plan(self).check_tensor_parallel(tp)
+            if problem:
+                raise ConfigError(problem)
         if self.vocab_size % tp:
             raise ConfigError(
                 f"vocab_size={self.vocab_size} is not divisible by tensor_model_parallel_size={tp}; pad the vocab"
@@ -170,12 +164,11 @@ def expand_pattern(pattern: str, num_layers: int) -> str:
     last repeat takes the pattern's last symbols, so a hybrid still ends with its MLA layer
     (``"KKKA"`` on 27 layers: ``KKKA`` x 6 + ``KKA``)."""
     if not pattern:
-        raise ConfigError("layer_pattern is empty; use symbols K (KDA), A (MLA), G (GDN), e.g. 'KKKA'")
-    bad = sorted(set(pattern) - set(LAYER_SYMBOLS))
+        raise ConfigError(f"layer_pattern is empty; use the symbols {mixers.known()}, e.g. 'KKKA'")
+    known = {m.symbol for m in mixers.registered()}
+    bad = sorted(set(pattern) - known)
     if bad:
-        raise ConfigError(
-            f"layer_pattern={pattern!r} has unknown symbol(s) {bad}; use K (KDA), A (MLA) or G (GDN)"
-        )
+        raise ConfigError(f"layer_pattern={pattern!r} has unknown symbol(s) {bad}; known symbols: {mixers.known()}")
     if len(pattern) > num_layers:
         raise ConfigError(
             f"layer_pattern={pattern!r} (length {len(pattern)}) is longer than num_layers={num_layers}: give "

@@ -1,14 +1,14 @@
-"""Conversion between our checkpoints and Hugging Face ``kimi_linear`` folders (names in hf_names).
+"""Hugging Face ``kimi_linear`` folders of our models (names and shapes in hf_names).
 
-- ``export_checkpoint(load, out)``: any checkpoint (any TP layout; megatron reshards it to one
-  process) -> ``config.json`` + safetensors with the released checkpoint's names (docs/architecture.md,
-  "Hugging Face names"), sharded with
-  ``model.safetensors.index.json`` when larger than ``max_shard_size``, plus the run's tokenizer
-  (the one its meta.json records, or ``tokenizer=DIR``) and its special-token ids in
-  ``config.json`` and ``generation_config.json``: the folder alone tokenizes and generates.
-- ``import_hf_folder(hf_dir, save)``: an HF folder (the released checkpoint's names or transformers' runtime names,
-  sharded or not) -> a step-0 checkpoint that ``launch/pretrain.py --load`` and
-  ``train.checkpoint.load_model_for_inference`` accept.
+- ``export_state_dict(state, config, out)`` / ``export_model(model, out)``: our full (TP=1) weights
+  -> ``config.json`` + safetensors with the released checkpoint's names (docs/architecture.md, "Hugging Face names"), sharded with ``model.safetensors.index.json``
+  when larger than ``max_shard_size``, plus a tokenizer (``tokenizer_dir``) and its special-token
+  ids in ``config.json`` and ``generation_config.json``: the folder alone tokenizes and generates.
+- ``HFFolder`` and ``load_hf_weights_into``: an HF folder (the released checkpoint's names (docs/architecture.md, "Hugging Face names") or transformers' runtime
+  names, sharded or not) read into our (TP=1) model.
+
+Training checkpoints on either side (``export_checkpoint``, ``import_hf_folder``) are
+train/hf_checkpoint.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ from .hf_names import (
     hf_config_from_model_config,
     hf_tensor_from_ours,
     hf_tensor_specs,
-    model_config_from_hf_config,
     ours_from_hf_tensors,
 )
 
@@ -171,40 +169,9 @@ def export_model(model, out_dir, **kwargs) -> Path:
     from . import tp
 
     if tp.tp_size() != 1:
-        raise HFConversionError("export needs the whole model in one process (TP=1); use export_checkpoint")
+        raise HFConversionError("export needs the whole model in one process (TP=1); use "
+                                "train.hf_checkpoint.export_checkpoint")
     return export_state_dict(model.state_dict(), model.model_config, out_dir, **kwargs)
-
-
-def export_checkpoint(load: str | Path, out_dir: str | Path, step: int | None = None,
-                      tokenizer_dir: str | Path | None = None, **kwargs) -> Path:
-    """Checkpoint (any parallel layout) -> HF folder. Refuses unexportable configs before loading weights.
-    The tokenizer: ``tokenizer_dir``, else the one the run recorded (``train.tokenizer_dir`` in
-    meta.json), else none (with a notice)."""
-    from train.checkpoint import CheckpointError, load_model_for_inference, read_meta, resolve
-
-    path = resolve(load, step)
-    meta = read_meta(path)
-    if "model" not in meta:
-        raise CheckpointError(f"{path}/meta.json has no 'model' config; it was not written by this stack")
-    try:
-        config = ModelConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}/meta.json: invalid model config ({err})") from None
-    check_exportable(config, kwargs.get("allow_group_routing_mismatch", False))
-    from train.folders import writable_folder
-
-    writable_folder(out_dir, "--out")  # before the weights are read
-    recorded = (meta.get("train") or {}).get("tokenizer_dir") or None
-    tokenizer_dir = tokenizer_dir or recorded
-    if tokenizer_dir is None:
-        print(f"note: {path}/meta.json records no tokenizer, so the export has none; pass --tokenizer DIR "
-              "(the tokenizer the data was prepared with) to include it", file=sys.stderr)
-    elif not Path(tokenizer_dir).is_dir():
-        source = "recorded in meta.json" if tokenizer_dir == recorded else "given"
-        raise CheckpointError(f"the tokenizer {source}, {tokenizer_dir}, does not exist: pass --tokenizer DIR "
-                              "(the tokenizer the data was prepared with)")
-    model = load_model_for_inference(path)
-    return export_state_dict(model.state_dict(), config, out_dir, tokenizer_dir=tokenizer_dir, **kwargs)
 
 
 # ---------------------------------------------------------------------------- import
@@ -285,58 +252,3 @@ def load_hf_weights_into(model, config: ModelConfig, folder: HFFolder, progress:
 
 def _tensor(value) -> torch.Tensor:
     return value() if callable(value) else value
-
-
-def _refuse_existing_run(save: str | Path) -> None:
-    from train.checkpoint import LATEST
-
-    existing = sorted(p.name for p in Path(save).glob("iter_*")) + [p.name for p in Path(save).glob(LATEST)]
-    if existing:
-        raise HFConversionError(
-            f"--save {save} already holds a run ({', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}); "
-            f"importing into it would reset its latest checkpoint to step 0: choose a new --save folder"
-        )
-
-
-def import_hf_folder(
-    hf_dir: str | Path,
-    save: str | Path,
-    name: str | None = None,
-    progress: bool = True,
-    allow_group_routing_mismatch: bool = False,
-) -> Path:
-    """HF folder -> checkpoint ``save/iter_0000000`` (+ ``save/run.json`` for ``pretrain.py --config``)."""
-    from megatron.core import parallel_state
-
-    from parallel import state as pstate
-    from train.checkpoint import save_checkpoint
-    from train.lock import SaveFolderLock
-
-    from . import tp
-    from .model import build_model
-
-    _refuse_existing_run(save)
-    folder = HFFolder(hf_dir)
-    config = model_config_from_hf_config(
-        folder.config, name=name or Path(hf_dir).resolve().name,
-        allow_group_routing_mismatch=allow_group_routing_mismatch,
-    )
-    created = not Path(save).exists()
-    try:
-        # the lock also refuses a --save that cannot be written, before the weights are read
-        with SaveFolderLock(save):
-            _refuse_existing_run(save)  # again: another job may have written there meanwhile
-            if not parallel_state.model_parallel_is_initialized():
-                pstate.initialize(pstate.ParallelDims())
-            if tp.tp_size() != 1:
-                raise HFConversionError("import runs in one process (TP=1); the checkpoint is resharded when loaded")
-            model = build_model(config, initialize_weights=False)
-            load_hf_weights_into(model, config, folder, progress)
-            meta = {"model": config.to_dict(), "source": {"hf": str(Path(hf_dir).resolve())}}
-            path = save_checkpoint(save, 0, model, None, meta)
-            (Path(save) / "run.json").write_text(json.dumps({"model": config.to_dict()}, indent=2) + "\n")
-    except BaseException:
-        if created:  # nothing half-written is left behind
-            shutil.rmtree(save, ignore_errors=True)
-        raise
-    return path

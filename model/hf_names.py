@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import mixers
 from .config import ConfigError, ModelConfig
 
 # transformers builds kv_a_layernorm without an eps argument: KimiLinearRMSNorm's default
@@ -79,25 +80,21 @@ class HFTensor:
 def check_exportable(cfg: ModelConfig, allow_group_routing_mismatch: bool = False) -> None:
     """Raise HFConversionError if the HF model would not compute what ours computes."""
     types = cfg.layer_types
-    if "gdn" in types:
-        layers = [i for i, t in enumerate(types) if t == "gdn"]
-        raise HFConversionError(
-            f"layer_pattern={cfg.layer_pattern!r} has Gated DeltaNet ('G') layers at 0-based {layers}: the HF "
-            f"kimi_linear model has no GDN layer, so this checkpoint cannot be exported; only K (KDA) and A (MLA) "
-            f"layers can"
-        )
-    if cfg.kda_gate_lower_bound is not None:
-        raise HFConversionError(
-            f"kda_gate_lower_bound={cfg.kda_gate_lower_bound}: the HF KDA gate is unbounded "
-            f"(-exp(A_log)*softplus(.)); a bounded-gate model cannot be exported"
-        )
+    exportable = ", ".join(m.label for m in mixers.registered() if m.hf is not None)
+    for mixer in mixers.in_config(cfg):
+        if mixer.hf is None:
+            layers = [i for i, t in enumerate(types) if t == mixer.kind]
+            raise HFConversionError(
+                f"layer_pattern={cfg.layer_pattern!r} has {mixer.name} ('{mixer.symbol}') layers at 0-based "
+                f"{layers}: the HF kimi_linear model has no {mixer.kind.upper()} layer, so this checkpoint cannot "
+                f"be exported; only {exportable} layers can"
+            )
+    for mixer in mixers.in_config(cfg):
+        if mixer.hf.check is not None:
+            mixer.hf.check(cfg)
     if not cfg.moe_renormalize and cfg.num_experts_per_token > 1:
         raise HFConversionError("moe_renormalize=False is not supported by our MoE; nothing to export")
     check_group_routing(cfg, allow_group_routing_mismatch)
-    if "mla" in types and abs(cfg.kv_norm_eps - HF_KV_NORM_EPS) > 0:
-        raise HFConversionError(
-            f"kv_norm_eps={cfg.kv_norm_eps}: transformers' kv_a_layernorm always uses eps={HF_KV_NORM_EPS}"
-        )
 
 
 def check_group_routing(cfg: ModelConfig, allow_mismatch: bool = False) -> None:
@@ -117,9 +114,9 @@ def hf_config_from_model_config(
     cfg: ModelConfig, dtype: str = "bfloat16", model_max_length: int | None = None
 ) -> dict:
     """The HF ``config.json`` dict (the released model's keys) for ``cfg``."""
-    types = cfg.layer_types
-    kda_layers = [i + 1 for i, t in enumerate(types) if t == "kda"]
-    mla_layers = [i + 1 for i, t in enumerate(types) if t == "mla"]
+    hf_types = [_hf_layout(kind).layer_type for kind in cfg.layer_types]
+    kda_layers = [i + 1 for i, t in enumerate(hf_types) if t == "linear_attention"]
+    mla_layers = [i + 1 for i, t in enumerate(hf_types) if t == "full_attention"]
     if model_max_length is None:
         model_max_length = int(cfg.extra.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH))
     return {
@@ -154,7 +151,7 @@ def hf_config_from_model_config(
             "short_conv_kernel_size": cfg.short_conv_kernel,
         },
         # transformers 5.x reads these first (and save_pretrained writes them)
-        "layer_types": ["full_attention" if t == "mla" else "linear_attention" for t in types],
+        "layer_types": hf_types,
         "mlp_layer_types": ["dense" if f == "dense" else "sparse" for f in cfg.ffn_types],
         "num_experts": cfg.num_experts,
         "num_experts_per_token": cfg.num_experts_per_token,
@@ -236,11 +233,11 @@ def _model_config_from_hf_config(d: dict, name: str, allow_group_routing_mismatc
             layer_types[i - 1] = "linear_attention"
     if len(layer_types) != layers:
         raise HFConversionError(f"config.json layer_types has {len(layer_types)} entries, num_hidden_layers={layers}")
-    symbols = {"linear_attention": "K", "full_attention": "A"}
+    symbols = {m.hf.layer_type: m.symbol for m in mixers.registered() if m.hf is not None}
     bad = sorted({str(t) for t in layer_types if t not in symbols})
     if bad:
         raise HFConversionError(
-            f"config.json layer types {bad} are not supported (only linear_attention, full_attention)"
+            f"config.json layer types {bad} are not supported (only {', '.join(symbols)})"
         )
     pattern = "".join(symbols[t] for t in layer_types)
 
@@ -314,46 +311,12 @@ def _model_config_from_hf_config(d: dict, name: str, allow_group_routing_mismatc
 def hf_tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
     """Every tensor of the HF checkpoint for ``cfg``, with its checkpoint name, shape and our source."""
     h, v = cfg.hidden_size, cfg.vocab_size
-    heads, dim = cfg.kda_num_heads, cfg.kda_head_dim
-    qkv, width = heads * dim, cfg.short_conv_kernel
     specs = [HFTensor("model.embed_tokens.weight", (v, h), "embedding.weight")]
     for i, (mixer, ffn) in enumerate(zip(cfg.layer_types, cfg.ffn_types)):
         hp, op = f"model.layers.{i}.", f"layers.{i}."
         a, m = hp + "self_attn.", op + "mixer."
         specs.append(HFTensor(hp + "input_layernorm.weight", (h,), op + "input_norm.weight"))
-        if mixer == "kda":
-            specs += [
-                HFTensor(a + "q_proj.weight", (qkv, h), m + "q_proj.weight"),
-                HFTensor(a + "k_proj.weight", (qkv, h), m + "k_proj.weight"),
-                HFTensor(a + "v_proj.weight", (qkv, h), m + "v_proj.weight"),
-                HFTensor(a + "q_conv1d.weight", (qkv, 1, width), m + "q_conv1d"),
-                HFTensor(a + "k_conv1d.weight", (qkv, 1, width), m + "k_conv1d"),
-                HFTensor(a + "v_conv1d.weight", (qkv, 1, width), m + "v_conv1d"),
-                HFTensor(a + "A_log", (1, 1, heads, 1), m + "A_log", fp32=True),
-                HFTensor(a + "dt_bias", (qkv,), m + "dt_bias", fp32=True),
-                HFTensor(a + "f_a_proj.weight", (dim, h), m + "f_a_proj.weight"),
-                HFTensor(a + "f_b_proj.weight", (qkv, dim), m + "f_b_proj.weight"),
-                HFTensor(a + "b_proj.weight", (heads, h), m + "b_proj.weight"),
-                HFTensor(a + "g_a_proj.weight", (dim, h), m + "g_a_proj.weight"),
-                HFTensor(a + "g_b_proj.weight", (qkv, dim), m + "g_b_proj.weight"),
-                HFTensor(a + "o_norm.weight", (dim,), m + "o_norm_weight"),
-                HFTensor(a + "o_proj.weight", (h, qkv), m + "o_proj.weight"),
-            ]
-        elif mixer == "mla":
-            nh, qk, rank = cfg.num_attention_heads, cfg.qk_head_dim, cfg.kv_lora_rank
-            kv_a, kv_b = rank + cfg.qk_rope_head_dim, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-            specs += [
-                HFTensor(a + "q_proj.weight", (nh * qk, h), m + "q_proj.weight"),
-                HFTensor(a + "kv_a_proj_with_mqa.weight", (kv_a, h), m + "kv_a_proj_with_mqa.weight"),
-                HFTensor(a + "kv_a_layernorm.weight", (rank,), m + "kv_a_layernorm.weight"),
-                HFTensor(a + "kv_b_proj.weight", (kv_b, rank), m + "kv_b_proj.weight"),
-                HFTensor(a + "o_proj.weight", (h, nh * cfg.v_head_dim), m + "o_proj.weight"),
-            ]
-        else:
-            raise HFConversionError(
-                f"layer {i} is a {mixer!r} layer (layer_pattern={cfg.layer_pattern!r}): the HF kimi_linear model "
-                f"has only KDA and MLA layers, so this model cannot be exported"
-            )
+        specs += _hf_layout(mixer, cfg, i).tensors(cfg, a, m)
         specs.append(HFTensor(hp + "post_attention_layernorm.weight", (h,), op + "post_mixer_norm.weight"))
         f = op + "ffn."
         if ffn == "dense":
@@ -384,6 +347,18 @@ def hf_tensor_specs(cfg: ModelConfig) -> list[HFTensor]:
         HFTensor("lm_head.weight", (v, h), "output_layer.weight"),
     ]
     return specs
+
+
+def _hf_layout(kind: str, cfg: ModelConfig | None = None, layer: int | None = None) -> mixers.HFLayout:
+    """The HF layout of mixer ``kind``; HFConversionError for a mixer the HF model does not have."""
+    mixer = mixers.of_kind(kind)
+    if mixer.hf is None:
+        where = f"layer {layer} is a {kind!r} layer (layer_pattern={cfg.layer_pattern!r}): " if cfg else ""
+        raise HFConversionError(
+            f"{where}the HF kimi_linear model has no {mixer.name} ({mixer.label}) layer, so this model cannot be "
+            f"exported"
+        )
+    return mixer.hf
 
 
 def _swiglu(hf_prefix: str, names: tuple, our_prefix: str, hidden: int, inter: int) -> list[HFTensor]:

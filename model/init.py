@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from . import mixers
 from .config import ModelConfig
 
 CHUNK = 1 << 16  # elements generated at a time: 512 KiB temporaries stay in the CPU's cache
@@ -105,30 +106,26 @@ def constant_init(value: float) -> Init:
 
 def parameter_init(key: str, config: ModelConfig) -> Init:
     """The distribution of the tensor with global key ``key`` (unchanged from megatron-core's and
-    FLA's defaults): normal(0, initializer_range) for every linear, the embedding and the LM head;
-    the second matrix of every MLP (dense, routed and shared experts) scaled by 1/sqrt(2 x layers)
-    as megatron's ``output_layer_init_method``; ones for norm weights; zeros for the router's
-    expert bias; nn.Conv1d's U(+-1/sqrt(width)) for the short convolutions; FLA's KDA decay."""
-    from .kda import a_log_from_uniform, dt_bias_from_uniform
-
+    FLA's defaults): a mixer parameter's plan entry when it names one (model/mixers.py: e.g.
+    nn.Conv1d's U(+-1/sqrt(width)) for the short convolutions, FLA's KDA decay); else
+    normal(0, initializer_range) for every linear, the embedding and the LM head; the second matrix
+    of every MLP (dense, routed and shared experts) scaled by 1/sqrt(2 x layers) as megatron's
+    ``output_layer_init_method``; ones for norm weights; zeros for the router's expert bias."""
+    placement = mixers.placement_of(key, config)
+    if placement is not None and placement.init is not None:
+        return placement.init(config)
     std = config.initializer_range
     leaf = key.rsplit(".", 1)[-1]
-    if key.endswith(("norm.weight", "o_norm_weight")):
+    if key.endswith("norm.weight"):
         return constant_init(1.0)
     if leaf == "expert_bias":
         return constant_init(0.0)
-    if leaf.endswith("_conv1d"):
-        bound = 1.0 / math.sqrt(config.short_conv_kernel)
-        return uniform_init(-bound, bound)
-    if leaf == "A_log":
-        return Init("uniform", a_log_from_uniform)
-    if leaf == "dt_bias":
-        return Init("uniform", dt_bias_from_uniform)
     if key.endswith("linear_fc2.weight"):
         return normal_init(std / math.sqrt(2.0 * config.num_layers))
     if leaf == "weight":
         return normal_init(std)
-    raise ValueError(f"no initialisation rule for parameter {key!r}; add one to model/init.py::parameter_init")
+    raise ValueError(f"no initialisation rule for parameter {key!r}; give its plan entry an init "
+                     f"(model/mixers.py) or add one to model/init.py::parameter_init")
 
 
 def index_chunks(local_shape, global_shape, global_offset, chunk: int = CHUNK):

@@ -1,9 +1,10 @@
 """Kimi Delta Attention mixer (docs/architecture.md, "Kimi Delta Attention"), and Gated DeltaNet as its
 one-decay-per-head case.
 
-Tensor parallel by head: q/k/v, the forget-gate and output-gate up-projections, beta, the short-conv
-kernels, ``A_log`` and ``dt_bias`` are split over TP ranks; the low-rank down-projections
-(``f_a_proj``, ``g_a_proj``) and the output-norm weight are replicated; ``o_proj`` is row-parallel.
+Tensor parallel by head, as its plan (``model.mixers.kda_plan``) declares: q/k/v, the forget-gate
+and output-gate up-projections, beta, the short-conv kernels, ``A_log`` and ``dt_bias`` are split
+over TP ranks; the low-rank down-projections (``f_a_proj``, ``g_a_proj``) and the output-norm
+weight are replicated; ``o_proj`` is row-parallel.
 The recurrence itself is ``kda_op``: ``kernels.kda.chunk_kda`` on GPUs (Triton, run with the layer's
 ``kernel_options``) and ``kernels.kda.chunk_kda_cpu`` on CPUs (the chunked PyTorch reference with its
 intra-chunk products vectorised).
@@ -15,14 +16,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
-from torch import nn
 
 from kernels.kda import KDAOptions, chunk_kda, chunk_kda_cpu
 
 from . import tp
 from .config import ModelConfig
 from .fusion import fused
+from .mixers import kda_plan
 from .norms import gated_rms_norm
 from .packed import PackedSequence, causal_depthwise_conv
 from .profiling import profiled
@@ -67,41 +67,18 @@ def dt_bias_from_uniform(u: torch.Tensor) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class KimiDeltaAttention(MegatronModule):
-    """One KDA (``per_channel_decay=True``) or GDN (``False``) token mixer."""
+class KimiDeltaAttention(tp.PlannedMixer):
+    """One KDA (``per_channel_decay=True``) or GDN (``False``) token mixer; its parameters and their
+    tensor-parallel layout are ``model.mixers.kda_plan``."""
 
     def __init__(self, config: ModelConfig, tconfig, layer_idx: int, per_channel_decay: bool = True):
-        super().__init__(config=tconfig)
-        self.layer_idx = layer_idx
+        # values are filled after the model is built (model/init.py)
+        super().__init__(config, tconfig, layer_idx, kda_plan(config, per_channel_decay))
         self.kernel_options = KDAOptions()  # how the Triton kernels run (kernels/kda/options.py)
         self.per_channel_decay = per_channel_decay
-        heads, dim, hidden = config.kda_num_heads, config.kda_head_dim, config.hidden_size
-        self.local_heads = heads // tp.tp_size()
-        self.head_dim = dim
+        self.head_dim = config.kda_head_dim
         self.eps = config.rms_norm_eps
         self.lower_bound = config.kda_gate_lower_bound
-        width = config.short_conv_kernel
-        decay_size = heads * dim if per_channel_decay else heads
-
-        # values are filled after the model is built (model/init.py)
-        self.q_proj = tp.column(hidden, heads * dim, tconfig)
-        self.k_proj = tp.column(hidden, heads * dim, tconfig)
-        self.v_proj = tp.column(hidden, heads * dim, tconfig)
-        self.q_conv1d = tp.sharded_parameter((heads * dim, 1, width))
-        self.k_conv1d = tp.sharded_parameter((heads * dim, 1, width))
-        self.v_conv1d = tp.sharded_parameter((heads * dim, 1, width))
-        self.f_a_proj = tp.replicated_linear(hidden, dim, tconfig)
-        self.f_b_proj = tp.column(dim, decay_size, tconfig)
-        self.A_log = tp.sharded_parameter((heads,))
-        self.dt_bias = tp.sharded_parameter((decay_size,))
-        self.b_proj = tp.column(hidden, heads, tconfig)
-        self.g_a_proj = tp.replicated_linear(hidden, dim, tconfig)
-        self.g_b_proj = tp.column(dim, heads * dim, tconfig)
-        self.o_norm_weight = nn.Parameter(torch.ones(dim))
-        self.o_proj = tp.row(heads * dim, hidden, tconfig)
-        for fp32_param in (self.A_log, self.dt_bias):
-            fp32_param.keep_fp32 = True  # the decay path stays fp32 under mixed precision
-            fp32_param.no_weight_decay = True
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(1, x.shape[0], self.local_heads, -1)
@@ -147,7 +124,3 @@ class KimiDeltaAttention(MegatronModule):
         y = self.o_proj(y.reshape(t, -1))[0]
         y = y.unsqueeze(1)
         return (y, final_state) if output_final_state else y
-
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        axes = {name: 0 for name in ("q_conv1d", "k_conv1d", "v_conv1d", "A_log", "dt_bias")}
-        return tp.sharded_state_dict_with_axes(self, prefix, axes, sharded_offsets, metadata)

@@ -4,10 +4,10 @@ Queries ``[q_nope_h | q_rot_h]`` per head; keys ``[k_nope_h | k_rot]`` where ``k
 "rope" slice) is shared by all heads and never rotated; values from the same latent. Softmax scale
 ``(nope + rope)^-0.5``, causal within each document of the packed stream.
 
-Tensor parallel by head: ``q_proj``/``kv_b_proj`` column-parallel, ``o_proj`` row-parallel,
-``kv_a_proj_with_mqa`` and ``kv_a_layernorm`` replicated. The shared ``k_rot`` feeds only this
-rank's heads, so its gradient is summed over TP ranks (megatron-core's own MLA misses this:
-NVIDIA/Megatron-LM#1699).
+Tensor parallel by head, as its plan (``model.mixers.mla_plan``) declares: ``q_proj``/``kv_b_proj``
+column-parallel, ``o_proj`` row-parallel, ``kv_a_proj_with_mqa`` and ``kv_a_layernorm`` replicated.
+The shared ``k_rot`` feeds only this rank's heads, so its gradient is summed over TP ranks
+(megatron-core's own MLA misses this: NVIDIA/Megatron-LM#1699).
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
 
 from . import tp
 from .config import ModelConfig
-from .norms import RMSNorm
+from .mixers import mla_plan
 from .packed import PackedSequence
 from .profiling import profiled
 
@@ -86,22 +85,15 @@ def varlen_flash_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: f
     return out[..., :dv]
 
 
-class MultiLatentAttention(MegatronModule):
+class MultiLatentAttention(tp.PlannedMixer):
+    """NoPE MLA; its parameters and their tensor-parallel layout are ``model.mixers.mla_plan``."""
+
     def __init__(self, config: ModelConfig, tconfig, layer_idx: int):
-        super().__init__(config=tconfig)
-        self.layer_idx = layer_idx
-        heads, hidden = config.num_attention_heads, config.hidden_size
-        self.local_heads = heads // tp.tp_size()
+        super().__init__(config, tconfig, layer_idx, mla_plan(config))
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.scale = (self.nope + self.rope) ** -0.5
-
-        self.q_proj = tp.column(hidden, heads * (self.nope + self.rope), tconfig)
         self.sequence_parallel = bool(tconfig.sequence_parallel)
-        self.kv_a_proj_with_mqa = tp.replicated_linear(hidden, self.kv_lora_rank + self.rope, tconfig)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.kv_norm_eps, self.sequence_parallel)
-        self.kv_b_proj = tp.column(self.kv_lora_rank, heads * (self.nope + self.v_dim), tconfig)
-        self.o_proj = tp.row(heads * self.v_dim, hidden, tconfig)
         # QK-Clip (train/muon.py): when set, training forwards keep the running max over micro-batches
         # of each local head's largest logit q.k * scale (document-causal) in max_logits [local_heads]
         self.record_max_logits = False
@@ -142,6 +134,19 @@ class MultiLatentAttention(MegatronModule):
                 self._keep_max_logits(document_max_logits(q, k, packed, self.scale))
             out = profiled("mla_core_attention", document_causal_attention, q, k, v, packed, self.scale)
         return self.o_proj(out.reshape(t, -1))[0].unsqueeze(1)
+
+    @torch.no_grad()
+    def clip_qk(self, gamma: torch.Tensor) -> None:
+        """QK-Clip (train/muon.py): scale every logit of local head h by ``gamma[h]``: the rows of
+        ``q_proj`` for head h's nope part and of ``kv_b_proj`` for its k_nope part by sqrt(gamma), the
+        rows of ``q_proj`` for its rope part by gamma; the shared k_rot (it feeds every head) stays."""
+        heads, nope, rope = self.local_heads, self.nope, self.rope
+        qw = self.q_proj.weight.view(heads, nope + rope, -1)
+        kvw = self.kv_b_proj.weight.view(heads, nope + self.v_dim, -1)
+        root = gamma.sqrt().to(qw.dtype)[:, None, None]
+        qw[:, :nope].mul_(root)
+        qw[:, nope:].mul_(gamma.to(qw.dtype)[:, None, None])
+        kvw[:, :nope].mul_(root.to(kvw.dtype))
 
     def _gather_sequence_parallel(self, compressed: torch.Tensor) -> torch.Tensor:
         """This rank's sequence-parallel share of ``[latent | k_rot]`` -> every local token's, so that

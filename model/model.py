@@ -1,7 +1,8 @@
 """The hybrid language model: embedding, pre-norm residual blocks, final norm, untied LM head.
 
 Block i: ``h = h + Mixer_i(RMSNorm(h)); h = h + FFN_i(RMSNorm(h))`` with the mixer chosen by the
-layer pattern (KDA, GDN or MLA) and the FFN dense for the first ``first_k_dense`` layers, MoE after.
+layer pattern (KDA, GDN, MLA or another mixer of model/mixers.py) and the FFN dense for the first
+``first_k_dense`` layers, MoE after.
 Inside the model a micro-batch ``[B, S]`` travels as one packed stream ``[B*S, 1, hidden]``
 (sequence first, as megatron-core expects), with document boundaries from ``cu_seqlens``.
 """
@@ -14,11 +15,9 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from . import tp
+from . import mixers, tp
 from .config import ModelConfig
 from .ffn import check_renormalize, dense_mlp, drop_graph_references, megatron_config, moe_layer
-from .kda import KimiDeltaAttention
-from .mla import MultiLatentAttention
 from .norms import RMSNorm
 from .packed import PackedSequence, pack
 from .profiling import profiled
@@ -32,10 +31,7 @@ class DecoderLayer(MegatronModule):
         self.ffn_type = config.ffn_types[layer_idx]
         sp = bool(tconfig.sequence_parallel)
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, sp)
-        if self.layer_type == "mla":
-            self.mixer = MultiLatentAttention(config, tconfig, layer_idx)
-        else:
-            self.mixer = KimiDeltaAttention(config, tconfig, layer_idx, per_channel_decay=self.layer_type == "kda")
+        self.mixer = mixers.of_kind(self.layer_type).build(config, tconfig, layer_idx)
         self.post_mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, sp)
         self.ffn = dense_mlp(tconfig) if self.ffn_type == "dense" else moe_layer(tconfig, layer_idx + 1)
 

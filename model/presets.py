@@ -16,8 +16,8 @@ hybrid ("GGGA") or Kimi Linear ("KKKA") with everything else identical.
 
 from __future__ import annotations
 
+from . import mixers
 from .config import ConfigError, ModelConfig, expand_pattern
-
 
 
 def hybrid_pattern(num_layers: int, linear: str = "K", ratio: int = 3) -> str:
@@ -123,19 +123,19 @@ def with_pattern(config: ModelConfig, pattern: str) -> ModelConfig:
     return config.replace(layer_pattern=pattern, name=f"{config.name}[{pattern}]").validate()
 
 
-ARMS = ("mla", "gdn-h", "kimi-linear")
+ARMS = mixers.arms()  # the registered mixers' arms: ("mla", "gdn-h", "kimi-linear")
 
 
 def as_arm(config: ModelConfig, arm: str) -> ModelConfig:
-    """The paper's identical-recipe arms: all-MLA, GDN hybrid (every KDA layer a GDN layer) and
-    Kimi Linear (every GDN layer a KDA layer); MLA layers stay where they are."""
-    expanded = expand_pattern(config.layer_pattern, config.num_layers)
-    if arm == "mla":
-        pattern = "A"
-    elif arm == "gdn-h":
-        pattern = expanded.replace("K", "G")
-    elif arm == "kimi-linear":
-        pattern = expanded.replace("G", "K")
+    """The paper's identical-recipe arms: a linear mixer's arm (``gdn-h``, ``kimi-linear``) makes
+    every linear layer of the pattern that mixer, an attention mixer's arm (``mla``) the whole
+    pattern; everything else stays. So ``gdn-h`` turns every KDA layer into a GDN layer and
+    ``kimi-linear`` every GDN layer into a KDA layer, with the MLA layers where they are."""
+    mixer = mixers.of_arm(arm)
+    if mixer.linear:
+        linear = {m.symbol for m in mixers.registered() if m.linear}
+        expanded = expand_pattern(config.layer_pattern, config.num_layers)
+        pattern = "".join(mixer.symbol if s in linear else s for s in expanded)
     else:
-        raise ConfigError(f"unknown arm {arm!r}; choose one of {ARMS}")
+        pattern = mixer.symbol
     return config.replace(layer_pattern=pattern, name=f"{config.name}:{arm}").validate()

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import torch
 
-# the regions the model declares, and the part of the breakdown each one stands for
-REGIONS = {
-    "kda_core": "KDA",
-    "mla_core_attention": "MLA core attention",
+from . import mixers
+
+# the regions outside the mixers' core ops, and the part of the breakdown each one stands for
+COMMON_REGIONS = {
     "moe": "MoE (router, dispatch, experts)",
-    "mixer": "dense projections",  # KDA/MLA layers outside their core op: projections, conv, norms
+    "mixer": "dense projections",  # mixer layers outside their core op: projections, conv, norms
     "dense_mlp": "dense projections",
     "optimizer": "optimizer",
 }
+
+
+def regions() -> dict[str, str]:
+    """Every region the model declares -> its part: the mixers' core ops (model/mixers.py), then
+    the common ones."""
+    return {**mixers.profile_regions(), **COMMON_REGIONS}
 
 
 class _BackwardRange:

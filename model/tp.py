@@ -1,5 +1,7 @@
-"""Thin helpers over megatron-core's tensor-parallel layers, shared by the mixers.
+"""Thin helpers over megatron-core's tensor-parallel layers, and the mixers' builder from their plans.
 
+``build_from_plan`` makes a mixer's layers and tensors from its declarative plan (model/plan.py);
+``PlannedMixer`` is the base of every mixer (its checkpoint axes come from the plan too).
 Layers here only allocate this rank's shard; nothing is drawn when they are built. ``build_model``
 then fills every tensor from the seed, the tensor's global name and each element's global index
 (model/init.py), so a TP=2 shard equals the corresponding slice of the TP=1 tensor (for megatron's
@@ -10,7 +12,11 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
+
+from . import plan as plans
+from .norms import RMSNorm
 
 
 def tp_size() -> int:
@@ -105,3 +111,55 @@ def sharded_state_dict_with_axes(module, prefix, axis_map, sharded_offsets=(), m
         else:  # plain containers and leaves (ModuleList, nn.Linear, RMSNorm): replicated, recurse
             sharded.update(sharded_state_dict_with_axes(child, child_prefix, {}, sharded_offsets, metadata))
     return sharded
+
+
+def build_from_plan(module: nn.Module, plan: plans.ParallelPlan, tconfig) -> None:
+    """Give ``module`` one attribute per entry of ``plan``, in the plan's order: megatron's
+    column/row-parallel linears, replicated linears and norms, head-split or replicated tensors.
+
+    Every parameter is marked with its plan entry (``placement``) and with what the training code
+    reads: megatron's ``tensor_model_parallel``/``partition_dim`` (Muon, gradient norms, the
+    checkpoint), ``sequence_parallel`` (the TP gradient sum after backward: replicated weights fed
+    this rank's tokens under sequence parallelism), ``keep_fp32`` and ``no_weight_decay``."""
+    sequence_parallel = bool(tconfig.sequence_parallel)
+    for attribute, p in plan.params.items():
+        if p.builds == plans.LINEAR:
+            out_features, in_features = p.shape
+            make = {plans.COLUMN: column, plans.ROW: row, plans.REPLICATED: replicated_linear}[p.layout]
+            holder = make(in_features, out_features, tconfig)
+            param = holder.weight
+        elif p.builds == plans.NORM:
+            holder = RMSNorm(p.shape[0], p.eps, sequence_parallel and p.local_tokens)
+            param = holder.weight
+        elif p.layout == plans.HEADS:
+            holder = param = sharded_parameter(p.shape, p.axis)
+        elif p.layout == plans.REPLICATED:
+            holder = param = nn.Parameter(torch.empty(p.shape))
+        else:
+            raise ValueError(f"{type(module).__name__}.{attribute}: a {p.layout} {p.builds} cannot be built")
+        if p.layout == plans.REPLICATED:
+            param.sequence_parallel = sequence_parallel and p.local_tokens
+        if p.keep_fp32:
+            param.keep_fp32 = True  # stays fp32 under mixed precision (train/precision.py)
+        if not p.weight_decay:
+            param.no_weight_decay = True
+        param.placement = p
+        setattr(module, attribute, holder)
+
+
+class PlannedMixer(MegatronModule):
+    """A token mixer whose parameters come from its parallel plan (model/plan.py, model/mixers.py).
+
+    Subclasses call ``super().__init__(config, tconfig, layer_idx, plan)`` and then use the
+    attributes the plan names; ``forward(hidden [T, 1, hidden], packed, context_parallel=None)``
+    returns the same shape ([T/TP, 1, hidden] under sequence parallelism)."""
+
+    def __init__(self, config, tconfig, layer_idx: int, plan: plans.ParallelPlan):
+        super().__init__(config=tconfig)
+        self.layer_idx = layer_idx
+        self.plan = plan
+        self.local_heads = plan.heads // tp_size()
+        build_from_plan(self, plan, tconfig)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return sharded_state_dict_with_axes(self, prefix, self.plan.checkpoint_axes(), sharded_offsets, metadata)

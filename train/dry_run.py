@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model import mixers
 from train.config import RunConfig
 
 GIB = 2.0**30
@@ -75,21 +76,8 @@ def activation_elements(config, mixer: str, ffn: str, expert_parallel: int) -> d
     only under sequence parallelism) and ``fp32`` (held in fp32 whatever the compute dtype, head-split)."""
     d = config.hidden_size
     out = {"split": 0.0, "tokens": 4.0 * d, "fp32": 0.0}  # two norms: input and output each
-    if mixer in ("kda", "gdn"):
-        heads, dh = config.kda_num_heads, config.kda_head_dim
-        decay = heads * dh if mixer == "kda" else heads
-        # q, k, v before and after the short convolutions, forget-gate and output-gate up-projections,
-        # beta, the recurrence output and the gated-norm output; low-rank gate down-projections
-        out["split"] += 6 * heads * dh + decay + heads + 3 * heads * dh
-        out["tokens"] += 2 * dh
-        out["fp32"] += decay + heads * dh * dh / 64  # the decay, and one dh x dh state per 64-token chunk
-    else:
-        heads, n, r, v, lkv = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
-                               config.v_head_dim, config.kv_lora_rank)
-        # q, kv_b output, the assembled keys, the attention output (flash attention: no S x S)
-        out["split"] += 2 * heads * (n + r) + heads * (n + v) + heads * v
-        out["tokens"] += 2 * lkv + r  # kv_a output and its norm
-        out["fp32"] += heads  # softmax log-sum-exp
+    for key, value in mixers.of_kind(mixer).activations(config).items():  # model/mixers.py
+        out[key] += value
     if ffn == "dense":
         out["split"] += 3 * config.intermediate_size  # [gate; up] and the SwiGLU output
     else:
@@ -217,8 +205,7 @@ def dry_run(run: RunConfig, world_size: int | None = None) -> DryRun:
 
 def _compact(pattern: list[str]) -> str:
     """``kda kda kda mla ...`` -> ``KKKA...`` (the layer-pattern symbols)."""
-    symbols = {"kda": "K", "mla": "A", "gdn": "G"}
-    return "".join(symbols[x] for x in pattern)
+    return "".join(mixers.of_kind(x).symbol for x in pattern)
 
 
 def format_report(report: DryRun) -> str:
@@ -227,7 +214,7 @@ def format_report(report: DryRun) -> str:
         f"dry run of {report.name}: model built on the meta device (no weights allocated)",
         f"parameters: {report.total_parameters:,} total, {report.activated_parameters:,} activated per token "
         f"({report.activated_parameters - report.embedding_parameters:,} without embedding and LM head)",
-        f"layers: {_compact([x['mixer'] for x in report.layers])} (K = KDA, A = MLA, G = GDN)",
+        f"layers: {_compact([x['mixer'] for x in report.layers])} ({mixers.known()})",
         "  layer  mixer  ffn     parameters  pipeline rank",
     ]
     lines += [f"  {x['index']:5d}  {x['mixer']:5s}  {x['ffn']:5s}  {x['parameters']:>13,}  {x['pipeline_rank']:>13d}"

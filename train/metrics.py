@@ -83,13 +83,13 @@ def moe_load_metrics(model, group="auto") -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- KDA gates
 def _kda_layers(model) -> list:
-    from model.kda import KimiDeltaAttention
+    """(metric prefix ``<kind>/layer<i>``, mixer) of every layer whose mixer has KDA's forget gate
+    (``gate_statistics`` in model/mixers.py: KDA and GDN)."""
+    from model import mixers
+    from model.model import DecoderLayer
 
-    return [(_layer_index(n), m) for n, m in model.named_modules() if isinstance(m, KimiDeltaAttention)]
-
-
-def _prefix(layer_idx: int, module) -> str:
-    return f"{'kda' if module.per_channel_decay else 'gdn'}/layer{layer_idx}"
+    return [(f"{layer.layer_type}/layer{layer.layer_idx}", layer.mixer) for layer in model.modules()
+            if isinstance(layer, DecoderLayer) and mixers.of_kind(layer.layer_type).gate_statistics]
 
 
 def log_decay(raw: torch.Tensor, module) -> torch.Tensor:
@@ -126,9 +126,9 @@ def kda_decay_at_zero_input(model, group="auto") -> dict[str, float]:
         mins.append(g.min().double())
     mean, low = _reduce_mean_min(torch.stack(sums), torch.stack(counts), torch.stack(mins), group)
     out = {}
-    for (idx, module), m, lo in zip(layers, mean.tolist(), low.tolist()):
-        out[f"{_prefix(idx, module)}/log_decay0_mean"] = m
-        out[f"{_prefix(idx, module)}/log_decay0_min"] = lo
+    for (prefix, _), m, lo in zip(layers, mean.tolist(), low.tolist()):
+        out[f"{prefix}/log_decay0_mean"] = m
+        out[f"{prefix}/log_decay0_min"] = lo
     return out
 
 
@@ -202,10 +202,9 @@ class GateMonitor:
             dist.all_reduce(b_count, group=group)
         b_mean = b_sum / b_count.clamp_min(1)
         out = {}
-        for i, (idx, module) in enumerate(self.layers):
+        for i, (p, _) in enumerate(self.layers):
             if rows[i, 1] == 0:
                 continue
-            p = _prefix(idx, module)
             out[f"{p}/log_decay_mean"] = float(g_mean[i])
             out[f"{p}/log_decay_min"] = float(g_min[i])
             out[f"{p}/beta_mean"] = float(b_mean[i])

@@ -31,14 +31,15 @@ and ``[gate_r; up_r]`` on TP rank r. It is treated as two matrices, gate and up,
 separately at every TP size (the HF checkpoint's ``gate_proj``/``up_proj`` are separate matrices
 too), so TP=1 and TP=2 give the same update.
 
-QK-Clip (``qk_clip``): after the optimizer step, for every MLA layer and head h whose largest
-attention logit over the step ``S_h`` (recorded by ``MultiLatentAttention`` when
-``record_max_logits`` is set) exceeds ``tau``, with ``gamma = tau / S_h``: the rows of ``q_proj``
-for head h's nope part and of ``kv_b_proj`` for head h's k_nope part are scaled by sqrt(gamma), the
-rows of ``q_proj`` for head h's rope ("q_rot") part by gamma; the shared k_rot slice of
-``kv_a_proj_with_mqa`` is not touched (it feeds every head). Every logit of head h is then exactly
-``gamma`` times its old value, so the head's maximum on the same batch becomes ``tau``. The maxima
-are max-reduced over the data(+context)-parallel group first, so all replicas clip identically.
+QK-Clip (``qk_clip``): after the optimizer step, for every MLA layer (every mixer registered with
+``qk_clip``, model/mixers.py) and head h whose largest attention logit over the step ``S_h``
+(recorded by ``MultiLatentAttention`` when ``record_max_logits`` is set) exceeds ``tau``, with
+``gamma = tau / S_h``, the layer's ``clip_qk(gamma)`` scales the rows of ``q_proj`` for head h's
+nope part and of ``kv_b_proj`` for head h's k_nope part by sqrt(gamma), the rows of ``q_proj`` for
+head h's rope ("q_rot") part by gamma; the shared k_rot slice of ``kv_a_proj_with_mqa`` is not
+touched (it feeds every head). Every logit of head h is then exactly ``gamma`` times its old value,
+so the head's maximum on the same batch becomes ``tau``. The maxima are max-reduced over the
+data(+context)-parallel group first, so all replicas clip identically.
 KDA/GDN layers have L2-normalised q/k and get no QK-Clip.
 """
 
@@ -274,9 +275,12 @@ class Muon(torch.optim.Optimizer):
 
 # ----------------------------------------------------------------------------- QK-Clip
 def mla_layers(model) -> list:
-    from model.mla import MultiLatentAttention
+    """The mixers that take QK-Clip (``qk_clip`` in model/mixers.py: MLA)."""
+    from model import mixers
+    from model.model import DecoderLayer
 
-    return [m for m in model.modules() if isinstance(m, MultiLatentAttention)]
+    return [layer.mixer for layer in model.modules()
+            if isinstance(layer, DecoderLayer) and mixers.of_kind(layer.layer_type).qk_clip]
 
 
 def set_max_logit_recording(model, enabled: bool) -> None:
@@ -290,13 +294,7 @@ def set_max_logit_recording(model, enabled: bool) -> None:
 def clip_layer(layer, max_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Apply QK-Clip to one MLA layer given its local heads' max logits; returns gamma per head."""
     gamma = (tau / max_logits.float().clamp_min(1e-30)).clamp(max=1.0)
-    heads, nope, rope, v_dim = layer.local_heads, layer.nope, layer.rope, layer.v_dim
-    qw = layer.q_proj.weight.view(heads, nope + rope, -1)
-    kvw = layer.kv_b_proj.weight.view(heads, nope + v_dim, -1)
-    root = gamma.sqrt().to(qw.dtype)[:, None, None]
-    qw[:, :nope].mul_(root)
-    qw[:, nope:].mul_(gamma.to(qw.dtype)[:, None, None])
-    kvw[:, :nope].mul_(root.to(kvw.dtype))
+    layer.clip_qk(gamma)
     return gamma
 
 

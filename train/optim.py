@@ -6,10 +6,11 @@ embedding and the LM head) and the conv kernels decay.
 
 Muon/AdamW split (``uses_muon``), for ``train.optimizer = "muon"``:
 
-* Muon: every 2-D weight of the hidden layers: KDA/GDN ``q/k/v/o_proj``, the low-rank gate
-  projections ``f_a/f_b/g_a/g_b_proj``, ``b_proj`` (beta logits), MLA ``q_proj``,
-  ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``, dense-MLP and expert ``linear_fc1``/``linear_fc2``
-  (routed and shared; fused SwiGLU fc1 as two matrices, see ``train.muon``).
+* Muon: every 2-D weight of the hidden layers (a mixer's: as its plan says, model/mixers.py): KDA/GDN
+  ``q/k/v/o_proj``, the low-rank gate projections ``f_a/f_b/g_a/g_b_proj``, ``b_proj`` (beta
+  logits), MLA ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj``, dense-MLP and expert
+  ``linear_fc1``/``linear_fc2`` (routed and shared; fused SwiGLU fc1 as two matrices, see
+  ``train.muon``).
 * AdamW: the embedding and the LM head (``output_layer``), as Moonlight/K2 do (row-wise lookup
   tables/classifiers, not hidden linear maps); all 1-D parameters (norm weights, the KDA output-norm
   weight, ``A_log``, ``dt_bias``, biases); the MoE router weight (a 2-D matrix, but each row is one
@@ -35,7 +36,11 @@ def decays(name: str, param: nn.Parameter) -> bool:
 
 
 def uses_muon(name: str, param: nn.Parameter) -> bool:
-    """True for the hidden 2-D matrices that Muon updates (see the module docstring)."""
+    """True for the hidden 2-D matrices that Muon updates (see the module docstring); a mixer's
+    parameters as its plan says (model/plan.py: by default its 2-D matrices that decay)."""
+    placement = getattr(param, "placement", None)
+    if placement is not None:
+        return placement.uses_muon()
     if param.dim() != 2 or getattr(param, "no_weight_decay", False):
         return False
     if name.startswith(("embedding.", "output_layer.")) or ".embedding." in name or ".output_layer." in name:
@@ -46,9 +51,14 @@ def uses_muon(name: str, param: nn.Parameter) -> bool:
 
 
 def matrix_spec(name: str, param: nn.Parameter, swiglu: bool = True) -> MatrixSpec:
-    """How a Muon parameter is split over ranks and how many matrices it stacks."""
-    split = bool(getattr(param, "tensor_model_parallel", False))
-    partition_dim = int(getattr(param, "partition_dim", 0)) if split else None
+    """How a Muon parameter is split over ranks (a mixer's: its plan's axis) and how many matrices
+    it stacks."""
+    placement = getattr(param, "placement", None)
+    if placement is not None:
+        partition_dim = placement.axis if placement.split else None
+    else:
+        split = bool(getattr(param, "tensor_model_parallel", False))
+        partition_dim = int(getattr(param, "partition_dim", 0)) if split else None
     group = "expert_tp" if ".experts.local_experts." in name else "tp"
     fused = 2 if swiglu and name.endswith("linear_fc1.weight") else 1
     return MatrixSpec(partition_dim=partition_dim, group=group, fused=fused)

@@ -19,20 +19,24 @@ from pathlib import Path
 
 import torch
 
-from model.profiling import REGIONS
-
-PARTS = ("KDA", "MLA core attention", "MoE (router, dispatch, experts)", "dense projections", "optimizer")
+from model.profiling import regions
 
 
-def _region_part(name: str) -> str | None:
-    return REGIONS.get(name.removesuffix(".backward"))
+def breakdown_parts() -> tuple[str, ...]:
+    """The parts of the breakdown, in table order (the mixers' core ops first)."""
+    return tuple(dict.fromkeys(regions().values()))
+
+
+def _region_part(name: str, table: dict[str, str]) -> str | None:
+    return table.get(name.removesuffix(".backward"))
 
 
 def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
     """{part: milliseconds} plus shares of the step, from the profiler's function events."""
     ranges = defaultdict(list)  # thread -> [(start_us, end_us, part)]
+    table = regions()
     for e in events:
-        part = _region_part(e.name)
+        part = _region_part(e.name, table)
         if part is not None:
             ranges[e.thread].append((e.time_range.start, e.time_range.end, part))
 
@@ -51,7 +55,7 @@ def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
         if spent:
             busy[part_at(e.thread, e.time_range.start)] += spent
     step_ms = 1e3 * step_seconds
-    parts = {p: busy.get(p, 0.0) / 1e3 for p in (*PARTS, "other")}
+    parts = {p: busy.get(p, 0.0) / 1e3 for p in (*breakdown_parts(), "other")}
     parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
     return dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
                 shares={p: ms / step_ms for p, ms in parts.items()})

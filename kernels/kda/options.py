@@ -15,7 +15,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
-CHUNK_SIZE = 64
+from kernels.chunking import CHUNK_SIZE  # noqa: F401 (re-exported: the one definition)
 
 STATE_DTYPES = ("input", "float32")
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")

@@ -118,10 +118,10 @@ def mla_imbalance_table(preset: str, sizes=(2, 4, 8), lengths=(32768, 131072, 10
 
     Under a contiguous partition rank r's queries meet r L + L/2 keys on average: the last rank does
     (2P - 1)/P times the mean attention work. With s the MLA attention's share of the model's FLOPs
-    (train/flops.py), the step of the slowest rank costs 1 + s (P - 1)/P of a balanced one; the
+    (model/flops.py), the step of the slowest rank costs 1 + s (P - 1)/P of a balanced one; the
     kv_b_proj expansion of the gathered latents adds (P - 1) L tokens' worth on the last rank."""
     from model.presets import get_preset
-    from train.flops import forward_flops
+    from model.flops import forward_flops
 
     c = get_preset(preset)
     mla_layers = c.layer_types.count("mla")

@@ -96,7 +96,7 @@ def test_hf_config_errors_name_the_field():
 
 # ---------------------------------------------------------------------------- refusals
 def test_gdn_pattern_refused(tmp_path):
-    from model.hf_export import export_checkpoint
+    from train.hf_checkpoint import export_checkpoint
 
     fx.ensure_parallel()
     model = fx.build(fx.small_config(layer_pattern="KGAK"), randomize=False)
@@ -161,7 +161,7 @@ def test_round_trip_bit_exact_through_clis(checkpoint, tmp_path):
 
 
 def test_bf16_export_dtypes_and_sharding(checkpoint, tmp_path):
-    from model.hf_export import export_checkpoint
+    from train.hf_checkpoint import export_checkpoint
 
     root, original = checkpoint
     export_checkpoint(root, tmp_path / "hf", dtype="bfloat16", max_shard_size="60KB", progress=False)
@@ -213,7 +213,7 @@ def test_import_accepts_runtime_names(tmp_path):
 @pytest.mark.distributed
 def test_tp2_export_equals_tp1_export(tmp_path):
     """A checkpoint saved by 2 TP ranks exports bit-identically to the same model saved at TP=1."""
-    from model.hf_export import export_checkpoint
+    from train.hf_checkpoint import export_checkpoint
 
     config = fx.small_config()
     fx.torchrun_save(config, tmp_path / "tp2", tp=2, seed=7)
@@ -231,7 +231,7 @@ def test_tp2_export_equals_tp1_export(tmp_path):
 def test_corrupt_checkpoint_clear_error(checkpoint, tmp_path):
     import shutil
 
-    from model.hf_export import export_checkpoint
+    from train.hf_checkpoint import export_checkpoint
     from train.checkpoint import CheckpointError
 
     root, _ = checkpoint
@@ -256,7 +256,7 @@ def test_corrupt_checkpoint_clear_error(checkpoint, tmp_path):
 
 
 def test_bad_hf_folder_clear_errors(checkpoint, tmp_path):
-    from model.hf_export import export_checkpoint, import_hf_folder
+    from train.hf_checkpoint import export_checkpoint, import_hf_folder
 
     root, _ = checkpoint
     export_checkpoint(root, tmp_path / "hf", dtype="float32", progress=False)

@@ -70,7 +70,7 @@ def test_export_takes_a_given_tokenizer_and_names_a_missing_one(tmp_path):
     from tests.model import hf_fixtures as fx
 
     from data import ensure_default_dataset
-    from model.hf_export import export_checkpoint
+    from train.hf_checkpoint import export_checkpoint
 
     default = ensure_default_dataset(small_run().train.data_cache_dir)
     fx.ensure_parallel()

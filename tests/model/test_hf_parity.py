@@ -62,7 +62,7 @@ def test_export_matches_transformers(tmp_path, shared):
 
 
 def test_import_from_transformers_matches(tmp_path):
-    from model.hf_export import import_hf_folder
+    from train.hf_checkpoint import import_hf_folder
     from train.checkpoint import load_model_for_inference
 
     fx.ensure_parallel()

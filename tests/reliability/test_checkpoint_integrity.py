@@ -109,7 +109,7 @@ def test_truncated_rng_file_is_one_line(run_copy, tmp_path, capfd):
 
 
 def test_inference_load_verifies_checksums(run_copy):
-    from model import load_model
+    from train import load_model
 
     save, _ = run_copy
     _flip_a_byte(next((ckpt.iteration_dir(save, 3) / "model").glob("*.distcp")))

@@ -37,7 +37,7 @@ def test_readme_snippet_and_checkpoint_errors(tmp_path):
 
     train(small_run(tmp_path, train_iters=2, save=str(tmp_path / "d")))
     # the three lines of the README
-    from model import load_model
+    from train import load_model
     model = load_model(str(tmp_path / "d"))
     logits = model([[1, 2, 3, 4]])
     assert logits.shape == (1, 4, 8192) and torch.isfinite(logits).all()
