@@ -12,7 +12,14 @@ import pytest
 
 from tests.reliability.conftest import DATA, ROOT
 
-TOKENIZER = next(DATA.glob("default-*")) / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> str:
+    """The built-in corpus's tokenizer (built on first use: a fresh clone has no cache yet)."""
+    from data.default_corpus import ensure_default_dataset
+
+    return ensure_default_dataset(DATA).tokenizer_dir
 
 
 @pytest.mark.parametrize("name,content,reason", [
@@ -20,14 +27,14 @@ TOKENIZER = next(DATA.glob("default-*")) / "tokenizer"
     ("random.bin", os.urandom(4096), "not UTF-8"),
     ("records.jsonl", b'{"body": "a"}\n{"body": "b"}\n', "missing field 'text'"),
 ])
-def test_zero_documents_is_an_error_naming_the_reason(tmp_path, capfd, name, content, reason):
+def test_zero_documents_is_an_error_naming_the_reason(tmp_path, capfd, tokenizer_dir, name, content, reason):
     from data.prepare import read_manifest
     from launch.prepare_data import main
 
     source = tmp_path / name
     source.write_bytes(content)
     out = tmp_path / "out"
-    assert main(["--input", str(source), "--tokenizer", str(TOKENIZER), "--out", str(out), "--workers", "1",
+    assert main(["--input", str(source), "--tokenizer", tokenizer_dir, "--out", str(out), "--workers", "1",
                  "--no-progress"]) == 2
     line = capfd.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: no documents written") and reason in line, line
@@ -36,7 +43,7 @@ def test_zero_documents_is_an_error_naming_the_reason(tmp_path, capfd, name, con
     assert not read_manifest(out)["complete"]
 
 
-def test_long_text_is_encoded_in_pieces_with_the_same_ids():
+def test_long_text_is_encoded_in_pieces_with_the_same_ids(tokenizer_dir):
     """Cut points (a space after a non-space) never change the ids, whatever the whitespace."""
     import random
 
@@ -47,13 +54,13 @@ def test_long_text_is_encoded_in_pieces_with_the_same_ids():
     text = "".join(rng.choice(words) + rng.choice([" ", "", "  ", "\n", " \n ", "\r\n"]) for _ in range(6000))
     pieces = split_long_text(text, 300)
     assert len(pieces) > 20 and "".join(pieces) == text
-    encoder = BatchEncoder(TOKENIZER)
+    encoder = BatchEncoder(tokenizer_dir)
     whole = encoder.encode([text])[0]
     joined = [i for piece in pieces for i in encoder.encode([piece])[0]]
     assert joined == list(whole)
 
 
-def test_a_huge_record_needs_little_memory(tmp_path):
+def test_a_huge_record_needs_little_memory(tmp_path, tokenizer_dir):
     """An 8 MB record: the encoder's peak is a fraction of the ~1.4 GB it needed whole (measured in a
     process that imports only the tokenizer code, so the number is the encoder's; VmHWM, because
     ru_maxrss also counts the parent's pages from before the exec)."""
@@ -66,7 +73,7 @@ def test_a_huge_record_needs_little_memory(tmp_path):
         "assert len(ids) > 1_000_000\n"
         "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(TOKENIZER), str(ROOT / "README.md")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-c", script, tokenizer_dir, str(ROOT / "README.md")], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
