@@ -28,14 +28,16 @@ alive() {  # alive PID: running (a zombie, which kill -0 still finds, is not)
     [ -n "$1" ] && [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
 }
 
-running() {  # running PIDFILE
-    alive "$(cat "$1" 2>/dev/null)"
+running() {  # running PIDFILE NAME: alive and still NAME (after a reboot the pid may be another process's)
+    local pid
+    pid=$(cat "$1" 2>/dev/null)
+    alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
 
 stop_daemon() {  # stop_daemon NAME PIDFILE
     local pid
     pid=$(cat "$2" 2>/dev/null)
-    if alive "$pid"; then
+    if running "$2" "$1"; then
         kill "$pid"
         for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
         echo "stopped $1"
@@ -121,10 +123,10 @@ if [ "$changed" = 1 ]; then  # daemons started with an older file reread it by r
     stop_daemon slurmd "$RUN_DIR/slurmd.pid"
     stop_daemon slurmctld "$RUN_DIR/slurmctld.pid"
 fi
-running "$RUN_DIR/slurmctld.pid" || /usr/sbin/slurmctld
+running "$RUN_DIR/slurmctld.pid" slurmctld || /usr/sbin/slurmctld
 for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
 scontrol ping | grep -q UP || { echo "error: slurmctld did not start; see $LOG_DIR/slurmctld.log" >&2; exit 1; }
-running "$RUN_DIR/slurmd.pid" || /usr/sbin/slurmd
+running "$RUN_DIR/slurmd.pid" slurmd || /usr/sbin/slurmd
 
 # --- the node is idle (a restarted slurmd can leave it DOWN or DRAINED)
 for _ in $(seq 100); do
