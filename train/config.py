@@ -221,6 +221,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """The run config ``to_dict`` wrote (a checkpoint's meta.json); training fields this version
+        does not know are left out (they describe how the weights were trained, not the model)."""
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        train = {k: v for k, v in values.get("train", {}).items() if k in known}
+        return cls(model=ModelConfig.from_dict(values["model"]), train=TrainConfig(**train))
+
     def validate(self, world_size: int = 1) -> "RunConfig":
         t = self.train.validate()
         self.model.validate(t.tensor_model_parallel_size, t.expert_model_parallel_size)
