@@ -9,8 +9,10 @@ parallel layout. The documents are the run's validation documents (the split or 
 training used), or every document of ``--data-path``; ``--min-document-length N`` keeps those of
 at least N tokens. Each document is read from its start in windows of ``--seq-length`` tokens (default:
 the run's), so every token is predicted once, from the tokens before it in its own window
-(docs/training.md, "Evaluation"). Prints one line, writes the result as JSON with ``--out``. Errors
-print one line and exit 2.
+(docs/training.md, "Evaluation"). ``--min-document-length`` and ``--max-tokens`` default to the
+run's long-document validation settings, so a checkpoint of a run trained with
+``--eval-long-min-length N`` gives the ``valid_long/loss`` training logged at its step. Prints one
+line, writes the result as JSON with ``--out``. Errors print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-path", nargs="+", default=None, metavar="PREFIX",
                         help="evaluate every document of these prepared prefixes/folders (default: the run's "
                              "validation documents)")
-    parser.add_argument("--min-document-length", type=int, default=0, metavar="TOKENS",
-                        help="only documents of at least this many tokens, EOS included (default 0: all)")
+    parser.add_argument("--min-document-length", type=int, default=None, metavar="TOKENS",
+                        help="only documents of at least this many tokens, EOS included (default: the run's "
+                             "--eval-long-min-length, 0 = all documents when it had none)")
     parser.add_argument("--seq-length", type=int, default=None, help="window length (default: the run's)")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="default: the run's")
-    parser.add_argument("--max-tokens", type=int, default=0,
+    parser.add_argument("--max-tokens", type=int, default=None,
                         help="predict at most this many tokens (whole documents in a fixed order, the last one cut; "
-                             "default 0: all)")
+                             "0: all; default: the run's train.eval_long_max_tokens)")
     parser.add_argument("--out", default=None, help="write the result here as JSON")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 weights and compute (default: as the run trained)")

@@ -5,7 +5,10 @@ first), the model runs forward only through the training loop's ``evaluate`` (da
 pipeline, expert and context parallel alike), and the samples are ``data.evaluation``'s windows
 over whole documents: the run's validation documents (or the given prefixes), optionally only those
 of at least ``min_document_length`` tokens, each predicted token counted once. The result is one
-token-weighted mean loss and its perplexity. See docs/training.md, "Evaluation".
+token-weighted mean loss and its perplexity. The same windows give training's long-document
+validation (``train.eval_long_min_length``: ``valid_long/*`` in metrics.jsonl), so a checkpoint
+evaluated here with the run's settings reproduces the number training logged at its step. See
+docs/training.md, "Evaluation".
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ class EvaluationRequest:
 
     load: str
     data_prefixes: list[str] | None = None
-    min_document_length: int = 0
+    min_document_length: int | None = None  # None: the run's eval_long_min_length
     seq_length: int | None = None
     micro_batch_size: int | None = None
-    max_tokens: int = 0
+    max_tokens: int | None = None  # None: the run's eval_long_max_tokens
     bf16: bool | None = None
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -55,7 +58,7 @@ class EvaluationRequest:
         from model.config import ConfigError
 
         for name in ("min_document_length", "max_tokens"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)}: must be >= 0")
         for name in ("seq_length", "micro_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
@@ -82,6 +85,10 @@ def _run_config(request: EvaluationRequest, meta: dict, path: Path, dims: state.
     t.save, t.load, t.run_dir = "", str(path), ""
     if t.tokenizer_dir and not Path(t.tokenizer_dir).is_dir():
         t.tokenizer_dir = ""  # recorded on another machine: the data's manifests name theirs
+    if request.min_document_length is None:
+        request.min_document_length = t.eval_long_min_length
+    if request.max_tokens is None:
+        request.max_tokens = t.eval_long_max_tokens
     if request.data_prefixes:
         t.data_prefixes, t.data_weights, t.valid_prefixes = list(request.data_prefixes), [], list(request.data_prefixes)
     return run.validate(dims.world_size)
@@ -98,18 +105,26 @@ def _documents(run: RunConfig):
         raise DataError(f"evaluation data: {err}") from None
 
 
-def _windows(request: EvaluationRequest, run: RunConfig, sources) -> DocumentWindows:
-    windows = DocumentWindows(sources, run.train.seq_length, request.min_document_length, request.max_tokens)
-    where = (f"--data-path {' '.join(request.data_prefixes)}" if request.data_prefixes
-             else "the run's validation data")
+def select_windows(sources, seq_length: int, min_length: int, max_tokens: int, where: str, flag: str,
+                   longer: str) -> DocumentWindows:
+    """The windows over the documents of ``sources`` of at least ``min_length`` tokens; when none is
+    that long, an error naming ``flag`` (the setting that chose the threshold) and ``longer`` (how
+    to give other documents)."""
     if not any(len(ids) for _, ids in sources):
-        raise DataError(f"{where} has no documents to evaluate: pass --data-path with prepared token files")
+        raise DataError(f"{where} has no documents to evaluate: {longer}")
+    windows = DocumentWindows(sources, seq_length, min_length, max_tokens)
     if not windows.documents:
         raise DataError(
-            f"no document of {where} has at least --min-document-length {request.min_document_length} tokens "
-            f"(the longest has {windows.longest:,}); lower --min-document-length or pass --data-path with longer "
-            "documents")
+            f"no document of {where} has at least {flag} {min_length} tokens (the longest has "
+            f"{windows.longest:,}); lower {flag} or {longer}")
     return windows
+
+
+def _windows(request: EvaluationRequest, run: RunConfig, sources) -> DocumentWindows:
+    where = (f"--data-path {' '.join(request.data_prefixes)}" if request.data_prefixes
+             else "the run's validation data")
+    return select_windows(sources, run.train.seq_length, request.min_document_length, request.max_tokens, where,
+                          "--min-document-length", "pass --data-path with prepared token files of longer documents")
 
 
 def _load_model(run: RunConfig, path: Path, dims: state.ParallelDims):
@@ -138,21 +153,12 @@ def evaluate_checkpoint(request: EvaluationRequest) -> dict:
 
     slicer = context.ContextSlicer(run.train.cp_mode)
     micro, dp = run.train.micro_batch_size, dims.data
-    batches = -(-len(windows) // (micro * dp))
-    loss_sum, start = 0.0, time.time()
-    bar = _progress(batches, request.progress)
-    for first in range(0, batches, ROUND):
-        count = min(ROUND, batches - first)
-        loader = EvaluationLoader(windows, micro, parallel_state.get_data_parallel_rank(), dp, first_batch=first)
-        metrics = evaluate(model, loader, count, state.device(), slicer)
-        # the loop reports the token mean; the windows know how many tokens each batch predicts
-        loss_sum += metrics["valid/loss"] * windows.predictions(first * micro * dp, (first + count) * micro * dp)
-        if bar is not None:
-            bar.update(count)
+    start = time.time()
+    bar = _progress(-(-len(windows) // (micro * dp)), request.progress)
+    loss = windows_loss(model, windows, micro, state.device(), slicer, bar)
     if bar is not None:
         bar.close()
     seconds = time.time() - start
-    loss = loss_sum / windows.predicted
     return {
         "loss": loss, "perplexity": math.inf if loss > 700 else math.exp(loss),
         "predicted_tokens": windows.predicted, "documents": windows.documents,
@@ -166,6 +172,67 @@ def evaluate_checkpoint(request: EvaluationRequest) -> dict:
                    "context": dims.context, "cp_mode": run.train.cp_mode},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def windows_loss(model, windows: DocumentWindows, micro_batch_size: int, device, slicer, bar=None) -> float:
+    """The mean loss over every token the windows predict, through the loop's ``evaluate`` (a
+    collective: every rank calls it; each data-parallel rank reads its share of the samples)."""
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    batches = -(-len(windows) // (micro_batch_size * dp))
+    loss_sum = 0.0
+    for first in range(0, batches, ROUND):
+        count = min(ROUND, batches - first)
+        loader = EvaluationLoader(windows, micro_batch_size, rank, dp, first_batch=first)
+        metrics = evaluate(model, loader, count, device, slicer)
+        # the loop reports the token mean; the windows know how many tokens each batch predicts
+        samples = micro_batch_size * dp
+        loss_sum += metrics["valid/loss"] * windows.predictions(first * samples, (first + count) * samples)
+        if bar is not None:
+            bar.update(count)
+    return loss_sum / windows.predicted
+
+
+class LongDocumentValidation:
+    """Training's long-document validation: ``windows_loss`` over the run's validation documents of
+    at least ``train.eval_long_min_length`` tokens, the same windows at every evaluation."""
+
+    def __init__(self, run: RunConfig, windows: DocumentWindows):
+        self.micro_batch_size = run.train.micro_batch_size
+        self.min_length = run.train.eval_long_min_length
+        self.windows = windows
+
+    def __call__(self, model, step: int, device, slicer) -> dict:
+        start = time.time()
+        loss = windows_loss(model, self.windows, self.micro_batch_size, device, slicer)
+        seconds = time.time() - start
+        metrics = {"valid_long/loss": loss, "valid_long/ppl": math.inf if loss > 700 else math.exp(loss),
+                   "valid_long/tokens": self.windows.predicted, "valid_long/documents": self.windows.documents,
+                   "valid_long/min_length": self.min_length,
+                   "valid_long/tokens_per_s": self.windows.predicted / max(seconds, 1e-9)}
+        log(f"step {step:6d} | long-document validation loss {loss:.4f} | perplexity {metrics['valid_long/ppl']:.2f} | "
+            f"{self.windows.documents:,} documents of >= {self.min_length:,} tokens")
+        return metrics
+
+
+def long_document_validation(run: RunConfig, custom_data: bool = False) -> LongDocumentValidation | None:
+    """The long-document validation of ``run`` (None when ``train.eval_long_min_length`` is 0).
+    ``custom_data``: the run's loaders come from elsewhere (``train(data=...)``), with no corpus of
+    documents to choose from."""
+    t = run.train
+    if not t.eval_long_min_length:
+        return None
+    if custom_data:
+        from model.config import ConfigError
+
+        raise ConfigError(f"--eval-long-min-length={t.eval_long_min_length}: the long-document validation reads "
+                          "the pretraining corpus' validation documents; this run's data comes from elsewhere, "
+                          "set it to 0")
+    windows = select_windows(_documents(run), t.seq_length, t.eval_long_min_length, t.eval_long_max_tokens,
+                             "the run's validation data", "--eval-long-min-length",
+                             "give validation documents that are longer (--set train.valid_prefixes=PREFIX)")
+    log(f"long-document validation: {windows.documents:,} documents of >= {t.eval_long_min_length:,} tokens, "
+        f"{windows.predicted:,} tokens predicted per evaluation")
+    return LongDocumentValidation(run, windows)
 
 
 def _progress(total: int, enabled: bool):

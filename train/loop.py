@@ -196,6 +196,9 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
         if t.bf16:
             optimizer = MasterWeights(optimizer)
     train_loader, valid_loader = agree(data or build_data, run, dims)
+    from train.evaluation import long_document_validation  # imports this module
+
+    long_validation = agree(long_document_validation, run, data is not None)
 
     start_step = resume.resume(run, model, optimizer, train_loader, log)
 
@@ -306,6 +309,8 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
             log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
                 f"{valid['valid/tokens_per_s']:,.0f} tokens/s")
             record.update(valid)
+            if long_validation is not None:
+                record.update(long_validation(model, done, device, slicer))
         logger.log(done, record)
         exit_interval = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
         evaluation_stop = False
