@@ -105,8 +105,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: use wsd, cosine or constant")
         if self.eval_long_min_length and not self.eval_interval:
             raise ConfigError(
-                f"--eval-long-min-length={self.eval_long_min_length} needs --eval-interval N: the long-document "
-                "validation runs with the validation"
+                f"--eval-long-min-length={self.eval_long_min_length} needs --eval-interval N (or --set "
+                "train.eval_interval=N): the long-document validation runs with the validation"
             )
         if self.data_weights and len(self.data_weights) != len(self.data_prefixes):
             raise ConfigError(
