@@ -181,7 +181,8 @@ def _synthetic_run(folder, arm, seed, final_valid, rate, memory, with_valid=True
         if with_valid and step % 5 == 0:
             lines.append({"step": step, "consumed_tokens": step * 100, "valid/loss": final_valid + (20 - step) * 0.05})
             if final_long is not None:
-                lines[-1].update({"valid_long/loss": final_long + (20 - step) * 0.04, "valid_long/min_length": long_length})
+                lines[-1].update({"valid_long/loss": final_long + (20 - step) * 0.04,
+                                  "valid_long/min_length": long_length})
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return folder
 
