@@ -143,7 +143,8 @@ def run_baseline(model_cfg, context: int, tokens_per_step: int, steps: int, devi
     else:
         note = f"transformers ran its PyTorch KDA path: {why}"
     row = dict(system="transformers", context=context, tokens_per_step=micro * context,
-               tokens_per_s=micro * context / seconds, parameters=sum(p.numel() for p in model.parameters()), loss=losses[-1], losses=losses, recompute=recompute,
+               tokens_per_s=micro * context / seconds, parameters=sum(p.numel() for p in model.parameters()),
+               loss=losses[-1], losses=losses, recompute=recompute,
                kda_impl=("fla" if fla_used else "torch") if kda else None, fla_used=fla_used,
                fla_calls=sorted(calls.calls), kernels_note=note, transformers=transformers.__version__,
                attention=getattr(config, "_attn_implementation", None), bf16_autocast=bf16)
