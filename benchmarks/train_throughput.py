@@ -1,5 +1,5 @@
 """Training throughput of the comparison arms (all-MLA, GDN-H, Kimi Linear) through the same code
-path as launch/pretrain.py, side by side with transformers' KimiLinearForCausalLM.
+path as launch/pretrain.py, side by side with transformers' KimiLinearForCausalLM (``--baseline``).
 
     python benchmarks/train_throughput.py --preset tiny --steps 3 --device cpu          # smoke (CI)
     python benchmarks/train_throughput.py --preset scaling-653m --contexts 4096,16384,32768 \\
@@ -10,8 +10,12 @@ documents with the loader's ``cu_seqlens``; the first step is warm-up and not co
 tokens/s, TFLOP/s per GPU and MFU from the engine's FLOPs counter (peak = the GPU's dense bf16
 spec; on a GPU also the bf16 matmul ceiling measured in this run), peak memory, and the share of
 the step's time per part (KDA, MLA core attention, MoE, dense projections, optimizer, other, idle)
-from one more step run under the torch profiler (train/profile.py). Prints markdown tables and
-writes JSON (rewritten after every run, so a killed run keeps what it measured).
+from one more step run under the torch profiler (train/profile.py). ``--baseline hf`` (the default)
+also trains transformers' KimiLinearForCausalLM in the configuration of each arm it can express
+(our HF export's config; bf16 autocast, fused AdamW; benchmarks/hf_baseline.py), reports its
+tokens/s in the same table with our speed-up over it, and says whether FLA's kernels actually ran
+in it. Prints markdown tables and writes JSON (rewritten after every run, so a killed run keeps
+what it measured).
 """
 
 from __future__ import annotations
@@ -87,71 +91,38 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool | str = F
     return row
 
 
-def _import_kimi_linear(use_fla: bool):
-    """transformers' Kimi Linear modeling module. transformers picks FLA's kernels at import when
-    ``fla`` imports; with ``use_fla=False`` the import is hidden so it keeps its PyTorch path."""
-    import importlib
-
-    name = "transformers.models.kimi_linear.modeling_kimi_linear"
-    if use_fla or name in sys.modules:
-        return importlib.import_module(name)
-    hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "fla" or k.startswith("fla.")}
-    sys.modules["fla"] = None  # makes ``import fla`` raise ImportError
+def run_transformers(preset: str, arm: str, context: int, args, device) -> dict:
+    """The baseline (``--baseline hf|hf-torch``): transformers' KimiLinearForCausalLM in this arm's
+    configuration, same tokens per step (benchmarks/hf_baseline.py)."""
     try:
-        return importlib.import_module(name)
-    finally:
-        del sys.modules["fla"]
-        sys.modules.update(hidden)
-
-
-def run_transformers(preset: str, context: int, args, device) -> dict:
-    """The setup a user would otherwise pick: transformers' KimiLinearForCausalLM (FLA kernels when
-    importable and their backward is usable on this GPU), same Kimi Linear config, AdamW, same
-    tokens per step (random token ids)."""
-    import torch
-    import transformers
-
-    from common import fla_backward_usable
-    from model.hf_names import hf_config_from_model_config
-    from model.presets import as_arm, get_preset
-
-    try:
-        import fla  # noqa: F401
-
-        use_fla = fla_backward_usable()
+        from hf_baseline import run_baseline  # run as a script: benchmarks/ is first on sys.path
     except ImportError:
-        use_fla = False
-    modeling = _import_kimi_linear(use_fla)
-    model_cfg = as_arm(get_preset(preset), "kimi-linear")
+        from benchmarks.hf_baseline import run_baseline
+    from model.presets import as_arm, get_preset
+    from train.config import TrainConfig
+
+    model_cfg = as_arm(get_preset(preset), arm)
     if args.vocab_size:
         model_cfg = model_cfg.replace(vocab_size=args.vocab_size)
-    config = transformers.KimiLinearConfig(**hf_config_from_model_config(model_cfg))
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model = modeling.KimiLinearForCausalLM(config).to(device=device, dtype=dtype).train()
-    if args.recompute:
-        model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    micro = max(args.tokens_per_step // context, 1)
-    ids = torch.randint(0, model_cfg.vocab_size, (micro, context), device=device)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    counted = times[1:] or times
-    seconds = sum(counted) / len(counted)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return dict(system="transformers", arm="kimi-linear", context=context, tokens_per_step=micro * context,
-                tokens_per_s=micro * context / seconds, loss=float(loss), kda_impl="fla" if use_fla else "torch",
-                recompute=args.recompute,
-                **({"peak_memory_gib": memory} if memory is not None else {}))
+    kernels = "torch" if args.baseline == "hf-torch" else "fla"
+    row = run_baseline(model_cfg, context, args.tokens_per_step, args.steps, device, bf16=args.bf16,
+                       kernels=kernels, recompute=args.recompute, train=TrainConfig(optimizer=args.optimizer))
+    return dict(row, arm=arm)
+
+
+def baseline_arms(preset: str, arms: list[str]) -> tuple[list[str], dict]:
+    """The arms transformers' kimi_linear model can express, and why the others are left out."""
+    from model.hf_names import check_exportable
+    from model.presets import as_arm, get_preset
+
+    able, left_out = [], {}
+    for arm in arms:
+        try:
+            check_exportable(as_arm(get_preset(preset), arm))
+            able.append(arm)
+        except Exception as err:  # noqa: BLE001 - HFConversionError says which layer is missing
+            left_out[arm] = str(err).split(", so this checkpoint")[0]
+    return able, left_out
 
 
 def _recompute_spec(recompute: bool | str) -> str:
@@ -166,24 +137,43 @@ def _label(row: dict) -> str:
     return row["arm"] + (f" ({', '.join(options)})" if options else "")
 
 
+def _versus_baseline(row: dict, rows: list[dict]) -> str:
+    """Our row's tokens/s over the transformers row of the same arm and context."""
+    if row["system"] != "ours":
+        return ""
+    for other in rows:
+        if (other["system"] == "transformers" and other["arm"] == row["arm"] and other["context"] == row["context"]
+                and "error" not in other):
+            return f"{row['tokens_per_s'] / other['tokens_per_s']:.2f}x"
+    return ""
+
+
 def markdown(rows: list[dict], ceiling: float | None) -> str:
     lines = ["| system | arm | context | tokens/step | tokens/s | TFLOP/s/GPU | MFU | of matmul ceiling "
-             "| peak mem GiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| peak mem GiB | vs transformers |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         label = _label(r)
         if r.get("kda_impl"):
             label += f" (KDA: {r['kda_impl']})"
         if "error" in r:
             lines.append(f"| {r['system']} | {label} | {r['context']} | {r.get('tokens_per_step', '')} | "
-                         f"{r['error']} | | | | |")
+                         f"{r['error']} | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         tflops = f"{r['tflops_per_gpu']:.3g}" if "tflops_per_gpu" in r else ""
         of_ceiling = f"{100 * r['tflops_per_gpu'] / ceiling:.1f}%" if ceiling and "tflops_per_gpu" in r else ""
         memory = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") is not None else ""
         lines.append(f"| {r['system']} | {label} | {r['context']} | {r['tokens_per_step']:,} | "
-                     f"{r['tokens_per_s']:,.0f} | {tflops} | {mfu} | {of_ceiling} | {memory} |")
+                     f"{r['tokens_per_s']:,.0f} | {tflops} | {mfu} | {of_ceiling} | {memory} | "
+                     f"{_versus_baseline(r, rows)} |")
+    baseline = [r for r in rows if r["system"] == "transformers" and "error" not in r]
+    if baseline:
+        lines += ["", f"transformers baseline ({baseline[0]['transformers']}, bf16 autocast "
+                  f"{'on' if baseline[0]['bf16_autocast'] else 'off'}, fused AdamW, random token ids, "
+                  f"attention: {baseline[0]['attention']}):"]
+        lines += [f"- {r['arm']} at {r['context']}: FLA's kernels {'USED' if r['fla_used'] else 'NOT used'}; "
+                  f"{r['kernels_note']}" for r in baseline]
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
         parts = list(profiled[0]["profile"]["parts_ms"])
@@ -210,7 +200,7 @@ def _run_one(spec: dict, args) -> dict:
     error_row = {k: spec[k] for k in ("system", "arm", "context")}
     try:
         if spec["system"] == "transformers":
-            return run_transformers(args.preset, spec["context"], run_args, torch.device(args.device))
+            return run_transformers(args.preset, spec["arm"], spec["context"], run_args, torch.device(args.device))
         return run_arm(args.preset, spec["arm"], spec["context"], run_args, recompute=spec["recompute"],
                        tokens_per_step=spec["tokens_per_step"])
     except torch.OutOfMemoryError as exc:  # the allocator's message says how much was in use
@@ -258,8 +248,11 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=8192, help="0 keeps the preset's vocab")
     parser.add_argument("--data-path", nargs="*", default=None, help="indexed prefixes (default: embedded corpus)")
     parser.add_argument("--data-cache-dir", default=str(ROOT / "cache" / "data"))
-    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
-    parser.add_argument("--transformers-contexts", default="", help="contexts of the transformers runs (default: all)")
+    parser.add_argument("--baseline", default="hf", choices=["hf", "hf-torch", "none"],
+                        help="hf (default): also train transformers' KimiLinearForCausalLM in each arm's configuration "
+                             "(the arms it has: mla, kimi-linear), with FLA's kernels where they import and work "
+                             "here, and say whether they ran; hf-torch: its PyTorch path; none: no baseline")
+    parser.add_argument("--baseline-contexts", default="", help="contexts of the baseline runs (default: all)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "train_throughput.json"))
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args(argv)
@@ -297,13 +290,15 @@ def main(argv=None) -> int:
                                    tokens_per_step=tokens, steps=steps), parent_argv)
 
     recompute = args.recompute_layers or args.recompute
+    hf_arms, left_out = baseline_arms(args.preset, arms) if args.baseline != "none" else ([], {})
+    for arm, why in left_out.items():
+        print(f"no transformers baseline for {arm}: {why}")
+    hf_contexts = [int(c) for c in args.baseline_contexts.split(",")] if args.baseline_contexts else contexts
     for context in contexts:
         for arm in arms:
             record(measure("ours", arm, context, recompute, args.tokens_per_step, args.steps))
-        hf_contexts = ([int(c) for c in args.transformers_contexts.split(",")] if args.transformers_contexts
-                       else contexts)
-        if not args.no_transformers and context in hf_contexts:
-            record(measure("transformers", "kimi-linear", context, args.recompute, args.tokens_per_step, args.steps))
+        for arm in hf_arms if context in hf_contexts else ():
+            record(measure("transformers", arm, context, args.recompute, args.tokens_per_step, args.steps))
     for arm in arms if args.longest else ():
         for context in (int(c) for c in args.longest.split(",")):
             row = measure("ours", arm, context, True, context, args.longest_steps)

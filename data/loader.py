@@ -211,12 +211,46 @@ def tokenizer_of_data(prefixes: Sequence[str], tokenizer_dir: str = "") -> str:
     return path if path and Path(path).is_dir() else ""
 
 
+DEFAULT_SPLIT = (0.98, 0.02)
+
+
+def _corpora(data_prefixes, blend) -> tuple[list[float], list[DocumentCorpus]]:
+    """(weights, corpora) of ``data_prefixes`` (one pooled corpus) or ``blend``."""
+    if (data_prefixes is None) == (blend is None):
+        raise ValueError("pass exactly one of data_prefixes=[...] or blend=[(weight, prefix), ...]")
+    if blend is None:
+        blend = [(1.0, data_prefixes)]
+    weights = [float(w) for w, _ in blend]
+    return weights, [DocumentCorpus(list(p) if not isinstance(p, str) else p) for _, p in blend]
+
+
+def validation_documents(
+    data_prefixes: Sequence[str] | str | None = None,
+    *,
+    blend: Sequence[tuple[float, str | Sequence[str]]] | None = None,
+    valid_prefixes: Sequence[str] | str | None = None,
+    split: tuple[float, float] = DEFAULT_SPLIT,
+    vocab_size: int | None = None,
+    tokenizer_dir: str | None = None,
+) -> list[tuple[DocumentCorpus, np.ndarray]]:
+    """The documents the validation loader of ``build_pretraining_loaders`` (same arguments) reads,
+    as [(corpus, document ids)]: every document of ``valid_prefixes``, else the validation split
+    of each training corpus ([] when ``split[1] == 0``). Checked against ``vocab_size`` alike."""
+    if valid_prefixes is not None:
+        corpus = DocumentCorpus(valid_prefixes)
+        _check_vocab([corpus], vocab_size, tokenizer_dir)
+        return [(corpus, np.arange(corpus.num_documents))]
+    _, corpora = _corpora(data_prefixes, blend)
+    _check_vocab(corpora, vocab_size, tokenizer_dir)
+    return [(corpus, corpus.split_documents(split)[1]) for corpus in corpora] if split[1] > 0 else []
+
+
 def build_pretraining_loaders(
     data_prefixes: Sequence[str] | str | None = None,
     *,
     blend: Sequence[tuple[float, str | Sequence[str]]] | None = None,
     valid_prefixes: Sequence[str] | str | None = None,
-    split: tuple[float, float] = (0.98, 0.02),
+    split: tuple[float, float] = DEFAULT_SPLIT,
     seq_length: int,
     micro_batch_size: int,
     global_batch_size: int,
@@ -237,12 +271,7 @@ def build_pretraining_loaders(
     largest token id in it. The validation loader has the same batch layout; call .reset() before
     each evaluation to see the same batches.
     """
-    if (data_prefixes is None) == (blend is None):
-        raise ValueError("pass exactly one of data_prefixes=[...] or blend=[(weight, prefix), ...]")
-    if blend is None:
-        blend = [(1.0, data_prefixes)]
-    weights = [float(w) for w, _ in blend]
-    corpora = [DocumentCorpus(list(p) if not isinstance(p, str) else p) for _, p in blend]
+    weights, corpora = _corpora(data_prefixes, blend)
     valid_corpus = DocumentCorpus(valid_prefixes) if valid_prefixes is not None else None
     _check_vocab(corpora + ([valid_corpus] if valid_corpus else []), vocab_size, tokenizer_dir)
 

@@ -1,7 +1,8 @@
 """The paper's identical-recipe comparison: all-MLA vs GDN hybrid vs Kimi Linear, arms that differ
 in the layer pattern only.
 
-    launch/compare.py --config RECIPE [--arms mla,gdn-h,kimi-linear] [--seeds N] [--slurm] [--dry-run]
+    launch/compare.py --config RECIPE [--arms mla,gdn-h,kimi-linear] [--seeds N] [--eval-long [TOKENS]]
+                      [--slurm] [--dry-run]
     launch/compare.py report RUN_DIRS... [--out DIR]
 
 It builds the arms from one recipe (``model.presets.as_arm``: ``A``; ``G``/``A`` 3:1; ``K``/``A``
@@ -14,8 +15,9 @@ Then it trains the runs here, one after the other or ``--concurrent N`` at a tim
 each, or torchrun with ``--nproc-per-node``; on a GPU host every run gets GPUs of its own), with a
 progress bar, or submits them as one SLURM job array (``launch/sweep.py``), and writes the report:
 ``comparison.png`` (validation loss vs tokens with the spread over seeds, training loss, tokens/s,
-peak memory) and ``comparison.md`` next to the runs.
-docs/launch.md, "The comparison".
+peak memory) and ``comparison.md`` next to the runs. ``--eval-long`` also validates every arm on the
+validation documents of at least 8192 tokens (or TOKENS), where the hybrids are expected to gain
+most, and the report shows that loss per arm. docs/launch.md, "The comparison".
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from launch import sweep  # noqa: E402
 from launch.runs import Run  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 from model.presets import ARMS  # noqa: E402
+
+LONG_DOCUMENT_TOKENS = 8192  # --eval-long without a value: documents longer than 8k tokens
 
 # run-config fields that may differ between arms: the layer pattern (what is compared), the name
 # that records it, and where each run writes
@@ -313,6 +317,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a recipe of its own for one arm (checked against the others)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm: the recipe's seed, +1, ... (default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override for every arm")
+    parser.add_argument("--eval-long", type=int, nargs="?", const=LONG_DOCUMENT_TOKENS, default=None,
+                        metavar="TOKENS",
+                        help="with the validation, also the loss on validation documents of at least TOKENS "
+                             f"tokens (default {LONG_DOCUMENT_TOKENS}); the same as --set "
+                             "train.eval_long_min_length=TOKENS, needs train.eval_interval")
     parser.add_argument("--root", help="folder of the runs (default runs/compare/<recipe>)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per run here (torchrun when > 1)")
     parser.add_argument("--concurrent", type=int, default=1,
@@ -338,6 +347,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--arm-config {item!r}: expected ARM=FILE with ARM one of {','.join(ARMS)}")
         pairs[arm] = path
     args.arm_config = pairs
+    if args.eval_long is not None:
+        if args.eval_long < 2:
+            parser.error(f"--eval-long {args.eval_long}: give a document length of at least 2 tokens")
+        args.set.append(f"train.eval_long_min_length={args.eval_long}")
     if args.config is None and set(args.arms) - set(pairs):
         parser.error("give --config RECIPE (or --arm-config ARM=FILE for every arm)")
     return args

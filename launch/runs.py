@@ -5,6 +5,7 @@ with the newest checkpoint. Used by ``launch/sweep.py summary`` and ``launch/com
 
 Validation records are the lines of ``metrics.jsonl`` with a validation loss; they carry the step
 and, where the trainer writes it, the tokens consumed so far (docs/launch.md, "Run folders").
+Long-document validation records (``--eval-long-min-length``) are those with ``valid_long/loss``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 # the keys the training loop writes (train/loop.py, train/metrics.py)
 VALID_LOSS_KEY = "valid/loss"
+LONG_LOSS_KEY = "valid_long/loss"  # the loss on validation documents of at least
+LONG_MIN_LENGTH_KEY = "valid_long/min_length"  # this many tokens
 TOKENS_KEY = "consumed_tokens"
 LAUNCH = "launch.json"
 EVENTS = "slurm.jsonl"
@@ -40,8 +43,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
-def valid_loss(record: dict) -> float | None:
-    value = record.get(VALID_LOSS_KEY)
+def valid_loss(record: dict, key: str = VALID_LOSS_KEY) -> float | None:
+    value = record.get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -125,10 +128,12 @@ class Run:
                 by_step[int(record["step"])] = record
         return [by_step[s] for s in sorted(by_step)]
 
-    def valid_records(self) -> list[dict]:
+    def valid_records(self, key: str = VALID_LOSS_KEY) -> list[dict]:
+        """Records with a loss under ``key`` (the validation loss, or ``LONG_LOSS_KEY``), the last one
+        kept per step."""
         by_step = {}
         for record in self.metrics:
-            if valid_loss(record) is not None and "step" in record:
+            if valid_loss(record, key) is not None and "step" in record:
                 by_step[int(record["step"])] = record
         return [by_step[s] for s in sorted(by_step)]
 

@@ -77,6 +77,10 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 4
+    # with the validation: the loss on whole validation documents of at least this many tokens
+    # (valid_long/*; docs/training.md, "Long-document validation"); 0 = off
+    eval_long_min_length: int = 0
+    eval_long_max_tokens: int = 0  # predict at most this many tokens of them per evaluation; 0 = all
     run_dir: str = ""
     metrics_interval: int = 10  # MoE load balance and KDA gate statistics every N steps; 0 = never
     profile_step: int = 0  # profile this step (1-based) and write the time per part (train/profile.py); 0 = off
@@ -99,6 +103,11 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer={self.optimizer!r}: use adamw or muon")
         if self.lr_schedule not in ("wsd", "cosine", "constant"):
             raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: use wsd, cosine or constant")
+        if self.eval_long_min_length and not self.eval_interval:
+            raise ConfigError(
+                f"--eval-long-min-length={self.eval_long_min_length} needs --eval-interval N (or --set "
+                "train.eval_interval=N): the long-document validation runs with the validation"
+            )
         if self.data_weights and len(self.data_weights) != len(self.data_prefixes):
             raise ConfigError(
                 f"train.data_weights has {len(self.data_weights)} entries but train.data_prefixes has "
@@ -175,6 +184,8 @@ NUMBER_RULES = {
     "log_interval": (_positive, "positive"),
     "eval_interval": (_at_least(0), ">= 0 (0 = never)"),
     "eval_iters": (_positive, "positive"),
+    "eval_long_min_length": (_at_least(0), ">= 0 (0 = off)"),
+    "eval_long_max_tokens": (_at_least(0), ">= 0 (0 = all)"),
     "metrics_interval": (_at_least(0), ">= 0 (0 = never)"),
     "profile_step": (_at_least(0), ">= 0 (0 = off)"),
     "peak_flops_per_gpu": (_at_least(0), ">= 0 (0 = detect)"),
@@ -207,6 +218,7 @@ FLAG_FIELDS = {
     "cp_mode": str,
     "log_interval": int,
     "eval_interval": int,
+    "eval_long_min_length": int,
     "profile_step": int,
     "run_dir": str,
     "tokenizer_dir": str,
@@ -220,6 +232,14 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        """The run config ``to_dict`` wrote (a checkpoint's meta.json); training fields this version
+        does not know are left out (they describe how the weights were trained, not the model)."""
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        train = {k: v for k, v in values.get("train", {}).items() if k in known}
+        return cls(model=ModelConfig.from_dict(values["model"]), train=TrainConfig(**train))
 
     def validate(self, world_size: int = 1) -> "RunConfig":
         t = self.train.validate()

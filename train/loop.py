@@ -77,11 +77,12 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def build_data(run: RunConfig, dims: state.ParallelDims):
-    """The train and validation loaders. Records the run's tokenizer in ``train.tokenizer_dir`` (the
-    checkpoints' meta.json; the HF export ships it): the given one, checked against the data, or the
-    one the data's manifests name."""
-    from data import build_pretraining_loaders, ensure_default_dataset, tokenizer_of_data
+def data_arguments(run: RunConfig) -> dict:
+    """Where the run's documents come from, as the keyword arguments of the data package's
+    ``build_pretraining_loaders`` / ``validation_documents``. Records the run's tokenizer in
+    ``train.tokenizer_dir`` (the checkpoints' meta.json; the HF export ships it): the given one,
+    checked against the data, or the one the data's manifests name."""
+    from data import ensure_default_dataset, tokenizer_of_data
 
     t = run.train
     train_prefixes, valid_prefixes = list(t.data_prefixes), list(t.valid_prefixes) or None
@@ -96,11 +97,20 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
         raise ConfigError(str(err)) from None
     weights = t.data_weights or None
     blend = list(zip(weights, train_prefixes)) if weights else None
+    return dict(data_prefixes=None if blend else train_prefixes, blend=blend, valid_prefixes=valid_prefixes,
+                vocab_size=run.model.vocab_size,
+                tokenizer_dir=given_tokenizer or None)  # its vocabulary must fit the model
+
+
+def build_data(run: RunConfig, dims: state.ParallelDims):
+    """The train and validation loaders (``data_arguments``)."""
+    from data import build_pretraining_loaders
+
+    t = run.train
+    arguments = data_arguments(run)
     try:
         return build_pretraining_loaders(
-            data_prefixes=None if blend else train_prefixes,
-            blend=blend,
-            valid_prefixes=valid_prefixes,
+            **arguments,
             seq_length=t.seq_length,
             micro_batch_size=t.micro_batch_size,
             global_batch_size=t.global_batch_size,
@@ -108,8 +118,6 @@ def build_data(run: RunConfig, dims: state.ParallelDims):
             dp_size=parallel_state.get_data_parallel_world_size(),
             seed=t.seed,
             reset_at_document_boundaries=t.reset_at_document_boundaries,
-            vocab_size=run.model.vocab_size,
-            tokenizer_dir=given_tokenizer or None,  # its vocabulary must fit the model
         )
     except (ValueError, OSError) as err:  # the data package's messages name the file and the fix
         raise DataError(f"training data: {err}") from None
@@ -188,6 +196,9 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
         if t.bf16:
             optimizer = MasterWeights(optimizer)
     train_loader, valid_loader = agree(data or build_data, run, dims)
+    from train.evaluation import long_document_validation  # imports this module
+
+    long_validation = agree(long_document_validation, run, data is not None)
 
     start_step = resume.resume(run, model, optimizer, train_loader, log)
 
@@ -298,6 +309,8 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
             log(f"step {done:6d} | validation loss {valid['valid/loss']:.4f} | perplexity {valid['valid/ppl']:.2f} | "
                 f"{valid['valid/tokens_per_s']:,.0f} tokens/s")
             record.update(valid)
+            if long_validation is not None:
+                record.update(long_validation(model, done, device, slicer))
         logger.log(done, record)
         exit_interval = bool(t.exit_interval) and done % t.exit_interval == 0 and done < t.train_iters
         evaluation_stop = False

@@ -18,9 +18,14 @@ def test_train_throughput_smoke_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["system"], r["arm"]) for r in rows] == [
-        ("ours", "mla"), ("ours", "gdn-h"), ("ours", "kimi-linear"), ("transformers", "kimi-linear")]
+        ("ours", "mla"), ("ours", "gdn-h"), ("ours", "kimi-linear"), ("transformers", "mla"),
+        ("transformers", "kimi-linear")]  # transformers' kimi_linear has no GDN layer
     assert all(r["tokens_per_s"] > 0 for r in rows)
-    assert "| ours | kimi-linear | 64 |" in result.stdout
+    assert "no transformers baseline for gdn-h" in result.stdout
+    ratio = rows[2]["tokens_per_s"] / rows[4]["tokens_per_s"]
+    assert "| ours | kimi-linear | 64 |" in result.stdout and f"| {ratio:.2f}x |" in result.stdout
+    # the baseline says whether FLA's kernels ran (here: no FLA, transformers' PyTorch path)
+    assert "- kimi-linear at 64: FLA's kernels NOT used; transformers ran its PyTorch KDA path" in result.stdout
     # each of our rows carries the profiled step's breakdown; parts follow the layer pattern
     ours = {r["arm"]: r["profile"]["parts_ms"] for r in rows if r["system"] == "ours"}
     assert ours["mla"]["KDA"] == 0 and ours["mla"]["MLA core attention"] > 0

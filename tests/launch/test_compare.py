@@ -168,8 +168,9 @@ def test_bad_sweep_manifests_are_refused_with_the_field(bad, needle):
 
 
 # ----------------------------------------------------------------------------- the report
-def _synthetic_run(folder, arm, seed, final_valid, rate, memory, with_valid=True):
-    """A run of 20 steps of 100 tokens; validation every 5 steps ending at ``final_valid``."""
+def _synthetic_run(folder, arm, seed, final_valid, rate, memory, with_valid=True, final_long=None, long_length=8192):
+    """A run of 20 steps of 100 tokens; validation every 5 steps ending at ``final_valid``, and with
+    ``final_long`` the long-document loss at the same steps ending there."""
     folder.mkdir(parents=True)
     (folder / "launch.json").write_text(json.dumps({"name": f"{arm}-{seed}", "labels": {"arm": arm, "seed": seed},
                                                     "tokens_per_step": 100, "train_iters": 20}))
@@ -179,6 +180,9 @@ def _synthetic_run(folder, arm, seed, final_valid, rate, memory, with_valid=True
                       "memory/peak_allocated_gib": memory * step / 20})
         if with_valid and step % 5 == 0:
             lines.append({"step": step, "consumed_tokens": step * 100, "valid/loss": final_valid + (20 - step) * 0.05})
+            if final_long is not None:
+                lines[-1].update({"valid_long/loss": final_long + (20 - step) * 0.04,
+                                  "valid_long/min_length": long_length})
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return folder
 
@@ -208,6 +212,46 @@ def test_report_plots_and_tabulates_known_numbers(tmp_path):
     image = matplotlib.image.imread(png)
     assert image.shape[0] >= 600 and image.shape[1] >= 900
     assert image[..., :3].std() > 0.05  # curves and bars, not a blank canvas
+
+
+def test_report_shows_the_long_document_loss_where_runs_have_it(tmp_path):
+    import matplotlib.image
+
+    finals = {("mla", 1): (3.50, 3.10), ("mla", 2): (3.60, 3.30), ("kimi-linear", 1): (3.20, 2.70),
+              ("kimi-linear", 2): (3.26, None)}  # the last run was trained without --eval-long
+    dirs = [_synthetic_run(tmp_path / f"{arm}-{seed}", arm, seed, valid, 1000.0, 10.0, final_long=long)
+            for (arm, seed), (valid, long) in finals.items()]
+    png, md = write_report(dirs, progress=False)
+    text = md.read_text()
+    assert "| arm | seeds | tokens | final validation loss | final long-document loss (≥ 8,192 tokens) |" in text
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert table["mla"][3] == f"{statistics.mean([3.10, 3.30]):.4f} ± {statistics.stdev([3.10, 3.30]):.4f}"
+    assert table["kimi-linear"][3] == "2.7000 (1 seed)"
+    assert table["kimi-linear"][2] == f"{statistics.mean([3.20, 3.26]):.4f} ± {statistics.stdev([3.20, 3.26]):.4f}"
+    assert "seed 1, validation loss 3.5000 at step 20, long-document loss 3.1000 at step 20" in text
+    assert "Note:" not in text
+    assert matplotlib.image.imread(png).shape[1] >= 1500  # a third column of panels
+
+    # thresholds that differ are named, not averaged silently
+    other = _synthetic_run(tmp_path / "other" / "mla-3", "mla", 3, 3.4, 1000.0, 10.0, final_long=3.0,
+                           long_length=4096)
+    _, md = write_report([*dirs, other], out=tmp_path / "mixed", progress=False)
+    assert "thresholds differ (4096, 8192 tokens)" in md.read_text()
+    assert "long-document loss (≥ 4,096 / 8,192 tokens)" in md.read_text()
+
+
+def test_eval_long_sets_the_threshold_for_every_arm(tmp_path, capsys):
+    base = ["--config", "tiny", "--dry-run", "--skip-init-check", "--root", str(tmp_path),
+            "--set", "train.eval_interval=5"]
+    assert compare.main([*base, "--eval-long"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "launch/pretrain.py" in line]
+    assert len(commands) == 3 and all("--set train.eval_long_min_length=8192" in c for c in commands)
+    assert compare.main([*base, "--eval-long", "300"]) == 0
+    assert "--set train.eval_long_min_length=300" in capsys.readouterr().out
+    # without validation there is nothing to run it with
+    assert compare.main(["--config", "tiny", "--dry-run", "--skip-init-check", "--eval-long"]) == 2
+    assert "--eval-long-min-length=8192 needs --eval-interval N" in capsys.readouterr().err
 
 
 def test_report_falls_back_to_training_loss_with_a_note(tmp_path):
