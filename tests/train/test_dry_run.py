@@ -125,17 +125,19 @@ def test_activation_estimate_follows_recompute_and_pipeline():
 
 
 def test_context_parallel_splits_the_activations_and_the_optimizer_shards():
-    """Under CP each rank keeps its slice's activations; the distributed optimizer shards over DP x CP."""
+    """Under CP each rank keeps its slice's activations (ulysses: exactly half at CP 2; chunkwise: more,
+    the keys MLA gathers and KDA's state pairs); the distributed optimizer shards over DP x CP."""
     from train.dry_run import dry_run
 
-    def memory(cp):
+    def memory(cp, mode="ulysses"):
         run = load_run_config("scaling-653m")
         run.train.seq_length, run.train.micro_batch_size, run.train.global_batch_size = 4096, 1, 8
-        run.train.context_parallel_size, run.train.distributed_optimizer = cp, True
+        run.train.context_parallel_size, run.train.distributed_optimizer, run.train.cp_mode = cp, True, mode
         return dry_run(run, world_size=2).memory[0]
 
     dp2, cp2 = memory(1), memory(2)
     assert cp2.activations == pytest.approx(dp2.activations / 2)
+    assert memory(2, "chunkwise").activations > cp2.activations
     assert cp2.optimizer == pytest.approx(dp2.optimizer) and cp2.weights == dp2.weights
 
 
