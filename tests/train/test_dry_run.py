@@ -59,7 +59,9 @@ def test_dry_run_builds_on_meta_and_counts_per_layer():
 
 @pytest.mark.distributed
 def test_parameters_per_gpu_match_real_layouts(tmp_path):
-    """The dry run's parameters per GPU equal those of models built at TP2, PP2, PP2 x VPP2 and EP2."""
+    """The dry run's parameters per GPU equal those of models built at TP2, PP2, PP2 x VPP2 and EP2;
+    at TP2 and EP2 its weight, gradient and optimizer-state bytes (bf16, fp32 masters, AdamW and
+    Muon) equal those of the real tensors after a step on every rank."""
     from train.dry_run import dry_run
 
     torchrun(Path(__file__).parent / "dry_run_worker.py", 2, tmp_path / "counts.json")
@@ -72,8 +74,16 @@ def test_parameters_per_gpu_match_real_layouts(tmp_path):
         for key, value in fields.items():
             setattr(run.train, key, value)
         report = dry_run(run, world_size=2)
-        for row in (r for r in measured if r["layout"] == layout):
+        for row in (r for r in measured if r["layout"] == layout and "parameters" in r):
             assert report.memory[row["pipeline_rank"]].parameters == row["parameters"], (layout, row)
+        for optimizer in ("adamw", "muon"):
+            run.train.bf16, run.train.optimizer = True, optimizer
+            estimate = dry_run(run, world_size=2).memory[0]
+            rows = [r for r in measured if r["layout"] == layout and r.get("optimizer") == optimizer]
+            assert len(rows) == (2 if layout in ("tp2", "ep2") else 0)
+            for row in rows:
+                assert (estimate.weights, estimate.grads, estimate.optimizer) == (
+                    row["weights"], row["grads"], row["optimizer_bytes"]), (layout, row)
 
 
 @pytest.mark.parametrize("optimizer,bf16", [("adamw", False), ("adamw", True), ("muon", True)])
