@@ -33,7 +33,11 @@ def activation_elements(config, mixer: str, ffn: str, expert_parallel: int) -> d
     """Elements of one layer (norms, mixer, FFN) by the keys of ``model.mixers.ACTIVATION_KEYS``."""
     d = config.hidden_size
     out = dict(ZERO, tokens=4.0 * d)  # two norms: input and output each
-    for key, value in mixers.of_kind(mixer).activations(config).items():
+    entry = mixers.of_kind(mixer)
+    for key, value in entry.activations(config).items():
+        if key not in out:
+            raise ValueError(f"mixer {entry.label}: its activations() returned {key!r}; the keys are "
+                             f"model.mixers.ACTIVATION_KEYS: {', '.join(mixers.ACTIVATION_KEYS)}")
         out[key] += value
     if ffn == "dense":
         out["split"] += 3 * config.intermediate_size  # [gate; up] and the SwiGLU output

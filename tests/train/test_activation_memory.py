@@ -128,3 +128,25 @@ def test_dry_run_cli_refuses_bad_search_flags(capsys, argv, message):
 
     assert main(["--config", "tiny"] + argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_registered_mixer_brings_its_own_terms():
+    """The estimate reads the registry: a new mixer's terms (gathered keys included) enter it with no
+    change elsewhere, and an unknown key is refused with the list of known ones."""
+    from train.activation_memory import gathers_keys
+
+    mla = mixers.of_kind("mla")
+    terms = {"split": 10.0, "keys_split": 3.0}
+    toy = mixers.register(dataclasses.replace(mla, symbol="Z", kind="zmla", hf=None, arm=None,
+                                              activations=lambda config: dict(terms)))
+    try:
+        config = dataclasses.replace(_run().model, layer_pattern="KZ")
+        assert gathers_keys(config)
+        dense = activation_elements(config, "zmla", "dense", 1)
+        assert dense["split"] == 10 + 3 * config.intermediate_size and dense["keys_split"] == 3
+        assert not gathers_keys(dataclasses.replace(config, layer_pattern="K"))
+        terms["keys_splt"] = 1.0
+        with pytest.raises(ValueError, match="'keys_splt'; the keys are model.mixers.ACTIVATION_KEYS"):
+            activation_elements(config, "zmla", "dense", 1)
+    finally:
+        mixers.unregister(toy.symbol)
