@@ -44,6 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "and the estimated memory per GPU for the parallel flags; train nothing")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs of the run, for --dry-run (default: the smallest that fits, DP = EP)")
+    parser.add_argument("--find-max-seq-length", action="store_true",
+                        help="with --dry-run: the longest --seq-length whose memory estimate fits each GPU of "
+                             "this layout (context parallelism included), with the run's recompute setting, "
+                             "none and all")
+    parser.add_argument("--device-memory-gib", type=float, default=None,
+                        help="memory of one GPU in GiB as CUDA reports it, for --find-max-seq-length (default "
+                             "139.8: an H200, sold as 141 GB); the search leaves 2 GiB and 5%% of the rest free")
     return parser.parse_args(argv)
 
 
@@ -75,6 +82,26 @@ def build_run_config(args: argparse.Namespace):
     return run
 
 
+def _longest_sequences(run, args) -> str:
+    """--dry-run --find-max-seq-length: the report at the longest length for the run's recompute
+    setting, then the longest length with that setting, with none and with all layers recomputed."""
+    import copy
+
+    from train.dry_run import DEFAULT_DEVICE_MEMORY_GIB, dry_run, find_max_seq_length, format_fits, format_report
+
+    memory = DEFAULT_DEVICE_MEMORY_GIB if args.device_memory_gib is None else args.device_memory_gib
+    fits = []
+    for setting in dict.fromkeys([run.train.recompute_layers, "", "all"]):
+        variant = copy.deepcopy(run)
+        variant.train.recompute_layers = setting
+        fits.append(find_max_seq_length(variant, args.world_size, memory))
+    text = ""
+    if fits[0].seq_length:
+        run.train.seq_length, run.train.global_batch_tokens = fits[0].seq_length, 0
+        text = format_report(dry_run(run, args.world_size)) + "\n"
+    return text + format_fits(fits, run.train.micro_batch_size)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -89,16 +116,23 @@ def main(argv=None) -> int:
     signals.install()  # first: a stop request during the (long) start-up is kept, not fatal
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from parallel.state import destroy
-    from train.errors import PeerFailed, clean_error_types, report
+    from train.errors import ConfigError, PeerFailed, clean_error_types, report
     from train.loop import train
 
     args = parse_args(argv)
     try:
         run = build_run_config(args)
+        if (args.find_max_seq_length or args.device_memory_gib is not None) and not args.dry_run:
+            raise ConfigError("--find-max-seq-length and --device-memory-gib belong to --dry-run: add --dry-run")
+        if args.device_memory_gib is not None and not args.find_max_seq_length:
+            raise ConfigError("--device-memory-gib is the budget of --find-max-seq-length: add --find-max-seq-length")
         if args.dry_run:
             from train.dry_run import dry_run, format_report
 
-            print(format_report(dry_run(run, args.world_size)), flush=True)
+            if args.find_max_seq_length:
+                print(_longest_sequences(run, args), flush=True)
+            else:
+                print(format_report(dry_run(run, args.world_size)), flush=True)
             return 0
         train(run)
     except clean_error_types() as err:

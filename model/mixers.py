@@ -54,6 +54,19 @@ class HFLayout:
     check: Callable | None = None
 
 
+# What ``Mixer.activations`` may return, in elements (docs/training.md, "Dry run and memory estimate").
+# Per token of the rank's slice: what one layer keeps for its backward (``split``: head- or width-split
+# over TP, ``tokens``: whole per token, split over TP only under sequence parallelism, ``fp32``:
+# head-split and fp32 whatever the compute dtype) and what its core op's backward allocates while it
+# runs (``backward_split``, ``backward_fp32``). Per key token gathered from earlier context-parallel
+# ranks under ``chunkwise`` (MLA's latent): what the layer keeps of it (``keys_split``, whole
+# ``keys_tokens``) and what its backward allocates (``keys_backward_split``, ``keys_backward_tokens``).
+# Per sample under ``chunkwise``: fp32 state kept per later CP rank (``cp_state_fp32``) and the
+# all-gathered exchange buffer per CP rank while the layer runs (``cp_exchange_fp32``), both head-split.
+ACTIVATION_KEYS = ("split", "tokens", "fp32", "backward_split", "backward_fp32", "keys_split", "keys_tokens",
+                   "keys_backward_split", "keys_backward_tokens", "cp_state_fp32", "cp_exchange_fp32")
+
+
 @dataclass(frozen=True)
 class Mixer:
     """One registered mixer type (see the module docstring).
@@ -62,9 +75,10 @@ class Mixer:
     called as ``module(config, tconfig, layer_idx, **options)``. ``plan``: ``config -> ParallelPlan``.
     ``flops``: ``(config, document lengths, kernel chunk) -> {part: forward FLOPs}`` of one layer,
     with the parts ``flops_parts`` (model/flops.py counts them as ``<kind>_<part>``).
-    ``activations``: ``config -> {"split", "tokens", "fp32"}`` elements per token one layer keeps for
-    backward (see train/dry_run.py). ``arm``: the comparison arm made of this mixer (``linear``
-    mixers replace the linear layers of a hybrid, the others make the whole pattern).
+    ``activations``: ``config -> {key: elements}`` for the dry run's memory estimate
+    (train/activation_memory.py), with keys from ``ACTIVATION_KEYS`` (missing ones are 0). ``arm``:
+    the comparison arm made of this mixer (``linear`` mixers replace the linear layers of a hybrid,
+    the others make the whole pattern).
     ``profile_regions``: the ``profiled`` region names of its core op -> their part of the step-time
     breakdown. ``qk_clip``: the module records per-head max logits and takes QK-Clip (train/muon.py).
     ``gate_statistics``: it has KDA's forget gate, whose statistics train/metrics.py logs."""
@@ -277,13 +291,29 @@ def kda_flops(config, doc_lengths: Sequence[int], chunk: int = KDA_CHUNK, per_ch
 
 
 def kda_activations(config, per_channel_decay: bool = True) -> dict:
-    """q, k, v before and after the short convolutions, the gate up-projections, beta, the
-    recurrence and gated-norm outputs (split); the low-rank gate down-projections (whole); the decay
-    and one dh x dh state per chunk (fp32)."""
-    heads, dh = config.kda_num_heads, config.kda_head_dim
-    decay = heads * dh if per_channel_decay else heads
-    return {"split": 6 * heads * dh + decay + heads + 3 * heads * dh, "tokens": 2 * dh,
-            "fp32": decay + heads * dh * dh / KDA_CHUNK}
+    """Kept (split, in the compute dtype): q, k, v before and after the short convolutions, the raw
+    gate, beta's logit, the l2-normalised q and k, the chunk op's WY pieces (W, q e^G, k e^G) and
+    per-chunk states (stored in the input dtype), the op's output, the output gate and the gated-norm
+    output; (whole) the low-rank gate down-projections; (fp32) the cumulative log-decay, the op's
+    three C x C intra-chunk matrices, v_new and beta (GDN also its per-head gate broadcast to the key
+    width). Backward buffers of the chunk op (kernels/kda/chunk.py::kda_chunk_bwd): the state
+    gradients per chunk, dv, dq, dk and the raw gate's gradient (split), dv_new, the intra-chunk and
+    per-64-column partial gradients, the log-decay's gradient and dbeta (fp32). Under chunkwise
+    context parallelism, per sample: the transitions M (dh x dh per head) of the later ranks, kept
+    for the backward fold, and the all-gathered [M | E] pairs while the layer runs (fp32)."""
+    heads, dh, chunk = config.kda_num_heads, config.kda_head_dim, KDA_CHUNK
+    width = heads * dh
+    gate = width if per_channel_decay else heads
+    blocks = -(-dh // 64)  # the backward's 64-wide key-column blocks
+    return {
+        "split": 6 * width + gate + heads + 2 * width + 3 * width + width * dh / chunk + 3 * width,
+        "tokens": 2 * dh,
+        "fp32": width + 3 * chunk * heads + width + heads + (0 if per_channel_decay else width),
+        "backward_split": width * dh / chunk + width + 2 * width + (width if per_channel_decay else 0),
+        "backward_fp32": width + 2 * chunk * heads + 3 * width + blocks * chunk * heads + width + heads,
+        "cp_state_fp32": width * dh,
+        "cp_exchange_fp32": width * 2 * dh,
+    }
 
 
 def kda_hf_tensors(config, a: str, m: str) -> list:
@@ -355,11 +385,18 @@ def mla_flops(config, doc_lengths: Sequence[int], chunk: int = KDA_CHUNK) -> dic
 
 
 def mla_activations(config) -> dict:
-    """q, the kv_b output, the assembled keys, the attention output (split; flash attention keeps no
-    S x S); the kv_a output and its norm (whole); the softmax log-sum-exp (fp32)."""
+    """Kept: q, the kv_b output, the assembled keys, the attention output (split; flash attention
+    keeps no S x S); the kv_a output and its norm (whole); the softmax log-sum-exp (fp32). Backward
+    of flash attention: dq, dk, dv (split) and its fp32 dq accumulator and softmax-gradient row sums.
+    Under chunkwise context parallelism each gathered key keeps its compressed stream and its norm
+    (whole), its kv_b output and assembled key (split); the backward adds its dk, dv (split) and the
+    compressed stream's gradient before the reduce-scatter (whole)."""
     heads, n, r, v, rank = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                             config.v_head_dim, config.kv_lora_rank)
-    return {"split": 2 * heads * (n + r) + heads * (n + v) + heads * v, "tokens": 2 * rank + r, "fp32": heads}
+    return {"split": 2 * heads * (n + r) + heads * (n + v) + heads * v, "tokens": 2 * rank + r, "fp32": heads,
+            "backward_split": 2 * heads * (n + r) + heads * v, "backward_fp32": heads * (n + r) + heads,
+            "keys_split": heads * (n + v) + heads * (n + r), "keys_tokens": 2 * rank + r,
+            "keys_backward_split": heads * (n + r) + heads * v, "keys_backward_tokens": rank + r}
 
 
 def mla_hf_tensors(config, a: str, m: str) -> list:

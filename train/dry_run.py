@@ -6,20 +6,39 @@ Parameters per GPU are exact: every parameter of the whole (TP=1) model is assig
 rank holding its layer (embedding: the first stage, final norm and LM head: the last) and divided
 by the tensor-parallel size if megatron splits it, and by the expert-parallel size if it belongs
 to a routed expert (experts are split over TP too: megatron's expert-TP size defaults to TP).
-Bytes per parameter and the activation model: ``docs/training.md``, "Dry run and memory estimate".
+Bytes per parameter and the activation model (train/activation_memory.py): ``docs/training.md``,
+"Dry run and memory estimate". ``find_max_seq_length`` searches the longest sequence whose estimate
+fits a GPU (``--dry-run --find-max-seq-length``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
 from model import mixers
+from train.activation_memory import activation_bytes, gathered_keys, gathers_keys
 from train.config import RunConfig
+from train.errors import ConfigError
 
 GIB = 2.0**30
 ROUTED_EXPERT = ".experts.local_experts."
+# --device-memory-gib: an H200 (sold as 141 GB; CUDA reports 139.8 GiB). What the search may fill of a
+# device: its memory less the CUDA context, NCCL and cuBLAS workspaces (RESERVE_GIB) and a margin for
+# the allocator's fragmentation and the estimate's error (MARGIN, of the rest)
+DEFAULT_DEVICE_MEMORY_GIB = 139.8
+RESERVE_GIB = 2.0
+MARGIN = 0.05
+
+
+def usable_bytes(device_memory_gib: float) -> float:
+    """Bytes the memory estimate may reach on a device of ``device_memory_gib`` GiB."""
+    if not device_memory_gib > RESERVE_GIB:
+        raise ConfigError(f"--device-memory-gib={device_memory_gib}: must be more than the {RESERVE_GIB:g} GiB "
+                          f"reserved for the CUDA context and communication buffers (an H200: 139.8)")
+    return (device_memory_gib - RESERVE_GIB) * (1 - MARGIN) * GIB
 
 
 @dataclass
@@ -68,59 +87,6 @@ def _layer_index(name: str) -> int:
     from train.metrics import _layer_index as index
 
     return index(name)
-
-
-def activation_elements(config, mixer: str, ffn: str, expert_parallel: int) -> dict[str, float]:
-    """Activation elements per token one layer keeps for its backward (``docs/training.md``):
-    ``split`` (sharded over TP by heads or widths), ``tokens`` (whole per token; sharded over TP
-    only under sequence parallelism) and ``fp32`` (held in fp32 whatever the compute dtype, head-split)."""
-    d = config.hidden_size
-    out = {"split": 0.0, "tokens": 4.0 * d, "fp32": 0.0}  # two norms: input and output each
-    for key, value in mixers.of_kind(mixer).activations(config).items():  # model/mixers.py
-        out[key] += value
-    if ffn == "dense":
-        out["split"] += 3 * config.intermediate_size  # [gate; up] and the SwiGLU output
-    else:
-        k, width = config.num_experts_per_token, config.moe_intermediate_size
-        out["split"] += (k + config.num_shared_experts) * 3 * width
-        # routed copies of the input and output, and the allgather dispatcher's gathered input
-        out["tokens"] += 2 * k * d + expert_parallel * d
-        out["fp32"] += config.num_experts  # router scores
-    return out
-
-
-def _activation_bytes(run: RunConfig, layers_per_chunk: list[list[int]], rank: int, micro_batches: int,
-                      sequence_parallel: bool) -> float:
-    """Peak activation bytes on one GPU of pipeline rank ``rank`` (``docs/training.md``)."""
-    config, t = run.model, run.train
-    tp, pp, vpp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size, t.virtual_pipeline_model_parallel_size
-    tokens = t.micro_batch_size * t.seq_length // t.context_parallel_size  # this rank's slice under CP
-    low = 2 if t.bf16 else 4
-    token_share = tokens / tp if sequence_parallel else tokens
-    recompute = (None if not t.recompute_layers else
-                 set(range(config.num_layers)) if t.recompute_layers == "all" else
-                 {int(x) for x in t.recompute_layers.split(",") if x.strip()})
-
-    def full_layer(i: int) -> float:
-        e = activation_elements(config, config.layer_types[i], config.ffn_types[i], t.expert_model_parallel_size)
-        return (e["split"] / tp * tokens * low + e["tokens"] * token_share * low + e["fp32"] / tp * tokens * 4)
-
-    def kept(i: int) -> float:  # a recomputed layer keeps only its input
-        return config.hidden_size * token_share * low if recompute and i in recompute else full_layer(i)
-
-    chunks = [layers_per_chunk[c * pp + rank] for c in range(vpp)]
-    per_pass = max(sum(kept(i) for i in chunk) for chunk in chunks)
-    if vpp > 1:  # megatron's interleaved 1F1B: warm-up passes of one chunk each, plus the current one
-        in_flight = min(micro_batches * vpp, 2 * (pp - rank - 1) + (vpp - 1) * pp + 1)
-    else:  # 1F1B keeps pp - rank micro-batches in flight; without PP one at a time
-        in_flight = min(micro_batches, pp - rank)
-    total = in_flight * per_pass
-    mine = [i for chunk in chunks for i in chunk]
-    if recompute and any(i in recompute for i in mine):  # one recomputed layer's activations at a time
-        total += max(full_layer(i) for i in mine if i in recompute)
-    if rank == (pp * vpp - 1) % pp:  # LM head: logits and the fp32 softmax kept by the cross entropy
-        total += tokens * config.vocab_size / tp * (low + 4) + 2 * config.hidden_size * token_share * low
-    return total
 
 
 def dry_run(run: RunConfig, world_size: int | None = None) -> DryRun:
@@ -186,8 +152,8 @@ def dry_run(run: RunConfig, world_size: int | None = None) -> DryRun:
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
     for rank in ranks:
         rank.parameters = int(round(rank.parameters))
-        rank.activations = _activation_bytes(run, layers_per_chunk, rank.pipeline_rank, micro_batches,
-                                             sequence_parallel)
+        rank.activations = activation_bytes(run, layers_per_chunk, rank.pipeline_rank, micro_batches,
+                                            sequence_parallel)
 
     flops = model_flops_per_step(config, seq_length=t.seq_length)
     owner = {i: s % pp for s, chunk in enumerate(layers_per_chunk) for i in chunk}
@@ -197,7 +163,8 @@ def dry_run(run: RunConfig, world_size: int | None = None) -> DryRun:
                   data=dp, expert_data=expert_dp, sequence_parallel=sequence_parallel, micro_batches=micro_batches,
                   micro_batch_tokens=t.micro_batch_size * t.seq_length, seq_length=t.seq_length, bf16=t.bf16,
                   optimizer=t.optimizer,
-                  distributed_optimizer=t.distributed_optimizer, recompute=t.recompute_layers or "none")
+                  distributed_optimizer=t.distributed_optimizer, recompute=t.recompute_layers or "none",
+                  cp_mode=t.cp_mode, gathered_keys=gathered_keys(t) if gathers_keys(config) else 0)
     return DryRun(name=config.name, total_parameters=total, activated_parameters=total - inactive,
                   embedding_parameters=embedding, layers=layers, flops_per_token=flops["total"] / flops["tokens"],
                   layout=layout, memory=ranks, on_meta=on_meta)
@@ -223,7 +190,8 @@ def format_report(report: DryRun) -> str:
         f"training FLOPs per token: {report.flops_per_token:,.0f} (3 x forward, documents of "
         f"{lay['seq_length']:,} tokens)",
         f"layout: {lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''} = TP {lay['tensor']} x "
-        f"PP {lay['pipeline']} x CP {lay['context']} x "
+        f"PP {lay['pipeline']} x CP {lay['context']}"
+        + (f" ({lay['cp_mode']})" if lay["context"] > 1 else "") + " x "
         f"DP {lay['data']} (EP {lay['expert']}, expert DP {lay['expert_data']}"
         + (f", virtual PP {lay['virtual_pipeline']}" if lay["virtual_pipeline"] > 1 else "")
         + f"); sequence parallel {'on' if lay['sequence_parallel'] else 'off'}; "
@@ -236,4 +204,91 @@ def format_report(report: DryRun) -> str:
     ]
     lines += [f"  {m.pipeline_rank:13d}  {m.parameters:>16,}  {m.weights / GIB:7.2f}  {m.grads / GIB:6.2f}  "
               f"{m.optimizer / GIB:9.2f}  {m.activations / GIB:11.2f}  {m.total / GIB:6.2f}" for m in report.memory]
+    if lay["context"] > 1:
+        lines.append("  (activations: the larger of the first and the last context-parallel rank"
+                     + (f"; on the last, one document spanning each sample, every MLA layer holds "
+                        f"{lay['gathered_keys']:,} keys gathered from earlier ranks)" if lay["gathered_keys"] else ")"))
+    return "\n".join(lines)
+
+
+@dataclass
+class SequenceFit:
+    """The longest ``seq_length`` (a multiple of ``step``) whose estimated peak fits ``budget`` bytes on
+    every GPU of the layout; 0 when not even ``step`` fits. ``peak`` / ``next_peak``: the largest
+    per-GPU estimate at ``seq_length`` and at ``seq_length + step``; ``at_limit``: the search stopped
+    at its upper limit (longer sequences may fit too)."""
+
+    recompute: str
+    seq_length: int
+    step: int
+    budget: float
+    peak: float
+    next_peak: float
+    at_limit: bool = False
+
+
+def peak_bytes(run: RunConfig, report: DryRun) -> float:
+    """Largest per-GPU estimate for ``run`` (its current seq_length) in the layout of ``report``."""
+    from model.model import stage_layers
+
+    lay = report.layout
+    stages = lay["pipeline"] * lay["virtual_pipeline"]
+    chunks = [list(stage_layers(run.model.num_layers, stages, s)) for s in range(stages)]
+    return max(m.weights + m.grads + m.optimizer
+               + activation_bytes(run, chunks, m.pipeline_rank, lay["micro_batches"], lay["sequence_parallel"])
+               for m in report.memory)
+
+
+def find_max_seq_length(run: RunConfig, world_size: int | None = None,
+                        device_memory_gib: float = DEFAULT_DEVICE_MEMORY_GIB, step: int | None = None,
+                        limit: int = 1 << 24) -> SequenceFit:
+    """Binary search over multiples of ``step`` (default 1024 x CP, so every context-parallel slice is
+    a multiple of 1024 tokens) for the longest sequence whose estimate fits ``usable_bytes`` of a
+    device of ``device_memory_gib`` on every GPU, at the run's layout, micro-batch size and global
+    batch in sequences (with pipeline parallelism it sets the micro-batches in flight). The estimate
+    grows monotonically with the length. The layout is validated once (ConfigError as in a run)."""
+    budget = usable_bytes(device_memory_gib)
+    cp = run.train.context_parallel_size
+    step = step or 1024 * cp
+    if step <= 0 or step % cp:
+        raise ConfigError(f"sequence-length step {step}: must be a positive multiple of --context-parallel-size {cp}")
+    probe = copy.deepcopy(run)
+    probe.train.global_batch_tokens = 0  # the global batch stays this many sequences at every length
+    probe.train.seq_length = step
+    report = dry_run(probe, world_size)
+
+    def peak(multiple: int) -> float:
+        probe.train.seq_length = multiple * step
+        return peak_bytes(probe, report)
+
+    fit = SequenceFit(recompute=run.train.recompute_layers or "none", seq_length=0, step=step, budget=budget,
+                      peak=0.0, next_peak=peak(1))
+    if fit.next_peak > budget:
+        return fit
+    good, bad, top = 1, 2, max(limit // step, 1)
+    while bad <= top and peak(bad) <= budget:
+        good, bad = bad, bad * 2
+    if bad > top:
+        if peak(top) <= budget:
+            return SequenceFit(fit.recompute, top * step, step, budget, peak(top), peak(top + 1), at_limit=True)
+        bad = top
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if peak(middle) <= budget else (good, middle)
+    return SequenceFit(fit.recompute, good * step, step, budget, peak(good), peak(good + 1))
+
+
+def format_fits(fits: list[SequenceFit], micro_batch_size: int) -> str:
+    first = fits[0]
+    lines = [f"longest sequence whose estimate fits {first.budget / GIB:.1f} GiB per GPU (--device-memory-gib "
+             f"less {RESERVE_GIB:g} GiB reserved, less {MARGIN:.0%}; micro-batch size {micro_batch_size}, in steps "
+             f"of {first.step:,} tokens):"]
+    for fit in fits:
+        head = f"  recompute {fit.recompute}: "
+        if not fit.seq_length:
+            lines.append(head + f"none: {fit.step:,} tokens already need {fit.next_peak / GIB:.1f} GiB")
+            continue
+        more = " (the search's limit: longer may fit)" if fit.at_limit else ""
+        lines.append(head + f"{fit.seq_length:,} tokens ({fit.peak / GIB:.1f} GiB; "
+                     f"{fit.seq_length + fit.step:,} tokens: {fit.next_peak / GIB:.1f} GiB){more}")
     return "\n".join(lines)

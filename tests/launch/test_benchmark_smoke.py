@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,3 +50,17 @@ def test_cp_kda_benchmark_smoke_on_cpu(tmp_path):
     assert [(r["heads"], r["shard"], r["cp"]) for r in rows] == [(1, 64, 2)]
     assert set(rows[0]["cp_fb_ms"]) == {"0", "1"} and rows[0]["transition_ms"] > 0 and rows[0]["entry_grad_ms"] > 0
     assert "| 1 | 64 | 2 | 128 |" in result.stdout
+
+
+def test_memory_model_benchmark_smoke_on_cpu():
+    """benchmarks/memory_model.py (the estimate against measured peaks; run on a GPU by hand) trains
+    the tiny preset at two lengths and prints one row per length and recompute setting."""
+    cmd = [sys.executable, "benchmarks/memory_model.py", "--seq-lengths", "64,128", "--recompute", "none,all", "--",
+           "--config", "tiny", "--micro-batch-size", "1", "--global-batch-size", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("[rank 0]") and "GiB" not in line]
+    assert [row[0].split()[2:] for row in rows] == [["64", "none"], ["64", "all"], ["128", "none"], ["128", "all"]]
+    estimates = [[float(x) for x in row[2].split()] for row in rows]
+    assert all(total == pytest.approx(static + act, abs=0.011) and static > 0 for static, act, total in estimates)

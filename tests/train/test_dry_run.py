@@ -59,7 +59,9 @@ def test_dry_run_builds_on_meta_and_counts_per_layer():
 
 @pytest.mark.distributed
 def test_parameters_per_gpu_match_real_layouts(tmp_path):
-    """The dry run's parameters per GPU equal those of models built at TP2, PP2, PP2 x VPP2 and EP2."""
+    """The dry run's parameters per GPU equal those of models built at TP2, PP2, PP2 x VPP2 and EP2;
+    at TP2 and EP2 its weight, gradient and optimizer-state bytes (bf16, fp32 masters, AdamW and
+    Muon) equal those of the real tensors after a step on every rank."""
     from train.dry_run import dry_run
 
     torchrun(Path(__file__).parent / "dry_run_worker.py", 2, tmp_path / "counts.json")
@@ -72,8 +74,16 @@ def test_parameters_per_gpu_match_real_layouts(tmp_path):
         for key, value in fields.items():
             setattr(run.train, key, value)
         report = dry_run(run, world_size=2)
-        for row in (r for r in measured if r["layout"] == layout):
+        for row in (r for r in measured if r["layout"] == layout and "parameters" in r):
             assert report.memory[row["pipeline_rank"]].parameters == row["parameters"], (layout, row)
+        for optimizer in ("adamw", "muon"):
+            run.train.bf16, run.train.optimizer = True, optimizer
+            estimate = dry_run(run, world_size=2).memory[0]
+            rows = [r for r in measured if r["layout"] == layout and r.get("optimizer") == optimizer]
+            assert len(rows) == (2 if layout in ("tp2", "ep2") else 0)
+            for row in rows:
+                assert (estimate.weights, estimate.grads, estimate.optimizer) == (
+                    row["weights"], row["grads"], row["optimizer_bytes"]), (layout, row)
 
 
 @pytest.mark.parametrize("optimizer,bf16", [("adamw", False), ("adamw", True), ("muon", True)])
@@ -125,17 +135,19 @@ def test_activation_estimate_follows_recompute_and_pipeline():
 
 
 def test_context_parallel_splits_the_activations_and_the_optimizer_shards():
-    """Under CP each rank keeps its slice's activations; the distributed optimizer shards over DP x CP."""
+    """Under CP each rank keeps its slice's activations (ulysses: exactly half at CP 2; chunkwise: more,
+    the keys MLA gathers and KDA's state pairs); the distributed optimizer shards over DP x CP."""
     from train.dry_run import dry_run
 
-    def memory(cp):
+    def memory(cp, mode="ulysses"):
         run = load_run_config("scaling-653m")
         run.train.seq_length, run.train.micro_batch_size, run.train.global_batch_size = 4096, 1, 8
-        run.train.context_parallel_size, run.train.distributed_optimizer = cp, True
+        run.train.context_parallel_size, run.train.distributed_optimizer, run.train.cp_mode = cp, True, mode
         return dry_run(run, world_size=2).memory[0]
 
     dp2, cp2 = memory(1), memory(2)
     assert cp2.activations == pytest.approx(dp2.activations / 2)
+    assert memory(2, "chunkwise").activations > cp2.activations
     assert cp2.optimizer == pytest.approx(dp2.optimizer) and cp2.weights == dp2.weights
 
 
