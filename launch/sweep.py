@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launch.runs import LAUNCH, Run, valid_loss  # noqa: E402
+from launch.runs import LAUNCH, LONG_LOSS_KEY, Run, valid_loss  # noqa: E402
 from model.config import ConfigError  # noqa: E402
 
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "sweep.sbatch"
@@ -244,7 +244,8 @@ def queue_states(job: str) -> dict[int, str]:
 
 
 def task_rows(root: str | Path, job: str) -> list[dict]:
-    """One row per task of array ``job``: index, name, state, restarts, step, loss, port."""
+    """One row per task of array ``job``: index, name, state, restarts, step, loss, validation loss,
+    long-document validation loss (``--eval-long-min-length``), port."""
     root = Path(root)
     record_path = root / f"{job}.json"
     entries = json.loads(record_path.read_text())["entries"] if record_path.exists() else []
@@ -257,6 +258,7 @@ def task_rows(root: str | Path, job: str) -> list[dict]:
         if state == "RUNNING?" and index not in queued:
             state = "KILLED?"  # started, left the queue without recording an end
         valid = run.valid_records() if run else []
+        long = run.valid_records(LONG_LOSS_KEY) if run else []
         rows.append({
             "task": index,
             "name": entries[index]["name"] if index < len(entries) else (run.name if run else ""),
@@ -266,6 +268,7 @@ def task_rows(root: str | Path, job: str) -> list[dict]:
             "train_iters": entries[index].get("train_iters") if index < len(entries) else None,
             "loss": run.last_loss() if run else None,
             "valid_loss": valid_loss(valid[-1]) if valid else None,
+            "long_loss": valid_loss(long[-1], LONG_LOSS_KEY) if long else None,
             "port": (run.ports() or [None])[-1] if run else None,
         })
     return rows
@@ -276,12 +279,13 @@ def format_rows(rows: list[dict]) -> str:
         return "-" if value is None or value == [] else fmt.format(value)
 
     header = (f"{'task':>4}  {'name':<28} {'state':<12} {'restarts':>8} {'step':>13} {'loss':>8} {'valid':>8} "
-              f"{'port':>6}")
+              f"{'long':>8} {'port':>6}")
     lines = [header]
     for r in rows:
         step = cell(r["step"]) + (f"/{r['train_iters']}" if r["train_iters"] else "")
         lines.append(f"{r['task']:>4}  {r['name'][:28]:<28} {r['state']:<12} {r['restarts']:>8} {step:>13} "
-                     f"{cell(r['loss'], '{:.4f}'):>8} {cell(r['valid_loss'], '{:.4f}'):>8} {cell(r['port']):>6}")
+                     f"{cell(r['loss'], '{:.4f}'):>8} {cell(r['valid_loss'], '{:.4f}'):>8} "
+                     f"{cell(r['long_loss'], '{:.4f}'):>8} {cell(r['port']):>6}")
     return "\n".join(lines)
 
 

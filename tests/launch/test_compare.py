@@ -241,6 +241,22 @@ def test_report_shows_the_long_document_loss_where_runs_have_it(tmp_path):
     assert "long-document loss (≥ 4,096 / 8,192 tokens)" in md.read_text()
 
 
+def test_sweep_summary_shows_each_tasks_losses(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "queue_states", lambda job: {})  # nothing left in the queue
+    entries = [{"name": "mla-seed1"}, {"name": "kimi-linear-seed1"}, {"name": "gdn-h-seed1"}]
+    (tmp_path / "7.json").write_text(json.dumps({"entries": entries}))
+    _synthetic_run(tmp_path / "7_0", "mla", 1, 3.5, 1000.0, 10.0, final_long=3.1)
+    _synthetic_run(tmp_path / "7_1", "kimi-linear", 1, 3.2, 1000.0, 10.0)
+    rows = sweep.task_rows(tmp_path, "7")
+    assert [(r["task"], r["step"], r["valid_loss"], r["long_loss"]) for r in rows] == [
+        (0, 20, 3.5, 3.1), (1, 20, 3.2, None), (2, None, None, None)]
+    lines = sweep.format_rows(rows).splitlines()
+    assert lines[0].split()[-3:] == ["valid", "long", "port"]
+    assert lines[1].split()[-3:] == ["3.5000", "3.1000", "-"]
+    assert lines[2].split()[-3:] == ["3.2000", "-", "-"]
+    assert lines[3].split()[2] == "NOT"  # NOT STARTED
+
+
 def test_eval_long_sets_the_threshold_for_every_arm(tmp_path, capsys):
     base = ["--config", "tiny", "--dry-run", "--skip-init-check", "--root", str(tmp_path),
             "--set", "train.eval_interval=5"]
