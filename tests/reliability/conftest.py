@@ -17,6 +17,14 @@ DATA = ROOT / "cache" / "data"
 TINY = ["--config", "tiny", "--seq-length", "32", "--set", f"train.data_cache_dir={DATA}"]
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    """The built-in corpus's tokenizer (built on first use: a fresh clone has no cache yet)."""
+    from data.default_corpus import ensure_default_dataset
+
+    return ensure_default_dataset(DATA).tokenizer_dir
+
+
 def tiny_run(save=None, **train):
     """The tiny preset's run config (32-token sequences, 2 warm-up steps) with ``train`` fields set."""
     from train.config import load_run_config

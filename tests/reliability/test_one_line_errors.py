@@ -91,17 +91,16 @@ def test_an_error_one_rank_sees_stops_every_rank(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_single_document_split_suggests_a_flag_that_works(tmp_path, capfd):
+def test_single_document_split_suggests_a_flag_that_works(tmp_path, capfd, tokenizer_dir):
     import json
 
     from launch.prepare_data import main as prepare
     from launch.pretrain import main
-    from tests.reliability.test_prepare_data import TOKENIZER
 
     source = tmp_path / "one.jsonl"
     source.write_text(json.dumps({"text": " ".join(f"word{i} and more words" for i in range(100))}) + "\n")
     corpus = tmp_path / "corpus"
-    assert prepare(["--input", str(source), "--tokenizer", str(TOKENIZER), "--out", str(corpus), "--workers", "1",
+    assert prepare(["--input", str(source), "--tokenizer", tokenizer_dir, "--out", str(corpus), "--workers", "1",
                     "--no-progress"]) == 0
     capfd.readouterr()
     assert main([*TINY, "--train-iters", "1", "--data-path", str(corpus)]) == 2

@@ -10,16 +10,8 @@ import sys
 
 import pytest
 
-from tests.reliability.conftest import DATA, ROOT
+from tests.reliability.conftest import ROOT
 
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir() -> str:
-    """The built-in corpus's tokenizer (built on first use: a fresh clone has no cache yet)."""
-    from data.default_corpus import ensure_default_dataset
-
-    return ensure_default_dataset(DATA).tokenizer_dir
 
 
 @pytest.mark.parametrize("name,content,reason", [
