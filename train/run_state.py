@@ -210,12 +210,12 @@ def save_or_stop(state: RunState, done: int, result: StepResult, evaluation_stop
     exiting = exit_interval or evaluation_stop or bool(stop_reason)
     # no periodic save in the middle of a non-finite streak: the newest checkpoint stays the last good step
     periodic = (done % t.save_interval == 0 or done == t.train_iters) and state.nonfinite_in_a_row == 0
-    if t.save and (periodic or exiting) and save(state, done, result.first_batch):
-        if not exiting and done < t.train_iters:  # a stop requested during this save needs no second one
-            stop_reason = signals.requested_on_any_rank()
-            if stop_reason:
-                log(f"stop requested ({stop_reason}) during the save of step {done}: exiting")
-                exiting = True
+    saved = bool(t.save) and (periodic or exiting) and save(state, done, result.first_batch)
+    if saved and not exiting and done < t.train_iters:  # a stop requested during this save needs no second one
+        stop_reason = signals.requested_on_any_rank()
+        if stop_reason:
+            log(f"stop requested ({stop_reason}) during the save of step {done}: exiting")
+            exiting = True
     if exit_interval and not stop_reason:
         log(f"exit interval reached at step {done}")
     return exiting
