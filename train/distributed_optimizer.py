@@ -12,6 +12,7 @@ dict ("fully_reshardable": loadable at another DP/TP/PP layout).
 from __future__ import annotations
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -146,8 +147,6 @@ class MegatronOptimizer(TrainingOptimizer):
 
     def load_checkpoint_state(self, folder, step: int) -> None:
         """Load (and reshard) the distributed optimizer's state, then set Adam's step counters."""
-        from megatron.core import dist_checkpointing
-
         _materialize_state(self.optimizer)
         template = self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True,
                                                      metadata=SHARDING)

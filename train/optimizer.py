@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from train import context
+from train.checkpoint import load_sharded
 from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
@@ -176,8 +177,6 @@ class LocalOptimizer(TrainingOptimizer):
                 p.grad = grads[p]
 
     def load_checkpoint_state(self, folder, step: int) -> None:
-        from train.checkpoint import load_sharded
-
         self._materialize_state()
         loaded = load_sharded(self.state_for_checkpoint(), folder, "optimizer state",
                               "the checkpoint is corrupt or was written by another optimizer")
