@@ -32,13 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from launch import sweep
+from launch.runs import Run
+from model.config import ConfigError
+from model.presets import ARMS
 
-from launch import sweep  # noqa: E402
-from launch.runs import Run  # noqa: E402
-from model.config import ConfigError  # noqa: E402
-from model.presets import ARMS  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # the checkout: the scripts and the default output folders
 
 LONG_DOCUMENT_TOKENS = 8192  # --eval-long without a value: documents longer than 8k tokens
 

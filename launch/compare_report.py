@@ -19,15 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launch.runs import LONG_LOSS_KEY, LONG_MIN_LENGTH_KEY, VALID_LOSS_KEY, Run, valid_loss  # noqa: E402
-from model.config import ConfigError  # noqa: E402
-from model.presets import ARMS  # noqa: E402
+from launch.runs import LONG_LOSS_KEY, LONG_MIN_LENGTH_KEY, VALID_LOSS_KEY, Run, valid_loss
+from model.config import ConfigError
+from model.presets import ARMS
 
 WARMUP_FRACTION = 0.1  # tokens/s leaves out the first 10% of the steps (start-up, compilation)
 

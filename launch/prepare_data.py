@@ -24,10 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-
-from data.prepare import DEFAULT_SHARD_TOKENS, MalformedRecordError  # noqa: E402
-from data.readers import TEXT_UNITS  # noqa: E402
+from data.prepare import DEFAULT_SHARD_TOKENS, MalformedRecordError
+from data.readers import TEXT_UNITS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

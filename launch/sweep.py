@@ -32,11 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from launch.runs import LAUNCH, LONG_LOSS_KEY, Run, valid_loss
+from model.config import ConfigError
 
-from launch.runs import LAUNCH, LONG_LOSS_KEY, Run, valid_loss  # noqa: E402
-from model.config import ConfigError  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # the checkout: the scripts and the default output folders
 
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "sweep.sbatch"
 ENTRY_KEYS = {"name", "config", "args", "set", "arm", "seed", "labels"}

@@ -17,8 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 ARMS = ("K", "G", "A")
 PAPER_LRS = (5e-5, 1e-4, 5e-4, 1e-3)
 PAPER_LENGTHS = (256, 512, 1024, 2048)

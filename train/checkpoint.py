@@ -113,7 +113,8 @@ def _barrier() -> None:
 
 def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: int = 0) -> Path:
     """Write checkpoint ``step`` atomically with checksums; keep the newest ``keep_last`` (0 = all).
-    A collective: every rank calls it."""
+    ``optimizer``: a ``train.optimizer.TrainingOptimizer``, or None (weights only). A collective:
+    every rank calls it."""
     root = Path(root)
     final = iteration_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -126,15 +127,11 @@ def save_checkpoint(root, step: int, model, optimizer, meta: dict, keep_last: in
     _results_queue_in_process()
     model_state = model.sharded_state_dict()
     dist_checkpointing.save(model_state, str(tmp / "model"))
-    has_optimizer = False
-    if optimizer is not None and hasattr(optimizer, "sharded_state_dict"):  # megatron's optimizer
-        from train.distributed_optimizer import state_for_save
-
-        dist_checkpointing.save(state_for_save(model, optimizer), str(tmp / "optimizer"))
-        has_optimizer = True
-    elif optimizer is not None and optimizer.state:
-        dist_checkpointing.save(optimizer_sharded_state(model, optimizer), str(tmp / "optimizer"))
-        has_optimizer = True
+    # the optimizer interface (train/optimizer.py) describes its own state; None: nothing to save
+    optimizer_state = optimizer.state_for_checkpoint() if optimizer is not None else None
+    has_optimizer = optimizer_state is not None
+    if has_optimizer:
+        dist_checkpointing.save(optimizer_state, str(tmp / "optimizer"))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
@@ -238,18 +235,23 @@ def check_model_config(saved: dict, config: ModelConfig, where) -> None:
         )
 
 
-def load_model_state(model, path: Path) -> None:
-    """Load the sharded model state (resharding to the current layout) into ``model``."""
+def load_sharded(template: dict, folder: Path, what: str, fix: str) -> dict:
+    """``dist_checkpointing.load`` of ``folder`` into ``template``; a failure becomes a
+    CheckpointError naming the folder, the cause and ``fix``."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException subclass
 
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
+        return dist_checkpointing.load(template, str(folder))
     except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised with the path and a hint
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
         raise CheckpointError(
-            f"could not read the model state in {path / 'model'} ({type(err).__name__}: {detail}); the "
-            f"checkpoint is corrupt or incomplete, load an earlier iter_* folder"
-        ) from None
+            f"could not read the {what} in {folder} ({type(err).__name__}: {detail}); {fix}") from None
+
+
+def load_model_state(model, path: Path) -> None:
+    """Load the sharded model state (resharding to the current layout) into ``model``."""
+    state = load_sharded(model.sharded_state_dict(), path / "model", "model state",
+                         "the checkpoint is corrupt or incomplete, load an earlier iter_* folder")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -298,47 +300,11 @@ def load_rng_state(path: Path) -> bool:
     return True
 
 
-def _optimizer_params(optimizer):
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def optimizer_sharded_state(model, optimizer) -> dict:
-    """The optimizer's per-parameter tensors as sharded tensors shaped like their parameters
-    (so they reshard with the model); scalar step counters are restored from the step number."""
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
-
-    id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), _optimizer_params(optimizer))
-    state = optimizer.state_dict()
-    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    return {"state": state["state"]}
-
-
-def materialize_optimizer_state(optimizer) -> None:
-    """Create every state tensor (one optimizer step with zero gradients and zero learning rate
-    and weight decay changes no parameter), so a checkpoint has a template to load into."""
-    if optimizer.state:
-        return
-    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
-    grads = {}
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = 0.0, 0.0
-        for p in group["params"]:
-            grads[p] = p.grad
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, (lr, wd) in zip(optimizer.param_groups, saved):
-        group["lr"], group["weight_decay"] = lr, wd
-        for p in group["params"]:
-            p.grad = grads[p]
-
-
-def load_optimizer_state(model, optimizer, path: Path, step: int, expected: bool = False) -> bool:
-    """Load (and reshard) the optimizer state saved in ``path``; False if it has none (a checkpoint
-    imported from Hugging Face). ``expected``: the checkpoint was saved with one (meta.json), so a
-    missing one is damage, not a fresh start."""
+def load_optimizer_state(optimizer, path: Path, step: int, expected: bool = False) -> bool:
+    """Load (and reshard) the optimizer state saved in ``path`` into ``optimizer`` (a
+    ``train.optimizer.TrainingOptimizer``); False if it has none (a checkpoint imported from Hugging
+    Face). ``expected``: the checkpoint was saved with one (meta.json), so a missing one is damage,
+    not a fresh start."""
     folder = path / "optimizer"
     if not folder.exists() or not any(folder.iterdir()):
         if expected:
@@ -347,32 +313,7 @@ def load_optimizer_state(model, optimizer, path: Path, step: int, expected: bool
                 f"checkpoint is corrupt or incomplete, load an earlier iter_* folder"
             )
         return False
-    if hasattr(optimizer, "sharded_state_dict"):  # megatron's distributed optimizer
-        from train.distributed_optimizer import load
-
-        load(model, optimizer, folder, step)
-        return True
-    materialize_optimizer_state(optimizer)
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        loaded = dist_checkpointing.load(optimizer_sharded_state(model, optimizer), str(folder))
-    except (Exception, CheckpointException) as err:  # noqa: BLE001
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        raise CheckpointError(
-            f"could not read the optimizer state in {folder} ({type(err).__name__}: {detail}); the "
-            f"checkpoint is corrupt or was written by another optimizer"
-        ) from None
-    params = _optimizer_params(optimizer)
-    restore_extra = getattr(optimizer, "load_tensor", None)  # e.g. fp32 master weights
-    for index, tensors in loaded["state"].items():
-        target = optimizer.state[params[index]]
-        for key, value in tensors.items():
-            if restore_extra is not None and restore_extra(params[index], key, value):
-                continue
-            target[key].copy_(value)
-        if "step" in target:
-            target["step"].fill_(float(step))
+    optimizer.load_checkpoint_state(folder, step)
     return True
 
 

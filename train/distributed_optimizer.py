@@ -12,10 +12,13 @@ dict ("fully_reshardable": loadable at another DP/TP/PP layout).
 from __future__ import annotations
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from model.config import ConfigError
+from train import context
+from train.optimizer import TrainingOptimizer, reset_router_counters
 
 SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -33,7 +36,7 @@ def check(train) -> None:
 def _tolerate_state_keys_missing_from_checkpoint() -> None:
     """megatron-core 0.19.2 with torch's Adam (no Apex/TE) keeps a tensor ``step`` per parameter,
     which the fully-reshardable checkpoint does not store, and then fails copying it back
-    (KeyError 'step'). Missing keys are skipped instead; ``load`` sets the step afterwards."""
+    (KeyError 'step'). Missing keys are skipped instead; ``load_checkpoint_state`` sets the step afterwards."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
@@ -78,29 +81,12 @@ def wrap(model, train):
     return ddp, optimizer
 
 
-def zero_grad(ddp, optimizer) -> None:
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-
-
 def set_lr_and_wd(optimizer, lr: float, weight_decay: float) -> None:
     """megatron's groups carry multipliers its own scheduler applies (wd_mult = 0 for norms,
     biases, A_log, dt_bias); we drive the schedule, so apply them here."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
-
-
-def finish_step(ddp, optimizer) -> tuple[bool, float]:
-    """Reduce gradients (DP reduce-scatter, SP and expert groups, expert-bias update), clip and step.
-    Returns (updated, grad norm)."""
-    finalize_model_grads([ddp])
-    updated, grad_norm, _ = optimizer.step()
-    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan")
-
-
-def state_for_save(model, optimizer) -> dict:
-    return optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=SHARDING)
 
 
 def _materialize_state(optimizer) -> None:
@@ -122,13 +108,48 @@ def _inner_states(optimizer):
         yield from sub.optimizer.state.values()
 
 
-def load(model, optimizer, folder, step: int) -> None:
-    """Load (and reshard) the distributed optimizer's state, then set Adam's step counters."""
-    from megatron.core import dist_checkpointing
+class MegatronOptimizer(TrainingOptimizer):
+    """megatron's DDP + distributed optimizer behind the loop's optimizer interface
+    (train/optimizer.py). Its ``update`` reduces, clips and steps in one go."""
 
-    _materialize_state(optimizer)
-    template = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=SHARDING)
-    loaded = dist_checkpointing.load(template, str(folder))
-    optimizer.load_state_dict(loaded)
-    for state in _inner_states(optimizer):
-        state["step"] = torch.tensor(float(step))
+    def __init__(self, model, train):
+        self.model = model
+        self.weight_decay = train.weight_decay
+        self.runner, self.optimizer = wrap(model, train)
+
+    def begin_step(self, lr: float) -> None:
+        set_lr_and_wd(self.optimizer, lr, self.weight_decay)
+        self.runner.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def loss_scale(self, total_tokens):
+        return context.gradient_scale(total_tokens, megatron_ddp=True)
+
+    def update(self, loss_is_finite: bool) -> tuple[float, dict]:
+        grad_norm = float("nan")
+        if loss_is_finite:  # the DP reduce-scatter, the SP and expert groups, the expert-bias update
+            with torch.profiler.record_function("optimizer"):
+                finalize_model_grads([self.runner])
+                _, norm, _ = self.optimizer.step()
+            grad_norm = float(norm) if norm is not None else float("nan")
+        reset_router_counters(self.model)
+        return grad_norm, {}
+
+    def discard_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        reset_router_counters(self.model)
+
+    def reload_model_params(self) -> None:
+        self.optimizer.reload_model_params()  # its fp32 main weights were copied before the load
+
+    def state_for_checkpoint(self) -> dict:
+        return self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), metadata=SHARDING)
+
+    def load_checkpoint_state(self, folder, step: int) -> None:
+        """Load (and reshard) the distributed optimizer's state, then set Adam's step counters."""
+        _materialize_state(self.optimizer)
+        template = self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True,
+                                                     metadata=SHARDING)
+        self.optimizer.load_state_dict(dist_checkpointing.load(template, str(folder)))
+        for state in _inner_states(self.optimizer):
+            state["step"] = torch.tensor(float(step))

@@ -85,17 +85,13 @@ def _point_latest_at_newest(root) -> None:
         (Path(root) / ckpt.LATEST).unlink(missing_ok=True)
 
 
-def _load(path: Path, run, model, optimizer, meta: dict) -> None:
-    """Model, optimizer and RNG state of ``path`` (checksums first). A collective."""
-    from train.precision import MasterWeights
-
+def _load(path: Path, model, optimizer, meta: dict) -> None:
+    """Model, optimizer (a ``train.optimizer.TrainingOptimizer``) and RNG state of ``path``
+    (checksums first). A collective."""
     ckpt.verify(path)
     ckpt.load_model_state(model, path)
-    if isinstance(optimizer, MasterWeights):
-        optimizer.sync_masters_from_model()
-    elif run.train.distributed_optimizer:
-        optimizer.reload_model_params()  # its fp32 main weights were copied before the load
-    ckpt.load_optimizer_state(model, optimizer, path, int(meta["step"]), expected=bool(meta.get("has_optimizer")))
+    optimizer.reload_model_params()  # its own copies were made before the load
+    ckpt.load_optimizer_state(optimizer, path, int(meta["step"]), expected=bool(meta.get("has_optimizer")))
     ckpt.load_rng_state(path)
 
 
@@ -113,7 +109,7 @@ def resume(run, model, optimizer, train_loader, log) -> int:
         ckpt.check_model_config(meta["model"], run.model, candidate)  # a mismatch is no damage: no fallback
         agree(_check_no_newer, t, int(meta["step"]))
         try:
-            agree(_load, candidate, run, model, optimizer, meta)
+            agree(_load, candidate, model, optimizer, meta)
         except ckpt.CheckpointError as err:
             _fall_back_or_raise(err, paths, index, may_fall_back, t, log)
             continue

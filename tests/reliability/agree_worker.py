@@ -2,15 +2,11 @@
 into the same error on every rank (a clean one) or a quiet PeerFailed (a crash), never a hang."""
 
 import datetime
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from model.config import ConfigError  # noqa: E402
-from train.errors import PeerFailed, agree  # noqa: E402
+from model.config import ConfigError
+from train.errors import PeerFailed, agree
 
 
 def fails_on_rank_1(kind):
