@@ -16,7 +16,7 @@ from model.config import ConfigError
 from parallel.state import ParallelDims
 from train import context, resume, signals
 from train.config import RunConfig
-from train.errors import DataError
+from train.errors import DataError, agree
 from train.flops import model_flops_per_step
 from train.health import divergence_error
 from train.lock import release_save_folder
