@@ -22,10 +22,6 @@ import argparse
 import copy
 import sys
 import tempfile
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 GIB = 2.0**30
 
