@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU call that checks what was built without a GPU: the GPU-marked tests of the newer code
+# (device-independent init, context parallelism, CP pre-passes, synthetic tasks, the transformers
+# baseline), a before/after of the KDA benchmark and one training-throughput row (same call, the
+# tree before a refactor in $BEFORE_TREE), the chunkwise-CP pre-pass cost and the memory model.
+# Usage on the GPU machine (carry .whl, .triton, cache and the before tree):
+#   BEFORE_TREE=.before bash benchmarks/gpu_validate.sh [steps...]
+#   steps: tests kda_before kda_after tp_before tp_after cp memory   (default: all)
+#   make the before tree here with:  mkdir .before && git archive REV | tar -x -C .before
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export TRITON_PACK=${TRITON_PACK:-.triton/triton-3.7.1.tar.xz}
+source benchmarks/gpu_env.sh
+STEPS=${*:-"tests kda_before kda_after tp_before tp_after cp memory"}
+BEFORE=${BEFORE_TREE:-.before}
+KDA_ARGS="--shapes 8x4096,1x32768 --dt-bias=-4,2 --ops ours"
+TP_ARGS="--preset scaling-653m --arms kimi-linear --contexts 4096 --tokens-per-step 32768 --steps 6 --bf16"
+in_before() {  # in_before SCRIPT ARGS...: run the before tree's copy of a benchmark, its packages first
+  (cd "$BEFORE" && PYTHONPATH="/tmp/site:$PWD:${TRITON_PACK:+/tmp/triton_pack}" python3 "$@")
+}
+step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
+  tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
+  tests/launch/test_hf_baseline.py tests/model/test_attention_gpu.py tests/model/test_no_host_sync_gpu.py
+step kda_before 150 bash -c "$(declare -f in_before); BEFORE=$BEFORE TRITON_PACK=$TRITON_PACK in_before benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
+step kda_after 150 python3 benchmarks/kda.py $KDA_ARGS --out "$OUT/kda_after.json"
+step tp_before 150 bash -c "$(declare -f in_before); BEFORE=$BEFORE TRITON_PACK=$TRITON_PACK in_before benchmarks/train_throughput.py $TP_ARGS --no-transformers --out $OUT/tp_before.json"
+step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
+step cp 150 python3 benchmarks/cp_kda.py --heads 32 --shards 4096,16384,65536 --cp 2,4,8 --out "$OUT/cp_kda.json"
+step memory 200 python3 benchmarks/memory_model.py --seq-lengths 4096,8192,16384 --recompute none,all -- \
+  --config scaling-653m --bf16 --micro-batch-size 1 --global-batch-size 1 --set train.optimizer=adamw \
+  --set train.data_cache_dir=cache/data
