@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from model import fusion
 from model.config import ConfigError
 from model.kda import kernel_options
-from model.model import build_model
+from model.model import build_model, set_loss_chunk_tokens
 from parallel import state
 from train import checkpoint as ckpt
 from train import context, distributed_optimizer, resume, signals
@@ -185,6 +185,7 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
                         initialize_weights=not load_from, expert_parallel=dims.expert).to(device)
     tconfig = model.config
     set_recompute(model, t.recompute_layers)
+    set_loss_chunk_tokens(model, t.loss_chunk_tokens)
     fusion.enable(t.compile)
     if t.bf16:  # bf16 weights and compute, fp32 master weights in the optimizer
         to_bf16(model)
