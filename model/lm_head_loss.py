@@ -5,7 +5,7 @@
 without ever holding the logits of the whole micro-batch: the forward computes, per chunk of
 ``chunk_tokens`` tokens, the logits ``[chunk, vocab / TP]`` in the weight's dtype, their fp32 copy, the
 softmax statistics across TP ranks (all-reduced maximum, sum of exponentials and target logit) and the
-loss, then drops the chunk; it keeps only the log-sum-exp of each token (fp32). The backward recomputes
+loss, then drops the chunk; it keeps only the maximum and the sum of exponentials of each token (fp32). The backward recomputes
 each chunk's logits (one extra LM-head matmul over the micro-batch), forms the softmax minus the one-hot
 target, and accumulates the hidden states' gradient and the weight's gradient (fp32) chunk by chunk.
 Peak memory of the head: one chunk's logits instead of all of them (docs/training.md, "Chunked LM head
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim, _reduce_scatter_along_first_dim
 
@@ -45,10 +44,11 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         vocab_start = rank * vocab_local
         tokens = full.shape[0]
         losses = torch.empty(tokens, dtype=torch.float32, device=full.device)
-        log_sum_exp = torch.empty(tokens, dtype=torch.float32, device=full.device)
+        maxima = torch.empty(tokens, dtype=torch.float32, device=full.device)
+        sums_exp = torch.empty(tokens, dtype=torch.float32, device=full.device)
         for start in range(0, tokens, chunk_tokens):
             end = min(start + chunk_tokens, tokens)
-            logits = F.linear(full[start:end], weight).float()
+            logits = torch.matmul(full[start:end], weight.t()).float()
             maximum = logits.max(dim=-1).values
             if size > 1:
                 dist.all_reduce(maximum, op=dist.ReduceOp.MAX, group=group)
@@ -58,18 +58,18 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             sums = torch.stack([logits.exp_().sum(dim=-1), target])  # one all-reduce for both
             if size > 1:
                 dist.all_reduce(sums, group=group)
-            log_sum = sums[0].log()
-            losses[start:end] = log_sum - sums[1]
-            log_sum_exp[start:end] = log_sum + maximum
+            losses[start:end] = sums[0].log() - sums[1]
+            maxima[start:end], sums_exp[start:end] = maximum, sums[0]
             del logits
-        ctx.save_for_backward(hidden, weight, labels, log_sum_exp)
+        # the softmax statistics of every token (8 bytes) are all the backward needs besides the inputs
+        ctx.save_for_backward(hidden, weight, labels, maxima, sums_exp)
         ctx.chunk_tokens, ctx.sequence_parallel, ctx.group = chunk_tokens, sequence_parallel, group
         ctx.size, ctx.vocab_start = size, vocab_start
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, labels, log_sum_exp = ctx.saved_tensors
+        hidden, weight, labels, maxima, sums_exp = ctx.saved_tensors
         size, group = ctx.size, ctx.group
         gathered = ctx.sequence_parallel and size > 1
         full = _gather_along_first_dim(hidden, group) if gathered else hidden
@@ -82,20 +82,21 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         for start in range(0, tokens, ctx.chunk_tokens):
             end = min(start + ctx.chunk_tokens, tokens)
             chunk = full[start:end]
-            probs = F.linear(chunk, weight).float()
-            probs -= log_sum_exp[start:end].unsqueeze(-1)
-            probs.exp_()  # the softmax over the whole vocabulary (all TP ranks' statistics)
+            probs = torch.matmul(chunk, weight.t()).float()
+            probs -= maxima[start:end].unsqueeze(-1)
+            probs.exp_()
+            probs /= sums_exp[start:end].unsqueeze(-1)  # the softmax over the whole vocabulary (all TP ranks)
             column, outside = _target_columns(labels[start:end], ctx.vocab_start, vocab_local)
             rows = torch.arange(end - start, device=probs.device)
             probs[rows, column] -= (~outside).to(probs.dtype)
             probs *= grad_losses[start:end].unsqueeze(-1)
             grad_logits = probs.to(chunk.dtype)
             del probs
-            grad_full[start:end] = grad_logits @ weight
+            grad_full[start:end] = torch.matmul(grad_logits, weight)
             if grad_weight.dtype == grad_logits.dtype:
                 grad_weight.addmm_(grad_logits.t(), chunk)
             else:
-                grad_weight += grad_logits.t() @ chunk
+                grad_weight += torch.matmul(grad_logits.t(), chunk)
             del grad_logits
         if gathered:
             grad_hidden = _reduce_scatter_along_first_dim(grad_full, group)
