@@ -152,7 +152,8 @@ class KimiLinearModel(MegatronModule):
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)
-        if labels is not None and self.loss_chunk_tokens:
+        # a micro-batch of at most one chunk takes megatron's path: the same numbers, less memory
+        if labels is not None and 0 < self.loss_chunk_tokens < packed.num_tokens:
             loss = chunked_lm_head_loss(hidden, self.output_layer.weight, labels, self.loss_chunk_tokens,
                                         self.sequence_parallel)
             return loss.view(batch, seq)

@@ -86,7 +86,8 @@ def lm_head_bytes(config, train, tokens: int, sequence_parallel: bool) -> float:
 
     * megatron's output layer + cross entropy: the logits and the fp32 softmax the cross entropy
       keeps, ``V/TP x (2 or 4 + 4)`` per token (its backward turns the softmax into the gradient);
-    * the chunked head (``train.loss_chunk_tokens``, model/lm_head_loss.py): one chunk's logits and
+    * the chunked head (``train.loss_chunk_tokens`` below the micro-batch's tokens; a micro-batch of
+      at most one chunk takes megatron's path; model/lm_head_loss.py): one chunk's logits and
       their fp32 copy (one fp32 tensor in an fp32 run), the weight's fp32 gradient accumulator (with
       a bf16 weight also a bf16 weight gradient: a chunk's, then the result), the whole micro-batch's hidden gradient (and its all-gathered hidden states
       under sequence parallelism) and three fp32 numbers per token (loss, maximum, sum of exp).
@@ -95,7 +96,7 @@ def lm_head_bytes(config, train, tokens: int, sequence_parallel: bool) -> float:
     low = 2 if train.bf16 else 4
     d, vocab = config.hidden_size, config.vocab_size / tp
     norm = 2 * d * (tokens / tp if sequence_parallel else tokens) * low
-    chunk = min(train.loss_chunk_tokens, tokens)
+    chunk = train.loss_chunk_tokens if train.loss_chunk_tokens < tokens else 0  # else megatron's path
     if not chunk:
         return norm + tokens * vocab * (low + 4)
     cast = low if low < 4 else 0  # an fp32 run's casts to fp32 are no copies

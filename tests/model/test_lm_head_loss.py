@@ -114,6 +114,30 @@ def head_forward_backward(chunk: int, tokens=256, vocab=512, hidden=16) -> int:
     return probe.largest
 
 
+@pytest.mark.parametrize("chunk", [1000, 48], ids=["one-chunk", "chunks"])
+def test_head_function_equals_megatrons_head(model, chunk):
+    """The function itself, also for one chunk longer than the tokens (the model takes megatron's
+    path then): losses and the gradients of the hidden states and the weight."""
+    def grads(chunk):
+        gen = torch.Generator().manual_seed(1)
+        states = torch.randn(200, 1, 16, generator=gen, requires_grad=True)
+        weight = torch.randn(96, 16, generator=gen, requires_grad=True)
+        labels = torch.randint(0, 96, (200,), generator=gen)
+        scale = torch.rand(200, generator=gen)
+        if chunk:
+            loss = chunked_lm_head_loss(states, weight, labels, chunk)
+        else:
+            from megatron.core import tensor_parallel
+
+            logits = torch.matmul(states, weight.t()).float()
+            loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.view(-1, 1)).view(-1)
+        (loss * scale).sum().backward()
+        return loss.detach(), states.grad, weight.grad
+
+    for got, want in zip(grads(chunk), grads(0)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_chunked_head_never_creates_the_whole_logits(model):
     """The largest tensor of the head's forward + backward: one chunk's logits (32 x 512), or the
     weight's gradient (512 x 16), not the micro-batch's logits (256 x 512) as megatron's path does."""
