@@ -4,8 +4,8 @@ TP=2 with and without sequence parallelism: per-token losses and every parameter
 equal megatron's output layer + vocab-parallel cross entropy on the same ranks, for a chunk that
 divides the 80 tokens and one that does not. Training: the loss curve with ``train.loss_chunk_tokens``
 follows the single-process curve without it, on one process, at TP=2 (sequence parallelism, from
-MoE) with megatron's distributed optimizer, and at DP=2 with it (the weight's gradient must reach
-megatron's DDP buffers and their data-parallel reduction).
+MoE) with megatron's distributed optimizer, at DP=2 with it (the weight's gradient must reach
+megatron's DDP buffers and their data-parallel reduction), and at PP=2.
 """
 
 import json
@@ -43,14 +43,16 @@ def curve(path: Path, name: str) -> list[float]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("nproc,tp,zero,name", [
-    (1, 1, 0, "losses_tp1_ep1_pp1_chunk24_n1.json"),
-    (2, 2, 1, "losses_tp2_ep1_pp1_zero_chunk24_n2.json"),
-    (2, 1, 1, "losses_tp1_ep1_pp1_zero_chunk24_n2.json"),
-], ids=["single", "tp2-sp-zero", "dp2-zero"])
-def test_training_with_chunked_loss_follows_the_plain_curve(workdir, nproc, tp, zero, name):
-    """24-token chunks: not a divisor of the 128 tokens of a micro-batch."""
-    torchrun(HERE / "train_worker.py", nproc, "train", workdir, tp, 1, 1, 1, zero, 24, timeout=600)
+@pytest.mark.parametrize("nproc,tp,pp,zero,name", [
+    (1, 1, 1, 0, "losses_tp1_ep1_pp1_chunk24_n1.json"),
+    (2, 2, 1, 1, "losses_tp2_ep1_pp1_zero_chunk24_n2.json"),
+    (2, 1, 1, 1, "losses_tp1_ep1_pp1_zero_chunk24_n2.json"),
+    (2, 1, 2, 0, "losses_tp1_ep1_pp2_chunk24_n2.json"),
+], ids=["single", "tp2-sp-zero", "dp2-zero", "pp2"])
+def test_training_with_chunked_loss_follows_the_plain_curve(workdir, nproc, tp, pp, zero, name):
+    """24-token chunks: not a divisor of the 128 tokens of a micro-batch. PP 2: the last stage's loss
+    under megatron's 1F1B schedule."""
+    torchrun(HERE / "train_worker.py", nproc, "train", workdir, tp, 1, pp, 1, zero, 24, timeout=600)
     reference, losses = curve(workdir, "losses_tp1_ep1_pp1_n1.json"), curve(workdir, name)
     assert len(losses) == len(reference) == 10
     assert reference[-1] < reference[0] - 0.3  # it trains
