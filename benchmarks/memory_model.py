@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-lengths", default="4096,8192,16384", help="comma-separated --seq-length values")
     parser.add_argument("--recompute", default="none,all", help="comma-separated: none, all or layer lists 0;3")
     parser.add_argument("--loss-chunk-tokens", default="",
-                        help="comma-separated train.loss_chunk_tokens values to compare, e.g. 0,4096 (default: the run's)")
+                        help="comma-separated train.loss_chunk_tokens values to compare, e.g. 0,4096 "
+                             "(default: the run's)")
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args(ours)
     if not pretrain_argv:

@@ -1,15 +1,15 @@
 """The LM head and its vocab-parallel cross entropy, a chunk of tokens at a time.
 
 ``chunked_lm_head_loss`` gives the same per-token losses and gradients as megatron's
-``ColumnParallelLinear`` output layer followed by ``vocab_parallel_cross_entropy(logits.float(), labels)``,
-without ever holding the logits of the whole micro-batch: the forward computes, per chunk of
+``ColumnParallelLinear`` output layer followed by ``vocab_parallel_cross_entropy(logits.float(),
+labels)``, without ever holding the logits of the whole micro-batch: the forward computes, per chunk of
 ``chunk_tokens`` tokens, the logits ``[chunk, vocab / TP]`` in the weight's dtype, their fp32 copy, the
 softmax statistics across TP ranks (all-reduced maximum, sum of exponentials and target logit) and the
-loss, then drops the chunk; it keeps only the maximum and the sum of exponentials of each token (fp32). The backward recomputes
-each chunk's logits (one extra LM-head matmul over the micro-batch), forms the softmax minus the one-hot
-target, and accumulates the hidden states' gradient and the weight's gradient (fp32) chunk by chunk.
-Peak memory of the head: one chunk's logits instead of all of them (docs/training.md, "Chunked LM head
-and loss").
+loss, then drops the chunk; it keeps only the maximum and the sum of exponentials of each token (fp32).
+The backward recomputes each chunk's logits (one extra LM-head matmul over the micro-batch), forms the
+softmax minus the one-hot target, and accumulates the hidden states' gradient and the weight's gradient
+(fp32) chunk by chunk. Peak memory of the head: one chunk's logits instead of all of them
+(docs/training.md, "Chunked LM head and loss").
 
 Tensor parallelism follows the output layer it replaces: the weight is this rank's vocabulary shard; the
 hidden states are whole on every TP rank (their gradient is summed over the TP group), or with sequence

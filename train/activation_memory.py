@@ -89,8 +89,9 @@ def lm_head_bytes(config, train, tokens: int, sequence_parallel: bool) -> float:
     * the chunked head (``train.loss_chunk_tokens`` below the micro-batch's tokens; a micro-batch of
       at most one chunk takes megatron's path; model/lm_head_loss.py): one chunk's logits and
       their fp32 copy (one fp32 tensor in an fp32 run), the weight's fp32 gradient accumulator (with
-      a bf16 weight also a bf16 weight gradient: a chunk's, then the result), the whole micro-batch's hidden gradient (and its all-gathered hidden states
-      under sequence parallelism) and three fp32 numbers per token (loss, maximum, sum of exp).
+      a bf16 weight also a bf16 weight gradient: a chunk's, then the result), the whole micro-batch's
+      hidden gradient (and its all-gathered hidden states under sequence parallelism) and three fp32
+      numbers per token (loss, maximum, sum of exp).
     """
     tp = train.tensor_model_parallel_size
     low = 2 if train.bf16 else 4

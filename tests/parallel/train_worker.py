@@ -1,8 +1,8 @@
 """Worker for test_parallel_training.py: the same 10 training steps under different layouts.
 
 train:  torchrun with the layout given as TP EP PP [VPP [ZERO [CHUNK]]] (ZERO=1: megatron's distributed
-        optimizer; CHUNK: train.loss_chunk_tokens); every layout builds its model from the seed (no shared checkpoint), trains on
-        the same global batches, and rank 0 writes the loss curve.
+        optimizer; CHUNK: train.loss_chunk_tokens); every layout builds its model from the seed (no
+        shared checkpoint), trains on the same global batches, and rank 0 writes the loss curve.
 save-half / resume: 5 steps at one layout and a checkpoint, then the other 5 at another layout.
 """
 
