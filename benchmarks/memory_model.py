@@ -12,6 +12,9 @@ Under torchrun every rank prints its own row (pipeline rank, context-parallel ra
     torchrun --nproc-per-node 2 benchmarks/memory_model.py --seq-lengths 16384,32768 -- \\
         --config scaling-653m --bf16 --context-parallel-size 2 --micro-batch-size 1 --global-batch-size 1
 
+``--loss-chunk-tokens 0,4096`` also compares megatron's LM head loss with the chunked one
+(``train.loss_chunk_tokens``) at every length and setting.
+
 On a CPU it runs the steps and prints the estimates with the process's peak RSS instead (a smoke
 test of the script, not a comparison).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import tempfile
 
@@ -67,6 +71,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lengths", default="4096,8192,16384", help="comma-separated --seq-length values")
     parser.add_argument("--recompute", default="none,all", help="comma-separated: none, all or layer lists 0;3")
+    parser.add_argument("--loss-chunk-tokens", default="",
+                        help="comma-separated train.loss_chunk_tokens values to compare, e.g. 0,4096 "
+                             "(default: the run's)")
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args(ours)
     if not pretrain_argv:
@@ -78,23 +85,25 @@ def main(argv=None) -> int:
     from launch.pretrain import build_run_config, parse_args
 
     rows = []
-    for seq in (int(x) for x in args.seq_lengths.split(",")):
-        for setting in args.recompute.split(","):
-            run = build_run_config(parse_args(pretrain_argv + ["--seq-length", str(seq)]))
-            run.train.recompute_layers = "" if setting == "none" else setting.replace(";", ",")
-            run.train.train_iters, run.train.log_interval, run.train.eval_interval = args.steps, 10**9, 0
-            run.train.save = ""
-            measured = measure(run)
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            pp_rank = parallel_state.get_pipeline_model_parallel_rank() if dist.is_initialized() else 0
-            cp_rank = parallel_state.get_context_parallel_rank() if dist.is_initialized() else 0
-            static, activations = estimate(run, world, pp_rank, cp_rank)
-            rows.append((seq, setting, pp_rank, cp_rank, static, activations, measured))
+    chunks = [int(x) for x in args.loss_chunk_tokens.split(",")] if args.loss_chunk_tokens else [None]
+    for seq, setting, chunk in itertools.product(args.seq_lengths.split(","), args.recompute.split(","), chunks):
+        run = build_run_config(parse_args(pretrain_argv + ["--seq-length", seq]))
+        run.train.recompute_layers = "" if setting == "none" else setting.replace(";", ",")
+        if chunk is not None:
+            run.train.loss_chunk_tokens = chunk
+        run.train.train_iters, run.train.log_interval, run.train.eval_interval = args.steps, 10**9, 0
+        run.train.save = ""
+        measured = measure(run)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank() if dist.is_initialized() else 0
+        cp_rank = parallel_state.get_context_parallel_rank() if dist.is_initialized() else 0
+        static, activations = estimate(run, world, pp_rank, cp_rank)
+        rows.append((int(seq), setting, run.train.loss_chunk_tokens, pp_rank, cp_rank, static, activations, measured))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    print(f"[rank {rank}] GiB: seq recompute | pp cp | estimate: static activations total | measured peak | "
+    print(f"[rank {rank}] GiB: seq recompute loss-chunk | pp cp | estimate: static activations total | measured peak | "
           f"measured - static | activations measured/estimated")
-    for seq, setting, pp_rank, cp_rank, static, activations, measured in rows:
-        print(f"[rank {rank}] {seq:>8,} {setting:>9s} | {pp_rank:2d} {cp_rank:2d} | {static / GIB:7.2f} "
+    for seq, setting, chunk, pp_rank, cp_rank, static, activations, measured in rows:
+        print(f"[rank {rank}] {seq:>8,} {setting:>9s} {chunk:>10,} | {pp_rank:2d} {cp_rank:2d} | {static / GIB:7.2f} "
               f"{activations / GIB:7.2f} {(static + activations) / GIB:7.2f} | {measured / GIB:7.2f} | "
               f"{(measured - static) / GIB:7.2f} | {(measured - static) / max(activations, 1):5.2f}", flush=True)
     from parallel.state import destroy

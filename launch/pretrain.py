@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--find-max-seq-length", action="store_true",
                         help="with --dry-run: the longest --seq-length whose memory estimate fits each GPU of "
                              "this layout (context parallelism included), with the run's recompute setting, "
-                             "none and all")
+                             "none and all, and all with the loss in chunks of 4096 tokens (--loss-chunk-tokens) "
+                             "if the run does not chunk it")
     parser.add_argument("--device-memory-gib", type=float, default=None,
                         help="memory of one GPU in GiB as CUDA reports it, for --find-max-seq-length (default "
                              "139.8: an H200, sold as 141 GB); the search leaves 2 GiB and 5%% of the rest free")
@@ -81,16 +82,23 @@ def build_run_config(args: argparse.Namespace):
 
 def _longest_sequences(run, args) -> str:
     """--dry-run --find-max-seq-length: the report at the longest length for the run's recompute
-    setting, then the longest length with that setting, with none and with all layers recomputed."""
+    setting, then the longest length with that setting, with none and with all layers recomputed (with
+    the run's loss chunking), and, when the run does not chunk its loss, with all layers recomputed
+    and the loss in chunks of SUGGESTED_LOSS_CHUNK_TOKENS."""
     import copy
 
-    from train.dry_run import DEFAULT_DEVICE_MEMORY_GIB, dry_run, find_max_seq_length, format_fits, format_report
+    from train.dry_run import (DEFAULT_DEVICE_MEMORY_GIB, SUGGESTED_LOSS_CHUNK_TOKENS, dry_run, find_max_seq_length,
+                               format_fits, format_report)
 
     memory = DEFAULT_DEVICE_MEMORY_GIB if args.device_memory_gib is None else args.device_memory_gib
+    chunk = run.train.loss_chunk_tokens
+    settings = [(recompute, chunk) for recompute in dict.fromkeys([run.train.recompute_layers, "", "all"])]
+    if not chunk:
+        settings.append(("all", SUGGESTED_LOSS_CHUNK_TOKENS))
     fits = []
-    for setting in dict.fromkeys([run.train.recompute_layers, "", "all"]):
+    for recompute, chunk_tokens in settings:
         variant = copy.deepcopy(run)
-        variant.train.recompute_layers = setting
+        variant.train.recompute_layers, variant.train.loss_chunk_tokens = recompute, chunk_tokens
         fits.append(find_max_seq_length(variant, args.world_size, memory))
     text = ""
     if fits[0].seq_length:

@@ -18,6 +18,7 @@ from torch import nn
 from . import mixers, tp
 from .config import ModelConfig
 from .ffn import check_renormalize, dense_mlp, drop_graph_references, megatron_config, moe_layer
+from .lm_head_loss import chunked_lm_head_loss
 from .norms import RMSNorm
 from .packed import PackedSequence, pack
 from .profiling import profiled
@@ -84,8 +85,9 @@ class KimiLinearModel(MegatronModule):
     """Call with token ids ``[B, S]`` (a tensor or nested lists; ``cu_seqlens`` for packed documents).
 
     Returns logits ``[B, S, vocab]`` (gathered over TP) or, given ``labels``, the per-token loss
-    ``[B, S]`` computed with megatron's vocab-parallel cross entropy. Under context parallelism the
-    tokens are this rank's slice ``[B, S / CP]`` with its local ``cu_seqlens``, and
+    ``[B, S]`` computed with megatron's vocab-parallel cross entropy (with ``loss_chunk_tokens`` set: the
+    same losses from model/lm_head_loss.py, never holding the whole micro-batch's logits). Under
+    context parallelism the tokens are this rank's slice ``[B, S / CP]`` with its local ``cu_seqlens``, and
     ``context_parallel`` is the slice's ``parallel.context.ContextParallel`` (train/context.py).
     A pipeline stage holds ``layer_range`` only; the first has the embedding, the last the final
     norm and LM head, and a later stage takes its input from ``set_input_tensor`` (megatron's
@@ -101,6 +103,7 @@ class KimiLinearModel(MegatronModule):
         self.model_config = config
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor = None
+        self.loss_chunk_tokens = 0  # > 0: the LM head's loss this many tokens at a time (set_loss_chunk_tokens)
         from megatron.core.enums import ModelType
 
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's interleaved schedule
@@ -149,6 +152,11 @@ class KimiLinearModel(MegatronModule):
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)
+        # a micro-batch of at most one chunk takes megatron's path: the same numbers, less memory
+        if labels is not None and 0 < self.loss_chunk_tokens < packed.num_tokens:
+            loss = chunked_lm_head_loss(hidden, self.output_layer.weight, labels, self.loss_chunk_tokens,
+                                        self.sequence_parallel)
+            return loss.view(batch, seq)
         logits = self.output_layer(hidden)[0]  # [B*S, 1, vocab / TP]
         if labels is not None:
             loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.reshape(-1, 1))
@@ -232,6 +240,19 @@ def build_model(config: ModelConfig, sequence_parallel: bool | None = None, seed
     if initialize_weights:
         initialize_model(model, config, state.initial_seed() if seed is None else seed)
     return model
+
+
+def set_loss_chunk_tokens(model: nn.Module, chunk_tokens: int) -> None:
+    """Compute the training loss ``chunk_tokens`` tokens at a time in every model chunk holding the LM
+    head (model/lm_head_loss.py); 0 keeps megatron's output layer and cross entropy over all tokens."""
+    if chunk_tokens < 0:
+        raise ValueError(f"loss chunk of {chunk_tokens} tokens: must be >= 0 (0 = off)")
+    for chunk in getattr(model, "chunks", [model]):
+        head = getattr(chunk, "output_layer", None)
+        if chunk_tokens and head is not None and head.gradient_accumulation_fusion:
+            # that fusion adds the weight's gradient into main_grad inside megatron's layer; ours returns it
+            raise ValueError("the chunked LM head loss needs gradient_accumulation_fusion=False in the megatron config")
+        chunk.loss_chunk_tokens = chunk_tokens
 
 
 def count_parameters(model: nn.Module) -> int:

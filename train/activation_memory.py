@@ -8,7 +8,8 @@ that only context parallelism has; this module adds the norms and the FFN and wa
 backward of a micro-batch: the peak is the largest of
 
 * the LM head's phase (last pipeline stage): every layer's kept tensors plus the logits and the
-  cross entropy's fp32 softmax;
+  cross entropy's fp32 softmax (``lm_head_bytes``: of all tokens, or of one chunk with
+  ``train.loss_chunk_tokens``);
 * each layer's backward: the kept tensors of the layers before it, the layer's full set (a
   recomputed layer has just rebuilt it) and its core op's backward buffers;
 
@@ -79,6 +80,32 @@ def gathers_keys(config) -> bool:
     return any(mixers.of_kind(kind).activations(config).get("keys_split", 0) for kind in set(config.layer_types))
 
 
+def lm_head_bytes(config, train, tokens: int, sequence_parallel: bool) -> float:
+    """Peak bytes of the LM head's phase beyond the layers' kept tensors, for ``tokens`` tokens of a
+    micro-batch on this rank: the final norm's input and output, and
+
+    * megatron's output layer + cross entropy: the logits and the fp32 softmax the cross entropy
+      keeps, ``V/TP x (2 or 4 + 4)`` per token (its backward turns the softmax into the gradient);
+    * the chunked head (``train.loss_chunk_tokens`` below the micro-batch's tokens; a micro-batch of
+      at most one chunk takes megatron's path; model/lm_head_loss.py): one chunk's logits and
+      their fp32 copy (one fp32 tensor in an fp32 run), the weight's fp32 gradient accumulator (with
+      a bf16 weight also a bf16 weight gradient: a chunk's, then the result), the whole micro-batch's
+      hidden gradient (and its all-gathered hidden states under sequence parallelism) and three fp32
+      numbers per token (loss, maximum, sum of exp).
+    """
+    tp = train.tensor_model_parallel_size
+    low = 2 if train.bf16 else 4
+    d, vocab = config.hidden_size, config.vocab_size / tp
+    norm = 2 * d * (tokens / tp if sequence_parallel else tokens) * low
+    chunk = train.loss_chunk_tokens if train.loss_chunk_tokens < tokens else 0  # else megatron's path
+    if not chunk:
+        return norm + tokens * vocab * (low + 4)
+    cast = low if low < 4 else 0  # an fp32 run's casts to fp32 are no copies
+    weight_grad = vocab * d * (4 + cast)
+    hidden = (2 if sequence_parallel and tp > 1 else 1) * tokens * d * low
+    return norm + chunk * vocab * (cast + 4) + weight_grad + hidden + 12 * tokens
+
+
 def activation_bytes(run, layers_per_chunk: list[list[int]], rank: int, micro_batches: int,
                      sequence_parallel: bool, cp_rank: int | None = None) -> float:
     """Peak activation bytes on one GPU of pipeline rank ``rank`` and context-parallel rank ``cp_rank``
@@ -122,9 +149,7 @@ def activation_bytes(run, layers_per_chunk: list[list[int]], rank: int, micro_ba
                 + e["cp_exchange_fp32"] / tp * samples * exchanged * 4)
 
     head_rank = (pp * vpp - 1) % pp
-    head = 0.0
-    if rank == head_rank:  # LM head: logits and the fp32 softmax kept by the cross entropy, final norm
-        head = tokens * config.vocab_size / tp * (low + 4) + 2 * config.hidden_size * token_share * low
+    head = lm_head_bytes(config, t, tokens, sequence_parallel) if rank == head_rank else 0.0
 
     chunks = [layers_per_chunk[c * pp + rank] for c in range(vpp)]
     kept_per_pass = [sum(kept(i) for i in chunk) for chunk in chunks]

@@ -56,6 +56,9 @@ class TrainConfig:
     bf16: bool = False  # bf16 weights and compute, fp32 master weights and optimizer state
     distributed_optimizer: bool = False  # megatron DDP + ZeRO-1 optimizer (AdamW; state sharded over DP)
     recompute_layers: str = ""  # activation recompute: "" none, "all", or layer indices "0,3,5"
+    # the LM head's loss this many tokens at a time, never holding all logits of a micro-batch
+    # (model/lm_head_loss.py; docs/training.md, "Chunked LM head and loss"); 0 = off
+    loss_chunk_tokens: int = 0
     compile: bool = False  # fuse the norms and the KDA short convolutions with torch.compile (CUDA; model/fusion.py)
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # parallel layout
@@ -173,6 +176,7 @@ NUMBER_RULES = {
     "qk_clip_tau": (_at_least(0), ">= 0 (0 = off)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "max_nonfinite_steps": (_positive, "positive"),
+    "loss_chunk_tokens": (_at_least(0), ">= 0 tokens (0 = off; e.g. 4096)"),
     "tensor_model_parallel_size": (_positive, "positive"),
     "pipeline_model_parallel_size": (_positive, "positive"),
     "virtual_pipeline_model_parallel_size": (_positive, "positive"),
@@ -222,6 +226,7 @@ FLAG_FIELDS = {
     "profile_step": int,
     "run_dir": str,
     "tokenizer_dir": str,
+    "loss_chunk_tokens": int,
 }
 
 

@@ -29,6 +29,9 @@ ROUTED_EXPERT = ".experts.local_experts."
 # device: its memory less the CUDA context, NCCL and cuBLAS workspaces (RESERVE_GIB) and a margin for
 # the allocator's fragmentation and the estimate's error (MARGIN, of the rest)
 DEFAULT_DEVICE_MEMORY_GIB = 139.8
+# the loss chunk --dry-run --find-max-seq-length also tries when a run does not chunk its loss: the 48B
+# preset's 4,096-token chunk holds 3.75 GiB of logits at TP 1, and its matmuls stay large
+SUGGESTED_LOSS_CHUNK_TOKENS = 4096
 RESERVE_GIB = 2.0
 MARGIN = 0.05
 
@@ -164,6 +167,7 @@ def dry_run(run: RunConfig, world_size: int | None = None) -> DryRun:
                   micro_batch_tokens=t.micro_batch_size * t.seq_length, seq_length=t.seq_length, bf16=t.bf16,
                   optimizer=t.optimizer,
                   distributed_optimizer=t.distributed_optimizer, recompute=t.recompute_layers or "none",
+                  loss_chunk_tokens=t.loss_chunk_tokens,
                   cp_mode=t.cp_mode, gathered_keys=gathered_keys(t) if gathers_keys(config) else 0)
     return DryRun(name=config.name, total_parameters=total, activated_parameters=total - inactive,
                   embedding_parameters=embedding, layers=layers, flops_per_token=flops["total"] / flops["tokens"],
@@ -197,7 +201,9 @@ def format_report(report: DryRun) -> str:
         + f"); sequence parallel {'on' if lay['sequence_parallel'] else 'off'}; "
         f"{'bf16 + fp32 masters' if lay['bf16'] else 'fp32'}; {lay['optimizer']}"
         + (" (distributed optimizer)" if lay["distributed_optimizer"] else "")
-        + f"; recompute {lay['recompute']}; {lay['micro_batches']} micro-batches of "
+        + f"; recompute {lay['recompute']}"
+        + (f"; loss in chunks of {lay['loss_chunk_tokens']:,} tokens" if lay["loss_chunk_tokens"] else "")
+        + f"; {lay['micro_batches']} micro-batches of "
         f"{lay['micro_batch_tokens']:,} tokens",
         "memory per GPU, estimate in GiB (docs/training.md, \"Dry run and memory estimate\"):",
         "  pipeline rank  parameters        weights   grads  optimizer  activations   total",
@@ -216,7 +222,8 @@ class SequenceFit:
     """The longest ``seq_length`` (a multiple of ``step``) whose estimated peak fits ``budget`` bytes on
     every GPU of the layout; 0 when not even ``step`` fits. ``peak`` / ``next_peak``: the largest
     per-GPU estimate at ``seq_length`` and at ``seq_length + step``; ``at_limit``: the search stopped
-    at its upper limit (longer sequences may fit too)."""
+    at its upper limit (longer sequences may fit too); ``loss_chunk_tokens``: the run's chunked LM head
+    loss (0 = off)."""
 
     recompute: str
     seq_length: int
@@ -225,6 +232,7 @@ class SequenceFit:
     peak: float
     next_peak: float
     at_limit: bool = False
+    loss_chunk_tokens: int = 0
 
 
 def peak_bytes(run: RunConfig, report: DryRun) -> float:
@@ -261,8 +269,9 @@ def find_max_seq_length(run: RunConfig, world_size: int | None = None,
         probe.train.seq_length = multiple * step
         return peak_bytes(probe, report)
 
+    chunk = run.train.loss_chunk_tokens
     fit = SequenceFit(recompute=run.train.recompute_layers or "none", seq_length=0, step=step, budget=budget,
-                      peak=0.0, next_peak=peak(1))
+                      peak=0.0, next_peak=peak(1), loss_chunk_tokens=chunk)
     if fit.next_peak > budget:
         return fit
     good, bad, top = 1, 2, max(limit // step, 1)
@@ -270,12 +279,13 @@ def find_max_seq_length(run: RunConfig, world_size: int | None = None,
         good, bad = bad, bad * 2
     if bad > top:
         if peak(top) <= budget:
-            return SequenceFit(fit.recompute, top * step, step, budget, peak(top), peak(top + 1), at_limit=True)
+            return SequenceFit(fit.recompute, top * step, step, budget, peak(top), peak(top + 1), at_limit=True,
+                               loss_chunk_tokens=chunk)
         bad = top
     while bad - good > 1:
         middle = (good + bad) // 2
         good, bad = (middle, bad) if peak(middle) <= budget else (good, middle)
-    return SequenceFit(fit.recompute, good * step, step, budget, peak(good), peak(good + 1))
+    return SequenceFit(fit.recompute, good * step, step, budget, peak(good), peak(good + 1), loss_chunk_tokens=chunk)
 
 
 def format_fits(fits: list[SequenceFit], micro_batch_size: int) -> str:
@@ -284,7 +294,8 @@ def format_fits(fits: list[SequenceFit], micro_batch_size: int) -> str:
              f"less {RESERVE_GIB:g} GiB reserved, less {MARGIN:.0%}; micro-batch size {micro_batch_size}, in steps "
              f"of {first.step:,} tokens):"]
     for fit in fits:
-        head = f"  recompute {fit.recompute}: "
+        head = f"  recompute {fit.recompute}" + (
+            f", loss in chunks of {fit.loss_chunk_tokens:,} tokens: " if fit.loss_chunk_tokens else ": ")
         if not fit.seq_length:
             lines.append(head + f"none: {fit.step:,} tokens already need {fit.next_peak / GIB:.1f} GiB")
             continue

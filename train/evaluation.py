@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data.evaluation import DocumentWindows, EvaluationLoader
-from model.model import build_model
+from model.model import build_model, set_loss_chunk_tokens
 from parallel import state
 from train import checkpoint as ckpt
 from train import context
@@ -131,6 +131,7 @@ def _load_model(run: RunConfig, path: Path, dims: state.ParallelDims):
     t = run.train
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, seed=t.seed,
                         initialize_weights=False, expert_parallel=dims.expert).to(state.device())
+    set_loss_chunk_tokens(model, t.loss_chunk_tokens)  # the whole documents' logits need not fit either
     if t.bf16:  # as training holds them: bf16 weights, the fp32 parameters kept fp32
         to_bf16(model)
         model.config.pipeline_dtype = torch.bfloat16

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from model import fusion
 from model.kda import kernel_options
-from model.model import build_model
+from model.model import build_model, set_loss_chunk_tokens
 from parallel import state as parallel
 from train import checkpoint as ckpt
 from train import context, resume, signals
@@ -112,11 +112,13 @@ def initialize_parallel(t) -> parallel.ParallelDims:
 
 
 def build_training_model(run: RunConfig, dims: parallel.ParallelDims, device, initialize_weights: bool):
-    """This rank's model on its device, with recompute, fusion and (``--bf16``) bf16 weights."""
+    """This rank's model on its device, with recompute, the chunked loss, fusion and (``--bf16``) bf16
+    weights."""
     t = run.train
     model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, seed=t.seed,
                         initialize_weights=initialize_weights, expert_parallel=dims.expert).to(device)
     set_recompute(model, t.recompute_layers)
+    set_loss_chunk_tokens(model, t.loss_chunk_tokens)
     fusion.enable(t.compile)
     if t.bf16:  # bf16 weights and compute, fp32 master weights in the optimizer
         to_bf16(model)

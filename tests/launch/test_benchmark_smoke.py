@@ -54,13 +54,16 @@ def test_cp_kda_benchmark_smoke_on_cpu(tmp_path):
 
 def test_memory_model_benchmark_smoke_on_cpu():
     """benchmarks/memory_model.py (the estimate against measured peaks; run on a GPU by hand) trains
-    the tiny preset at two lengths and prints one row per length and recompute setting."""
-    cmd = [sys.executable, "benchmarks/memory_model.py", "--seq-lengths", "64,128", "--recompute", "none,all", "--",
+    the tiny preset at two lengths and prints one row per length and recompute setting (with the loss in
+    chunks of 48 tokens: the second length's micro-batch takes the chunked head)."""
+    cmd = [sys.executable, "benchmarks/memory_model.py", "--seq-lengths", "64,128", "--recompute", "none,all",
+           "--loss-chunk-tokens", "48", "--",
            "--config", "tiny", "--micro-batch-size", "1", "--global-batch-size", "1"]
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("[rank 0]") and "GiB" not in line]
-    assert [row[0].split()[2:] for row in rows] == [["64", "none"], ["64", "all"], ["128", "none"], ["128", "all"]]
+    assert [row[0].split()[2:] for row in rows] == [
+        ["64", "none", "48"], ["64", "all", "48"], ["128", "none", "48"], ["128", "all", "48"]]
     estimates = [[float(x) for x in row[2].split()] for row in rows]
     assert all(total == pytest.approx(static + act, abs=0.011) and static > 0 for static, act, total in estimates)

@@ -1,8 +1,8 @@
 """Worker for test_parallel_training.py: the same 10 training steps under different layouts.
 
-train:  torchrun with the layout given as TP EP PP [VPP [ZERO]] (ZERO=1: megatron's distributed
-        optimizer); every layout builds its model from the seed (no shared checkpoint), trains on
-        the same global batches, and rank 0 writes the loss curve.
+train:  torchrun with the layout given as TP EP PP [VPP [ZERO [CHUNK]]] (ZERO=1: megatron's distributed
+        optimizer; CHUNK: train.loss_chunk_tokens); every layout builds its model from the seed (no
+        shared checkpoint), trains on the same global batches, and rank 0 writes the loss curve.
 save-half / resume: 5 steps at one layout and a checkpoint, then the other 5 at another layout.
 """
 
@@ -28,7 +28,7 @@ def run_config(workdir: Path, tp: int, ep: int, pp: int = 1, vpp: int = 1, zero:
     return RunConfig(model=mixed_config(vocab_size=8192), train=train)
 
 
-def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1, zero: int = 0) -> None:
+def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1, zero: int = 0, chunk: int = 0) -> None:
     import torch.distributed as dist
 
     if mode == "save-half":  # train 5 of the 10 steps and save (model, optimizer, data position)
@@ -46,9 +46,9 @@ def main(mode: str, workdir: Path, tp: int, ep: int, pp: int, vpp: int = 1, zero
     else:
         from train.loop import train
 
-        losses = train(run_config(workdir, tp, ep, pp, vpp, zero))
+        losses = train(run_config(workdir, tp, ep, pp, vpp, zero, loss_chunk_tokens=chunk))
         if dist.get_rank() == 0:
-            suffix = (f"_vpp{vpp}" if vpp > 1 else "") + ("_zero" if zero else "")
+            suffix = (f"_vpp{vpp}" if vpp > 1 else "") + ("_zero" if zero else "") + (f"_chunk{chunk}" if chunk else "")
             name = f"losses_tp{tp}_ep{ep}_pp{pp}{suffix}_n{dist.get_world_size()}.json"
             (workdir / name).write_text(json.dumps(losses))
     dist.barrier()

@@ -30,6 +30,7 @@ from train.config import TrainConfig, load_run_config
     ("max_nonfinite_steps", 0, "--set train.max_nonfinite_steps"),
     ("tensor_model_parallel_size", 0, "--tensor-model-parallel-size"),
     ("train_iters", 1.5, "--train-iters"),
+    ("loss_chunk_tokens", -4096, "--loss-chunk-tokens"),
 ])
 def test_bad_number_names_its_flag(field, value, flag):
     config = TrainConfig(**{field: value})
@@ -69,6 +70,7 @@ def test_sequence_parallel_split_is_checked_up_front():
     (["--min-lr=-3e-3"], "error: --min-lr=-0.003: must be >= 0"),
     (["--lr=-1e-3", "--set", "train.optimizer=muon"], "error: --lr=-0.001: must be positive"),
     (["--save-interval", "0"], "error: --save-interval=0: must be positive"),
+    (["--loss-chunk-tokens", "-1"], "error: --loss-chunk-tokens=-1: must be >= 0 tokens (0 = off; e.g. 4096)"),
 ])
 def test_pretrain_prints_one_line_and_exits_2(argv, message, capfd):
     from launch.pretrain import main

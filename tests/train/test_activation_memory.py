@@ -113,9 +113,49 @@ def test_dry_run_cli_prints_the_longest_sequences(capsys):
     assert "layout: 2 GPUs = TP 1 x PP 1 x CP 2 (chunkwise) x DP 1" in out
     assert "longest sequence whose estimate fits 1.9 GiB per GPU" in out
     lines = [line for line in out.splitlines() if line.startswith("  recompute ")]
-    assert [line.split(":")[0].strip() for line in lines] == ["recompute none", "recompute all"]
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "recompute none", "recompute all", "recompute all, loss in chunks of 4,096 tokens"]
     lengths = [int(line.split(": ")[1].split(" tokens")[0].replace(",", "")) for line in lines]
-    assert 0 < lengths[0] < lengths[1] and all(n % 2048 == 0 for n in lengths)
+    assert 0 < lengths[0] < lengths[1] < lengths[2] and all(n % 2048 == 0 for n in lengths)
+
+
+def test_the_chunked_loss_holds_one_chunk_of_logits():
+    """With ``train.loss_chunk_tokens`` the LM head's phase holds one chunk's logits (bf16 + fp32
+    copy) instead of the micro-batch's: each token more in the chunk costs ``V/TP x 6`` bytes, a
+    chunk of the whole micro-batch or longer is megatron's path, and the rest grows with the tokens
+    by the hidden gradient and three fp32 numbers only."""
+    from train.activation_memory import lm_head_bytes
+
+    run = _run(seq=32768, bf16=True)
+    config, vocab = run.model, run.model.vocab_size
+
+    def head(chunk, tokens=32768, **train):
+        return lm_head_bytes(config, dataclasses.replace(run.train, loss_chunk_tokens=chunk, **train), tokens, False)
+
+    assert head(0) == 2 * config.hidden_size * 32768 * 2 + 32768 * vocab * 6
+    assert head(4097) - head(4096) == vocab * 6
+    assert head(10**6) == head(32768) == head(0) and head(4096) < head(0) / 4
+    assert head(4096, 65536) - head(4096) == 32768 * (2 * config.hidden_size * 2 + config.hidden_size * 2 + 12)
+    tp2 = head(4097, tensor_model_parallel_size=2) - head(4096, tensor_model_parallel_size=2)
+    assert tp2 == vocab / 2 * 6
+
+
+def test_the_chunked_loss_lengthens_the_longest_recomputed_context():
+    """Kimi Linear 48B on 16 GPUs (EP 16, distributed optimizer): recomputing every layer, the logits
+    (V = 163,840) bound the length; chunking them lets a layer's backward bound it instead (the
+    table in docs/parallelism.md). Without recompute the layers' kept sets dominate either way."""
+    from train.dry_run import find_max_seq_length
+
+    def fit(**train):
+        run = _run("kimi-linear-48b-a3b", bf16=True, distributed_optimizer=True, expert_model_parallel_size=16,
+                   global_batch_size=16, **train)
+        return find_max_seq_length(run, world_size=16)
+
+    plain, chunked = fit(recompute_layers="all"), fit(recompute_layers="all", loss_chunk_tokens=4096)
+    assert chunked.loss_chunk_tokens == 4096 and plain.loss_chunk_tokens == 0
+    assert chunked.seq_length > 1.3 * plain.seq_length > 0
+    none_plain, none_chunked = fit(), fit(loss_chunk_tokens=4096)
+    assert abs(none_chunked.seq_length - none_plain.seq_length) < 0.2 * none_plain.seq_length
 
 
 @pytest.mark.parametrize("argv,message", [
