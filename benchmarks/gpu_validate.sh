@@ -20,12 +20,13 @@ in_before() {  # in_before SCRIPT ARGS...: run the before tree's copy of a bench
 }
 step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
   tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
-  tests/launch/test_hf_baseline.py tests/model/test_attention_gpu.py tests/model/test_no_host_sync_gpu.py
+  tests/launch/test_hf_baseline.py tests/model/test_lm_head_loss_gpu.py tests/model/test_attention_gpu.py \
+  tests/model/test_no_host_sync_gpu.py
 step kda_before 150 bash -c "$(declare -f in_before); BEFORE=$BEFORE TRITON_PACK=$TRITON_PACK in_before benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
 step kda_after 150 python3 benchmarks/kda.py $KDA_ARGS --out "$OUT/kda_after.json"
 step tp_before 150 bash -c "$(declare -f in_before); BEFORE=$BEFORE TRITON_PACK=$TRITON_PACK in_before benchmarks/train_throughput.py $TP_ARGS --no-transformers --out $OUT/tp_before.json"
 step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
 step cp 150 python3 benchmarks/cp_kda.py --heads 32 --shards 4096,16384,65536 --cp 2,4,8 --out "$OUT/cp_kda.json"
-step memory 200 python3 benchmarks/memory_model.py --seq-lengths 4096,8192,16384 --recompute none,all -- \
+step memory 240 python3 benchmarks/memory_model.py --seq-lengths 4096,8192,16384 --recompute none,all --loss-chunk-tokens 0,4096 -- \
   --config scaling-653m --bf16 --micro-batch-size 1 --global-batch-size 1 --set train.optimizer=adamw \
   --set train.data_cache_dir=cache/data
