@@ -225,17 +225,30 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run_here(entries: list[dict], root: Path, nproc: int, concurrent: int = 1) -> list[Path]:
+def visible_devices(slot: int, nproc: int, gpus: int, runs_per_gpu: int = 1) -> str:
+    """CUDA_VISIBLE_DEVICES of the run in ``slot``: its own ``nproc`` GPUs, or with ``runs_per_gpu``
+    > 1 (single-process runs of small models) a GPU shared by that many slots."""
+    if runs_per_gpu > 1 and nproc > 1:
+        raise ConfigError(f"--runs-per-gpu {runs_per_gpu} shares a GPU between single-process runs; "
+                          f"use it with --nproc-per-node 1 (got {nproc})")
+    needed = -(-(slot + 1) * nproc // runs_per_gpu)
+    if needed > gpus:
+        raise ConfigError(f"run slot {slot} needs GPU {needed - 1}; this machine has {gpus} (lower --concurrent, "
+                          "or share GPUs with --runs-per-gpu N)")
+    return ",".join(str((slot * nproc + i) // runs_per_gpu) for i in range(nproc))
+
+
+def run_here(entries: list[dict], root: Path, nproc: int, concurrent: int = 1, runs_per_gpu: int = 1) -> list[Path]:
     """Train the entries here, ``concurrent`` at a time (each on its own ``nproc`` GPUs where there
-    are GPUs), one progress bar over all their steps; a rerun resumes each run from its newest
-    checkpoint and skips finished ones. Returns the run folders; at the first failure the other
-    runs are stopped (they save) and the error shows the end of the failed run's log."""
+    are GPUs, or ``runs_per_gpu`` single-process runs sharing one), one progress bar over all their
+    steps; a rerun resumes each run from its newest checkpoint and skips finished ones. Returns the
+    run folders; at the first failure the other runs are stopped (they save) and the error shows the
+    end of the failed run's log."""
     from tqdm.auto import tqdm
 
     gpus = _gpu_count()
-    if gpus and concurrent * nproc > gpus:
-        raise ConfigError(f"--concurrent {concurrent} x --nproc-per-node {nproc} needs {concurrent * nproc} GPUs; "
-                          f"this machine has {gpus}")
+    if gpus:
+        visible_devices(concurrent - 1, nproc, gpus, runs_per_gpu)  # the last slot fits, or a clear error
     folders = [root / e["name"] for e in entries]
     for entry, folder in zip(entries, folders):
         sweep.write_launch_record(folder, entry)
@@ -252,7 +265,7 @@ def run_here(entries: list[dict], root: Path, nproc: int, concurrent: int = 1) -
                 entry, folder = waiting.pop(0)
                 env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
                 if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * nproc + i) for i in range(nproc))
+                    env["CUDA_VISIBLE_DEVICES"] = visible_devices(slot, nproc, gpus, runs_per_gpu)
                 log = open(folder / "train.log", "a")
                 process = subprocess.Popen(_command(entry, folder, nproc), cwd=REPO, stdout=log,
                                            stderr=subprocess.STDOUT, env=env)
@@ -325,6 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes per run here (torchrun when > 1)")
     parser.add_argument("--concurrent", type=int, default=1,
                         help="runs at once here (on a GPU host each gets its own --nproc-per-node GPUs)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1,
+                        help="single-process runs sharing one GPU (small models; e.g. 6 runs on 1 GPU: "
+                             "--concurrent 6 --runs-per-gpu 6)")
     parser.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
     parser.add_argument("--max-concurrent", type=int, default=0, help="--slurm: at most N tasks at once")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
@@ -337,8 +353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
-    if args.seeds < 1 or args.concurrent < 1 or args.nproc_per_node < 1:
-        parser.error("--seeds, --concurrent and --nproc-per-node must be at least 1")
+    if args.seeds < 1 or args.concurrent < 1 or args.nproc_per_node < 1 or args.runs_per_gpu < 1:
+        parser.error("--seeds, --concurrent, --nproc-per-node and --runs-per-gpu must be at least 1")
     pairs = {}
     for item in args.arm_config:
         arm, sep, path = item.partition("=")
@@ -410,7 +426,7 @@ def compare(args: argparse.Namespace) -> int:
         for entry in entries:
             print(" ".join(_command(entry, root / entry["name"], args.nproc_per_node)))
         return 0
-    folders = run_here(entries, root, args.nproc_per_node, args.concurrent)
+    folders = run_here(entries, root, args.nproc_per_node, args.concurrent, args.runs_per_gpu)
     from launch.compare_report import write_report
 
     write_report(folders)

@@ -257,6 +257,19 @@ def test_sweep_summary_shows_each_tasks_losses(tmp_path, monkeypatch):
     assert lines[3].split()[2] == "NOT"  # NOT STARTED
 
 
+def test_runs_get_their_own_gpus_or_share_one_when_asked():
+    assert [compare.visible_devices(slot, 1, 8) for slot in range(3)] == ["0", "1", "2"]
+    assert [compare.visible_devices(slot, 2, 8) for slot in range(4)] == ["0,1", "2,3", "4,5", "6,7"]
+    assert [compare.visible_devices(slot, 1, 1, runs_per_gpu=6) for slot in range(6)] == ["0"] * 6
+    assert [compare.visible_devices(slot, 1, 2, runs_per_gpu=3) for slot in range(6)] == ["0"] * 3 + ["1"] * 3
+    with pytest.raises(ConfigError, match="has 1.*--runs-per-gpu"):
+        compare.visible_devices(1, 1, 1)
+    with pytest.raises(ConfigError, match="has 1"):
+        compare.visible_devices(6, 1, 1, runs_per_gpu=6)
+    with pytest.raises(ConfigError, match="--nproc-per-node 1"):
+        compare.visible_devices(0, 2, 4, runs_per_gpu=2)
+
+
 def test_eval_long_sets_the_threshold_for_every_arm(tmp_path, capsys):
     base = ["--config", "tiny", "--dry-run", "--skip-init-check", "--root", str(tmp_path),
             "--set", "train.eval_interval=5"]

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The identical-recipe comparison (issue 23) on one lent H200: MLA vs GDN hybrid vs Kimi Linear,
+# configs/small-*.json, 2 seeds, all six runs at once on the one GPU, the Gutenberg corpus with its
+# long-document validation. A call runs at most COMPARE_LIMIT seconds; the runs save when it ends and
+# the next call (same warm machine) resumes them. The report and the run records come back in $OUT.
+# Prepare here, then carry .whl and .gbdata (docs/launch.md, "Plan: the comparison on an H200"):
+#   mkdir -p .gbdata/raw && cp ../shared/data/gutenberg/*.xz .gbdata/raw/
+#   python launch/prepare_data.py --input .gbdata/raw/train-00000-of-00004.jsonl.xz --out /tmp/gb0 \
+#       --tokenizer .gbdata/tokenizer --train-tokenizer --vocab-size 32768
+# Usage on the GPU machine: bash benchmarks/gpu_compare.sh
+#   ITERS (steps per run, default 200), COMPARE_LIMIT (seconds of training this call, default 480)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+DATA=/tmp/gutenberg ROOT=/tmp/compare
+for split in train valid; do  # tokenized once per machine, on its cores (about 90 MB: more than a call carries)
+  case $split in train) inputs=(.gbdata/raw/train-*.jsonl.xz) ;; valid) inputs=(.gbdata/raw/valid.jsonl.xz) ;; esac
+  [ -f "$DATA/$split/tokens_00000.idx" ] || python3 launch/prepare_data.py --input "${inputs[@]}" --out "$DATA/$split" \
+    --tokenizer .gbdata/tokenizer --no-progress 2>&1 | tail -1
+done
+timeout -s INT "${COMPARE_LIMIT:-480}" python3 launch/compare.py \
+  --arm-config mla=configs/small-mla.json --arm-config gdn-h=configs/small-gdn-h.json \
+  --arm-config kimi-linear=configs/small-kimi-linear.json --seeds 2 --concurrent 6 --runs-per-gpu 6 \
+  --eval-long 8192 --root "$ROOT" --set train.data_prefixes="$DATA/train/tokens_00000" \
+  --set train.valid_prefixes="$DATA/valid/tokens_00000" --set train.tokenizer_dir=.gbdata/tokenizer \
+  --set train.train_iters="${ITERS:-200}" 2>&1 | tr '\r' '\n' | grep -vE "Warning|warn" | tail -40
+nvidia-smi --query-gpu=memory.used --format=csv,noheader
+python3 launch/compare.py report "$ROOT"/*-seed* --out "$OUT" 2>&1 | tail -5
+for run in "$ROOT"/*-seed*; do  # the records (no checkpoints) for docs/results/
+  mkdir -p "$OUT/runs/$(basename "$run")" && cp "$run"/*.jsonl "$run"/*.json "$OUT/runs/$(basename "$run")/" 2>/dev/null
+done
+true
