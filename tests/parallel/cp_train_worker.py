@@ -7,7 +7,8 @@ LAYOUT: ``[save:|resume:]name`` with name dash-separated sizes and a mode, e.g. 
 ``cp2-chunkwise``, ``tp2-cp2-ulysses``, ``pp2-cp2-chunkwise``, ``ep2-cp2-chunkwise``,
 ``cp2-chunkwise-zero`` (megatron's DDP + distributed optimizer), ``cp2-chunkwise-muon`` (Muon with
 QK-Clip at a threshold the MLA heads exceed, so the max-logit record under CP decides the update),
-``cp2-chunkwise-bf16`` (bf16 weights and compute). The layouts of one call run one
+``cp2-chunkwise-bf16`` (bf16 weights and compute), ``cp2-chunkwise-losschunk`` (the chunked LM head
+loss, model/lm_head_loss.py, 24 tokens a chunk: not a divisor of a rank's tokens). The layouts of one call run one
 after another in the same torchrun job (the world size must fit each; starting a job costs more
 than a layout's 10 steps on 2 CPU cores). ``save:`` trains the first 5 steps and checkpoints to
 WORKDIR/saved; ``resume:`` continues that checkpoint. Rank 0 writes WORKDIR/NAME/losses.json
@@ -32,11 +33,11 @@ EXTRA_STARTS = {0: (16, 17), 1: (32, 63)}  # per sample index modulo 2
 def parse(spec: str) -> tuple[str, str, dict]:
     action, _, name = spec.rpartition(":")
     sizes = {"tp": 1, "pp": 1, "ep": 1, "cp": 1}
-    options = {"mode": "chunkwise", "zero": False, "muon": False, "bf16": False}
+    options = {"mode": "chunkwise", "zero": False, "muon": False, "bf16": False, "losschunk": False}
     for part in name.split("-"):
         if part in ("chunkwise", "ulysses"):
             options["mode"] = part
-        elif part in ("zero", "muon", "bf16"):
+        elif part in ("zero", "muon", "bf16", "losschunk"):
             options[part] = True
         else:
             sizes[part[:2]] = int(part[2:])
@@ -86,6 +87,8 @@ def run_layout(workdir: Path, spec: str) -> None:
         changes.update(bf16=True)
     if layout["muon"]:
         changes.update(optimizer="muon", qk_clip_tau=0.05)
+    if layout["losschunk"]:
+        changes.update(loss_chunk_tokens=24)
     if action == "save":
         changes.update(exit_interval=5, save=str(workdir / "saved"))
     elif action == "resume":  # reads step 5 and saves nothing, so that every resume starts there

@@ -26,6 +26,7 @@ TOLERANCE = 2e-4  # absolute, on losses around 8-9 after 10 Adam steps, as tests
 # name: (world size, data-parallel size)
 LAYOUTS = {
     "cp2-chunkwise": (2, 1), "cp2-ulysses": (2, 1), "cp2-chunkwise-zero": (2, 1), "cp2-chunkwise-muon": (2, 1),
+    "cp2-chunkwise-losschunk": (2, 1),
     "cp4-chunkwise": (4, 1), "cp4-ulysses": (4, 1),
     "tp2-cp2-chunkwise": (4, 1), "tp2-cp2-ulysses": (4, 1),
     "pp2-cp2-chunkwise": (4, 1), "ep2-cp2-chunkwise": (4, 2),
