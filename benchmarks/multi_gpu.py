@@ -23,8 +23,9 @@ error, the other jobs still run):
   chunks of 4096 tokens): the dry run's predicted length first, then 25 % shorter after each
   failure, a few steps each.
 
-Writes one JSON (date, GPU count, device, versions, every part's rows) and prints markdown tables
-(also written next to the JSON as .md).
+Writes one JSON (date, GPU count, device, versions, every part's rows; parts that an earlier call
+wrote to the same --out are kept) and prints markdown tables (also written next to the JSON as .md).
+benchmarks/gpu_multi.sh runs the parts as separate steps of one GPU call.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def torchrun(script, nproc: int, args, log: Path, timeout: int) -> dict:
     return {"rc": rc, "error": " | ".join(lines[-4:])[-600:] or f"exit {rc}"}
 
 
+# seconds per torchrun job of each part on GPUs (start-up, Triton compilation and autotuning included)
+JOB_TIMEOUTS = {"loss": 150, "cp_kda": 240, "throughput": 300, "longest": 240}
+
+
+def timeout(args, part: str) -> int:
+    return args.job_timeout or JOB_TIMEOUTS[part]
+
+
+def cp_sizes(args) -> list[int]:
+    """The context-parallel sizes above 1 to measure: --cp-sizes, else 2, 4, 8 up to the GPU count."""
+    return args.cp_sizes or [p for p in (2, 4, 8) if p <= args.gpus]
+
+
 # ----------------------------------------------------------------------------- loss curves
 def loss_layouts(gpus: int) -> list[tuple[str, int]]:
     """(layout name of cp_train_worker.py, world size)."""
@@ -83,13 +97,14 @@ def part_loss(args, work: Path) -> list[dict]:
         from tests.parallel.test_context_parallel_training import TOLERANCE as tolerance
     suffix = f"-steps{args.steps}"
     jobs = [[("cp1", 1)]] + [[layout] for layout in loss_layouts(args.gpus)]
-    if args.smoke:  # one job per world size: a job's start costs more than a layout on CPUs
-        jobs = [[("cp1", 1)], loss_layouts(args.gpus)]
+    if args.group_jobs:  # one job per world size: a job's start costs more than a layout on CPUs
+        worlds = sorted({w for _, w in loss_layouts(args.gpus)})
+        jobs = [[("cp1", 1)]] + [[x for x in loss_layouts(args.gpus) if x[1] == w] for w in worlds]
     status = {}
     for job in jobs:
         names = [name + suffix for name, _ in job]
         world = max(w for _, w in job)
-        result = torchrun(TRAIN_WORKER, world, [work, *names], work / f"loss-{names[0]}.log", args.job_timeout)
+        result = torchrun(TRAIN_WORKER, world, [work, *names], work / f"loss-{names[0]}.log", timeout(args, "loss"))
         status.update({name: result for name, _ in job})
     reference_file = work / f"cp1{suffix}" / "losses.json"
     reference = json.loads(reference_file.read_text()) if reference_file.exists() else None
@@ -119,13 +134,12 @@ def table_loss(rows) -> str:
 
 # ----------------------------------------------------------------------------- CP KDA op
 def part_cp_kda(args, work: Path) -> list[dict]:
-    sizes = [p for p in (1, 2, 4, 8) if p <= args.gpus]
-    runs = [(1, "chunkwise")] + [(p, mode) for mode in ("chunkwise", "ulysses") for p in sizes if p > 1]
+    runs = [(1, "chunkwise")] + [(p, mode) for mode in args.cp_modes for p in cp_sizes(args)]
     rows = []
     for p, mode in runs:
         out = work / f"cp_kda-{mode}-{p}.json"
         shape = [args.cp_tokens, args.cp_heads, args.cp_head_dim, args.cp_reps]
-        result = torchrun(CP_KDA_WORKER, p, [out, mode, *shape], work / f"cp_kda-{mode}-{p}.log", args.job_timeout)
+        result = torchrun(CP_KDA_WORKER, p, [out, mode, *shape], work / f"cp_kda-{mode}-{p}.log", timeout(args, "cp_kda"))
         rows.append(json.loads(out.read_text()) if out.exists() else dict(cp=p, mode=mode, **result))
     single = rows[0].get("fb_ms")
     for row in rows:
@@ -160,7 +174,7 @@ def train_run(args, work: Path, name: str, gpus: int, seq: int, flags: list[str]
     """A few steps of the preset through launch/pretrain.py; speed from metrics.jsonl after step 1."""
     run_dir = work / name
     result = torchrun(ROOT / "launch" / "pretrain.py", gpus, pretrain_args(args, run_dir, seq, args.train_steps, flags),
-                      work / f"{name}.log", args.job_timeout)
+                      work / f"{name}.log", timeout(args, name.split("-")[0]))
     metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     timed = [r for r in rows if "tokens_per_s" in r and r["step"] > 1]
@@ -211,7 +225,7 @@ def predicted_longest(args, cp: int) -> int:
 
 def part_longest(args, work: Path) -> list[dict]:
     rows = []
-    for cp in [p for p in (2, 4, 8) if p <= args.gpus]:
+    for cp in cp_sizes(args):
         step = 1024 * cp if args.cuda else 64 * cp
         predicted = predicted_longest(args, cp)
         seq = min(predicted, args.longest_cap) // step * step
@@ -270,17 +284,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "multi_gpu.json"))
     parser.add_argument("--workdir", default=None, help="run directories and logs (default: next to --out)")
-    parser.add_argument("--job-timeout", type=int, default=600, help="seconds per torchrun job")
+    parser.add_argument("--job-timeout", type=int, default=0,
+                        help="seconds per torchrun job (default per part: " +
+                             ", ".join(f"{k} {v}" for k, v in JOB_TIMEOUTS.items()) + ")")
+    parser.add_argument("--cp-sizes", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                        help="CP sizes (> 1) of cp_kda and longest (default: 2, 4, 8 up to the GPU count)")
+    parser.add_argument("--cp-modes", type=lambda text: text.split(","), default=["chunkwise", "ulysses"],
+                        help="modes of cp_kda")
+    parser.add_argument("--group-jobs", action="store_true",
+                        help="loss: the layouts of one world size in one torchrun job (default with --smoke)")
     parser.add_argument("--data-cache-dir", default=str(ROOT / "cache" / "data"))
     args = parser.parse_args(argv)
     import torch
 
     args.cuda = torch.cuda.is_available() and not args.smoke
     if args.smoke:
-        args.gpus = 2
+        args.gpus, args.group_jobs = 2, True
         args.steps, args.cp_tokens, args.cp_heads, args.cp_head_dim, args.cp_reps = 2, 256, 2, 16, 2
         args.preset, args.contexts, args.train_steps = "tiny", [128], 2
         args.longest_cap, args.longest_tries = 256, 2
+        args.job_timeout = args.job_timeout or 300  # CPU jobs on a busy machine
     else:
         if not args.cuda:
             parser.error("needs CUDA GPUs (or --smoke for the CPU run)")
@@ -290,6 +313,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.longest_cap, args.longest_tries = 1 << 24, 4
     if args.gpus < 2:
         parser.error(f"--gpus {args.gpus}: needs at least 2")
+    if any(p < 2 or p > args.gpus for p in args.cp_sizes or []):
+        parser.error(f"--cp-sizes {args.cp_sizes}: each between 2 and the GPU count {args.gpus}")
+    if set(args.cp_modes) - {"chunkwise", "ulysses"}:
+        parser.error(f"--cp-modes {','.join(args.cp_modes)}: choose from chunkwise, ulysses")
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
@@ -306,16 +333,19 @@ def main(argv=None) -> None:
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), gpus=args.gpus,
                   device=torch.cuda.get_device_name() if args.cuda else "cpu (gloo)", smoke=args.smoke,
                   versions=versions(), parts={})
+    if out.exists():  # parts measured by an earlier call with the same --out stay unless measured again
+        earlier = json.loads(out.read_text())
+        if earlier.get("gpus") == args.gpus and earlier.get("smoke") == args.smoke:
+            result["parts"] = earlier.get("parts", {})
     header = (f"# Multi-GPU validation, {result['date']}: {args.gpus} x {result['device']}, "
               + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
-    tables = [header]
     print(header, flush=True)
+    section = lambda name: f"\n## {PARTS[name][2]}\n\n{PARTS[name][1](result['parts'][name])}"
     for name in args.parts.split(","):
-        run, table, title = PARTS[name]
-        result["parts"][name] = rows = run(args, work)
-        tables.append(f"\n## {title}\n\n{table(rows)}")
-        print(tables[-1], flush=True)
+        result["parts"][name] = PARTS[name][0](args, work)
+        print(section(name), flush=True)
         out.write_text(json.dumps(result, indent=1))  # a killed run keeps the parts it finished
+    tables = [header] + [section(name) for name in PARTS if name in result["parts"]]
     out.with_suffix(".md").write_text("\n".join(tables) + "\n")
     print(f"\nwrote {out}")
 
