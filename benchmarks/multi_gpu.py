@@ -141,9 +141,12 @@ def part_cp_kda(args, work: Path) -> list[dict]:
         shape = [args.cp_tokens, args.cp_heads, args.cp_head_dim, args.cp_reps]
         result = torchrun(CP_KDA_WORKER, p, [out, mode, *shape], work / f"cp_kda-{mode}-{p}.log", timeout(args, "cp_kda"))
         rows.append(json.loads(out.read_text()) if out.exists() else dict(cp=p, mode=mode, **result))
+    # rows of the other modes measured by an earlier call into the same --out stay (one mode a call)
+    kept = [r for r in args.earlier.get("cp_kda", []) if r["cp"] > 1 and r["mode"] not in args.cp_modes]
+    rows = rows[:1] + sorted(kept + rows[1:], key=lambda r: (r["mode"], r["cp"]))
     single = rows[0].get("fb_ms")
     for row in rows:
-        if single and row.get("fb_ms"):
+        if single and row.get("fb_ms") and "efficiency" not in row:  # against the CP=1 time of the same call
             row["efficiency"] = single / (row["cp"] * row["fb_ms"])
     return rows
 
@@ -337,6 +340,7 @@ def main(argv=None) -> None:
         earlier = json.loads(out.read_text())
         if earlier.get("gpus") == args.gpus and earlier.get("smoke") == args.smoke:
             result["parts"] = earlier.get("parts", {})
+    args.earlier = dict(result["parts"])
     header = (f"# Multi-GPU validation, {result['date']}: {args.gpus} x {result['device']}, "
               + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     print(header, flush=True)
