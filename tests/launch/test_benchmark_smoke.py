@@ -1,6 +1,7 @@
 """CPU smoke run of the training-throughput benchmark (the command CI must keep working)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,3 +68,42 @@ def test_memory_model_benchmark_smoke_on_cpu():
         ["64", "none", "48"], ["64", "all", "48"], ["128", "none", "48"], ["128", "all", "48"]]
     estimates = [[float(x) for x in row[2].split()] for row in rows]
     assert all(total == pytest.approx(static + act, abs=0.011) and static > 0 for static, act, total in estimates)
+
+
+def test_multi_gpu_validation_smoke_on_cpu(tmp_path):
+    """benchmarks/multi_gpu.py (the multi-GPU validation, run on GPUs by hand) on 2 gloo ranks at tiny
+    shapes: every part runs and reports finite numbers, and the layouts' loss curves match the
+    single-process curve (on CPUs they are what tests/parallel's layout tests check)."""
+    out = tmp_path / "multi_gpu.json"
+    cmd = [sys.executable, "benchmarks/multi_gpu.py", "--smoke", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["gpus"] == 2 and report["versions"]["torch"] and report["date"]
+    parts = report["parts"]
+    assert set(parts) == {"loss", "cp_kda", "throughput", "longest"}
+    finite = lambda x: isinstance(x, float) and math.isfinite(x)
+
+    assert [r["layout"] for r in parts["loss"]] == ["tp2", "ep2", "pp2", "cp2-chunkwise", "cp2-ulysses"]
+    for row in parts["loss"]:
+        assert row["steps"] == 2 and finite(row["max_abs_diff"]) and row["tolerance"] == 2e-4
+        assert row["passed"], row
+    assert "| cp2-ulysses | 2 | 2 |" in result.stdout
+
+    assert [(r["cp"], r["mode"]) for r in parts["cp_kda"]] == [(1, "chunkwise"), (2, "chunkwise"), (2, "ulysses")]
+    for row in parts["cp_kda"]:
+        assert finite(row["fb_ms"]) and row["fb_ms"] > 0 and finite(row["efficiency"])
+    for row in parts["cp_kda"][1:]:  # fp32 CPU path: the slices reproduce the whole sequence
+        assert len(row["rel_error"]) == 11 and all(finite(e) and e < 1e-5 for e in row["rel_error"].values()), row
+
+    assert [r["seq_length"] for r in parts["throughput"]] == [128]
+    row = parts["throughput"][0]
+    assert finite(row["tokens_per_s_per_gpu"]) and row["tokens_per_s_per_gpu"] > 0 and finite(row["tflops_per_gpu"])
+    assert row["mfu"] is None  # no peak FLOP/s for a CPU
+
+    [longest] = parts["longest"]
+    assert longest["cp"] == 2 and longest["predicted"] > 0 and longest["longest"] == 256
+    assert finite(longest["tokens_per_s_per_gpu"])
+    for title in ("Loss curves", "Context-parallel KDA", "Throughput", "Longest context"):
+        assert title in result.stdout and title in out.with_suffix(".md").read_text()

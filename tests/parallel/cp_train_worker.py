@@ -8,7 +8,9 @@ LAYOUT: ``[save:|resume:]name`` with name dash-separated sizes and a mode, e.g. 
 ``cp2-chunkwise-zero`` (megatron's DDP + distributed optimizer), ``cp2-chunkwise-muon`` (Muon with
 QK-Clip at a threshold the MLA heads exceed, so the max-logit record under CP decides the update),
 ``cp2-chunkwise-bf16`` (bf16 weights and compute), ``cp2-chunkwise-losschunk`` (the chunked LM head
-loss, model/lm_head_loss.py, 24 tokens a chunk: not a divisor of a rank's tokens). The layouts of one call run one
+loss, model/lm_head_loss.py, 24 tokens a chunk: not a divisor of a rank's tokens), ``cp2-chunkwise-steps20``
+(20 training steps instead of 10; benchmarks/multi_gpu.py). Sizes without a ``cp`` part (``tp2``,
+``ep2``, ``pp2``) train at CP=1. The layouts of one call run one
 after another in the same torchrun job (the world size must fit each; starting a job costs more
 than a layout's 10 steps on 2 CPU cores). ``save:`` trains the first 5 steps and checkpoints to
 WORKDIR/saved; ``resume:`` continues that checkpoint. Rank 0 writes WORKDIR/NAME/losses.json
@@ -33,9 +35,11 @@ EXTRA_STARTS = {0: (16, 17), 1: (32, 63)}  # per sample index modulo 2
 def parse(spec: str) -> tuple[str, str, dict]:
     action, _, name = spec.rpartition(":")
     sizes = {"tp": 1, "pp": 1, "ep": 1, "cp": 1}
-    options = {"mode": "chunkwise", "zero": False, "muon": False, "bf16": False, "losschunk": False}
+    options = {"mode": "chunkwise", "zero": False, "muon": False, "bf16": False, "losschunk": False, "steps": 10}
     for part in name.split("-"):
-        if part in ("chunkwise", "ulysses"):
+        if part.startswith("steps"):
+            options["steps"] = int(part[5:])
+        elif part in ("chunkwise", "ulysses"):
             options["mode"] = part
         elif part in ("zero", "muon", "bf16", "losschunk"):
             options[part] = True
@@ -82,7 +86,7 @@ def run_layout(workdir: Path, spec: str) -> None:
     action, name, layout = parse(spec)
     out = workdir / (f"{action}-{name}" if action != "train" else name)
     changes = dict(context_parallel_size=layout["cp"], cp_mode=layout["mode"], eval_interval=5, eval_iters=2,
-                   metrics_interval=1, run_dir=str(out))
+                   metrics_interval=1, run_dir=str(out), train_iters=layout["steps"])
     if layout["bf16"]:
         changes.update(bf16=True)
     if layout["muon"]:
