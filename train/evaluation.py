@@ -19,19 +19,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data.evaluation import DocumentWindows, EvaluationLoader
-from model.model import build_model, set_loss_chunk_tokens
 from parallel import state
 from train import checkpoint as ckpt
 from train import context
 from train.config import RunConfig
 from train.errors import DataError, agree
 from train.loop import data_arguments, evaluate, log
-from train.precision import to_bf16
+from train.run_state import build_training_model
 
 ROUND = 32  # global batches per call of the loop's evaluate (one progress update each)
 
@@ -128,13 +126,8 @@ def _windows(request: EvaluationRequest, run: RunConfig, sources) -> DocumentWin
 
 
 def _load_model(run: RunConfig, path: Path, dims: state.ParallelDims):
-    t = run.train
-    model = build_model(run.model, sequence_parallel=t.sequence_parallel or None, seed=t.seed,
-                        initialize_weights=False, expert_parallel=dims.expert).to(state.device())
-    set_loss_chunk_tokens(model, t.loss_chunk_tokens)  # the whole documents' logits need not fit either
-    if t.bf16:  # as training holds them: bf16 weights, the fp32 parameters kept fp32
-        to_bf16(model)
-        model.config.pipeline_dtype = torch.bfloat16
+    """The model as training holds it (bf16 weights, chunked loss, fusion), weights from ``path``."""
+    model = build_training_model(run, dims, state.device(), initialize_weights=False)
     agree(ckpt.verify, path)
     agree(ckpt.load_model_state, model, path)
     return model
