@@ -22,6 +22,7 @@ Between ``reduce_gradients`` and ``update`` the MoE router still holds the step'
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ def update_expert_bias(model) -> None:
         reset_router_counters(model)
 
 
-class TrainingOptimizer:
+class TrainingOptimizer(ABC):
     """What a training run needs from its optimizer (see the module docstring).
 
     ``runner``: the module that forward and backward run through (the model itself, or megatron's
@@ -60,39 +61,39 @@ class TrainingOptimizer:
     runner: nn.Module
     model: nn.Module
 
+    @abstractmethod
     def begin_step(self, lr: float) -> None:
         """Set the learning rate of this step and clear the gradients of the previous one."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss_scale(self, total_tokens: torch.Tensor) -> torch.Tensor:
         """The factor on a micro-batch's token-sum loss that makes the reduced gradients those of the
         global token mean (``total_tokens``: loss tokens of the global batch)."""
-        raise NotImplementedError
 
     def reduce_gradients(self) -> None:
         """Reduce the gradients over the ranks that share parameters (where that is done apart
         from ``update``)."""
 
+    @abstractmethod
     def update(self, loss_is_finite: bool) -> tuple[float, dict]:
         """Clip the gradients and apply them unless the loss or the gradient norm is non-finite.
         Returns the norm before clipping and metrics of the update (e.g. QK-Clip's)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def discard_step(self) -> None:
         """Drop this step's gradients and router counts (after a non-finite loss or norm)."""
-        raise NotImplementedError
 
     def reload_model_params(self) -> None:
         """The model's weights were loaded from a checkpoint: copy them into the optimizer's own
         (fp32 master) copies."""
 
+    @abstractmethod
     def state_for_checkpoint(self) -> dict | None:
         """The optimizer state as a megatron sharded state dict, or None when there is none yet."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_checkpoint_state(self, folder, step: int) -> None:
         """Load (and reshard) the state saved in ``folder`` by a run at ``step``."""
-        raise NotImplementedError
 
 
 class LocalOptimizer(TrainingOptimizer):
