@@ -15,16 +15,16 @@ STEPS=${*:-"tests kda_before kda_after tp_before tp_after cp memory"}
 BEFORE=${BEFORE_TREE:-.before}
 KDA_ARGS="--shapes 8x4096,1x32768 --dt-bias=-4,2 --ops ours"
 TP_ARGS="--preset scaling-653m --arms kimi-linear --contexts 4096 --tokens-per-step 32768 --steps 6 --bf16"
-in_before() {  # in_before SCRIPT ARGS...: run the before tree's copy of a benchmark, its packages first
-  (cd "$BEFORE" && PYTHONPATH="/tmp/site:$PWD:${TRITON_PACK:+/tmp/triton_pack}" python3 "$@")
-}
+# the before tree's own benchmark scripts and packages (in place of the checkout's on PYTHONPATH)
+BEFORE_ENV="PYTHONPATH=${PYTHONPATH/$PWD/$(realpath "$BEFORE")}"
 step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
   tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
   tests/launch/test_hf_baseline.py tests/model/test_lm_head_loss_gpu.py tests/model/test_attention_gpu.py \
   tests/model/test_no_host_sync_gpu.py
-step kda_before 150 bash -c "$(declare -f in_before); BEFORE=$BEFORE TRITON_PACK=$TRITON_PACK in_before benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
+step kda_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
 step kda_after 150 python3 benchmarks/kda.py $KDA_ARGS --out "$OUT/kda_after.json"
-step tp_before 150 bash -c "$(declare -f in_before); BEFORE=$BEFORE TRITON_PACK=$TRITON_PACK in_before benchmarks/train_throughput.py $TP_ARGS --no-transformers --out $OUT/tp_before.json"
+step tp_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/train_throughput.py $TP_ARGS --no-transformers \
+  --out $OUT/tp_before.json"
 step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
 step cp 150 python3 benchmarks/cp_kda.py --heads 32 --shards 4096,16384,65536 --cp 2,4,8 --out "$OUT/cp_kda.json"
 step memory 240 python3 benchmarks/memory_model.py --seq-lengths 4096,8192,16384 --recompute none,all --loss-chunk-tokens 0,4096 -- \
