@@ -27,12 +27,12 @@ import gc
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from launch import sweep
+from launch.process_pool import Command, CommandFailed, Exited, ProcessPool
 from launch.runs import Run
 from model.config import ConfigError
 from model.presets import ARMS
@@ -256,45 +256,32 @@ def run_here(entries: list[dict], root: Path, nproc: int, concurrent: int = 1, r
     finished = sum(e["train_iters"] for e in entries) - sum(e["train_iters"] for e, _ in waiting)
     bar = tqdm(total=sum(e["train_iters"] for e in entries), initial=finished, unit="step", dynamic_ncols=True,
                desc="comparison")
-    running: dict[int, tuple] = {}  # slot -> (entry, folder, process, log file)
+
+    def count_finished(exited: Exited) -> None:
+        nonlocal finished
+        if exited.ok:
+            finished += exited.command.record["train_iters"]
+
+    def show_progress(running: list[Command]) -> None:
+        progress, status = finished, []
+        for command in running:
+            run = Run.read(command.log.parent)
+            loss = run.last_loss()
+            progress += run.last_step() or 0
+            status.append(f"{command.record['name']} " + (f"{loss:.3f}" if loss is not None else "starting"))
+        bar.set_postfix_str(", ".join(status), refresh=False)
+        bar.update(progress - bar.n)
+
+    pool = ProcessPool(concurrent, (lambda slot: visible_devices(slot, nproc, gpus, runs_per_gpu)) if gpus else None,
+                       cwd=REPO, poll_seconds=1.0, stop_at_first_failure=True)
+    commands = [Command(_command(entry, folder, nproc), folder / "train.log", entry) for entry, folder in waiting]
     try:
-        while waiting or running:
-            for slot in range(concurrent):
-                if slot in running or not waiting:
-                    continue
-                entry, folder = waiting.pop(0)
-                env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = visible_devices(slot, nproc, gpus, runs_per_gpu)
-                log = open(folder / "train.log", "a")
-                process = subprocess.Popen(_command(entry, folder, nproc), cwd=REPO, stdout=log,
-                                           stderr=subprocess.STDOUT, env=env)
-                running[slot] = (entry, folder, process, log)
-            time.sleep(1.0)
-            progress, status = finished, []
-            for slot, (entry, folder, process, log) in list(running.items()):
-                run = Run.read(folder)
-                step, loss = run.last_step() or 0, run.last_loss()
-                if process.poll() is None:
-                    progress += step
-                    status.append(f"{entry['name']} " + (f"{loss:.3f}" if loss is not None else "starting"))
-                    continue
-                log.close()
-                del running[slot]
-                if process.returncode != 0:
-                    tail = "\n".join((folder / "train.log").read_text().splitlines()[-30:])
-                    raise RuntimeError(f"run {entry['name']} failed (exit code {process.returncode}); the end of "
-                                       f"{folder / 'train.log'}:\n{tail}")
-                finished += entry["train_iters"]
-                progress += entry["train_iters"]
-            bar.set_postfix_str(", ".join(status), refresh=False)
-            bar.update(progress - bar.n)
+        pool.run(commands, on_exit=count_finished, on_tick=show_progress)
+    except CommandFailed as failure:  # the other runs have been stopped (they saved)
+        log = failure.exited.command.log
+        raise RuntimeError(f"run {failure.exited.command.record['name']} failed (exit code "
+                           f"{failure.exited.returncode}); the end of {log}:\n{failure.log_tail(30)}") from None
     finally:
-        for entry, folder, process, log in running.values():
-            if process.poll() is None:
-                process.terminate()  # SIGTERM: the run saves at its next step boundary
-                process.wait()
-            log.close()
         bar.close()
     return folders
 

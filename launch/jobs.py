@@ -4,18 +4,17 @@ Each line is one job: ``{"name": ..., "command": "python launch/... --flags", "r
 "done_file": ...}``. ``command`` is run from the repository root; a leading ``python`` means this
 interpreter. A job whose ``done_file`` exists is skipped, so re-running a list resumes it. A SLURM
 array runs entry ``$SLURM_ARRAY_TASK_ID`` with ``--index``; one GPU runs N small jobs at once with
-``--parallel N`` (each its own process, its output in ``run_dir/log.txt``).
+``--parallel N`` (each its own process, its output in ``run_dir/log.txt``; ``launch/process_pool.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from launch.process_pool import Command, Exited, ProcessPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,55 +59,33 @@ def run_jobs(jobs: list[dict], parallel: int = 1, devices: list[str] | None = No
     pending = [job for job in jobs if not _done(job)]
     print(f"{len(jobs)} jobs, {len(jobs) - len(pending)} already done, {len(pending)} to run, "
           f"{parallel} at a time", flush=True)
-    running: dict[int, tuple[subprocess.Popen, dict, float, object]] = {}  # slot -> process
-    failed, finished = [], 0
-    try:
-        while pending or running:
-            for slot in range(parallel):
-                if slot not in running and pending:
-                    job = pending.pop(0)
-                    running[slot] = _start(job, slot, devices)
-                    print(f"[start] {job.get('name', job['command'])} (slot {slot})", flush=True)
-            time.sleep(0.5)
-            for slot, (process, job, started, log) in list(running.items()):
-                if process.poll() is None:
-                    continue
-                log.close()
-                del running[slot]
-                finished += 1
-                ok = process.returncode == 0
-                if not ok:
-                    failed.append(job)
-                where = f" (log: {_log_path(job)})" if not ok else ""
-                print(f"[{'done' if ok else 'FAILED rc=' + str(process.returncode)}] {job.get('name', job['command'])} "
-                      f"in {time.time() - started:,.0f}s; {finished}/{finished + len(running) + len(pending)}{where}",
-                      flush=True)
-    except KeyboardInterrupt:
-        for process, job, _, _ in running.values():
-            process.terminate()  # the training loop saves (with --save) and exits on SIGTERM
-        for process, _, _, log in running.values():
-            process.wait()
-            log.close()
-        raise
+    finished = 0
+
+    def started(command: Command, slot: int) -> None:
+        print(f"[start] {_name(command.record)} (slot {slot})", flush=True)
+
+    def ended(exited: Exited) -> None:
+        nonlocal finished
+        finished += 1
+        state = "done" if exited.ok else f"FAILED rc={exited.returncode}"
+        where = "" if exited.ok else f" (log: {exited.command.log})"
+        print(f"[{state}] {_name(exited.command.record)} in {exited.seconds:,.0f}s; {finished}/{len(pending)}{where}",
+              flush=True)
+
+    pool = ProcessPool(parallel, (lambda slot: devices[slot % len(devices)]) if devices else None, cwd=ROOT)
+    commands = [Command(_argv(job["command"]), _log_path(job), job) for job in pending]
+    failed = pool.run(commands, on_start=started, on_exit=ended)
     if failed:
-        print(f"{len(failed)} failed: " + ", ".join(job.get("name", job["command"]) for job in failed), flush=True)
+        print(f"{len(failed)} failed: " + ", ".join(_name(e.command.record) for e in failed), flush=True)
     return len(failed)
+
+
+def _name(job: dict) -> str:
+    return job.get("name", job["command"])
 
 
 def _log_path(job: dict) -> Path:
     return ROOT / job.get("run_dir", "runs/jobs") / "log.txt"
-
-
-def _start(job: dict, slot: int, devices: list[str] | None):
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if devices:
-        env["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
-    path = _log_path(job)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log = path.open("a")
-    process = subprocess.Popen(_argv(job["command"]), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return process, job, time.time(), log
 
 
 def select(jobs: list[dict], index: int | None = None, shard: str | None = None) -> list[dict]:
