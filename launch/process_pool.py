@@ -7,6 +7,9 @@ stdout and stderr to its own log file (appended, so a resumed run keeps its hist
 either counts and the rest go on, or stops the other children and raises. However the pool is left
 (a failure, Ctrl-C, an error in a callback), the children still running get SIGTERM and are waited
 for: the training loop saves a checkpoint at its next step boundary and exits on that signal.
+Children run in sessions of their own: Ctrl-C in a terminal and `timeout` signal the whole process
+group, and a training run hit by SIGINT directly would die without saving; this way only the pool
+decides how its children stop.
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ class ProcessPool:
         command.log.parent.mkdir(parents=True, exist_ok=True)
         log = command.log.open("a")
         try:
-            process = subprocess.Popen(command.argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command.argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
         except BaseException:
             log.close()
             raise

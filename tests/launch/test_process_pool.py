@@ -2,12 +2,15 @@
 slot's CUDA_VISIBLE_DEVICES reaches the child, both failure policies, and that stopping (a failure
 or Ctrl-C) sends SIGTERM to the children still running and waits for them."""
 
+import os
+import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
-from launch.process_pool import Command, CommandFailed, ProcessPool
+from launch.process_pool import REPO, Command, CommandFailed, ProcessPool
 
 # a child that records that SIGTERM reached it, says it is ready, then waits to be stopped
 SLEEPER = """
@@ -90,6 +93,32 @@ def test_an_interrupt_stops_the_children_and_propagates(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         ProcessPool(1, poll_seconds=0.05).run([sleeper], on_tick=interrupt_when_ready)
+    assert marker.read_text() == "terminated"
+
+
+# a pool in a process of its own, as `launch/compare.py` runs under a terminal or `timeout -s INT`
+POOL_PARENT = """
+import pathlib, sys
+from launch.process_pool import Command, ProcessPool
+ProcessPool(1, poll_seconds=0.05).run([Command([sys.executable, "-c", {child!r}], pathlib.Path({log!r}))])
+"""
+
+
+def test_sigint_to_the_process_group_reaches_only_the_pool(tmp_path):
+    # Ctrl-C and `timeout` signal the whole process group; a training run hit by SIGINT directly
+    # would die without saving, so the child must see only the pool's SIGTERM
+    marker, ready = tmp_path / "sleeper.stopped", tmp_path / "sleeper.ready"
+    child = SLEEPER.format(marker=str(marker), ready=str(ready)).replace(
+        "signal.signal(signal.SIGTERM", "signal.signal(signal.SIGINT, lambda *_: (pathlib.Path("
+        f"{str(marker)!r}).write_text('interrupted'), sys.exit(1)))\nsignal.signal(signal.SIGTERM")
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT.format(child=child, log=str(tmp_path / "c.log"))],
+                              start_new_session=True, stderr=(tmp_path / "parent.log").open("w"), cwd=REPO)
+    deadline = time.time() + 60
+    while not ready.exists() and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), (tmp_path / "parent.log").read_text()
+    os.killpg(parent.pid, signal.SIGINT)
+    assert parent.wait(timeout=60) != 0  # the pool's KeyboardInterrupt propagates
     assert marker.read_text() == "terminated"
 
 
