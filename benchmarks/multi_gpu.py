@@ -1,8 +1,11 @@
 """Multi-GPU validation on NCCL: parallel layouts against one GPU, context-parallel KDA scaling, and
 throughput and the longest trainable context of the small hybrid preset, in one command.
 
-    python benchmarks/multi_gpu.py [--gpus N] [--parts loss,cp_kda,throughput,longest] [--out FILE]
-    python benchmarks/multi_gpu.py --smoke     # CPU, 2 gloo ranks, tiny shapes: every part runs
+    PYTHONPATH=. python benchmarks/multi_gpu.py [--gpus N] [--parts loss,cp_kda,throughput,longest] [--out FILE]
+    PYTHONPATH=. python benchmarks/multi_gpu.py --smoke     # CPU, 2 gloo ranks, tiny shapes: every part runs
+
+(PYTHONPATH=. from the repository root: it reuses the layout tests' workers and tolerances, and
+the tests are not part of the installed package.)
 
 Parts, each torchrun job under its own time limit (a failed or timed-out job is a row with its
 error, the other jobs still run):
@@ -39,10 +42,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from parallel.state import free_port
 
-from tests.helpers.distributed import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TRAIN_WORKER = ROOT / "tests" / "parallel" / "cp_train_worker.py"
 CP_KDA_WORKER = ROOT / "benchmarks" / "multi_gpu_cp_kda.py"
@@ -90,6 +92,7 @@ def loss_layouts(gpus: int) -> list[tuple[str, int]]:
 
 
 def part_loss(args, work: Path) -> list[dict]:
+    # the tolerances of the tests these layouts come from (the tests are not installed: PYTHONPATH=.)
     if args.cuda:
         from tests.parallel.test_context_parallel_training_gpu import TOLERANCE
 

@@ -80,11 +80,12 @@ def init_distributed(timeout_minutes: int = 10) -> None:
     if "RANK" in os.environ:  # launched by torchrun / srun
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # a single process; leaves os.environ alone so that subprocesses do not inherit a port
-        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (rendezvous of local test and benchmark jobs)."""
     import socket
 
     with socket.socket() as sock:

@@ -2,10 +2,10 @@
 
 - ``export_checkpoint(load, out)``: any checkpoint (any TP layout; megatron reshards it to one
   process) -> an HF folder written by ``model.hf_export.export_state_dict`` (config.json,
-  safetensors with SPEC 4 names, sharded with an index when larger than ``max_shard_size``), plus
+  safetensors with the release's names (docs/architecture.md, "Hugging Face names"), sharded with an index when larger than ``max_shard_size``), plus
   the run's tokenizer (the one its meta.json records, or ``tokenizer_dir``): the folder alone
   tokenizes and generates.
-- ``import_hf_folder(hf_dir, save)``: an HF folder (SPEC 4 names or transformers' runtime names,
+- ``import_hf_folder(hf_dir, save)``: an HF folder (the release's names (docs/architecture.md, "Hugging Face names") or transformers' runtime names,
   sharded or not) -> a step-0 checkpoint that ``launch/pretrain.py --load`` and
   ``train.checkpoint.load_model_for_inference`` accept.
 

@@ -7,15 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from parallel.state import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -16,7 +16,8 @@ def test_train_throughput_smoke_on_cpu(tmp_path):
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, "benchmarks/train_throughput.py", "--preset", "tiny", "--steps", "3", "--device", "cpu",
            "--contexts", "64", "--out", str(out), "--data-cache-dir", str(ROOT / "cache" / "data")]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -44,7 +45,8 @@ def test_cp_kda_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks/cp_kda.py (run on a GPU by hand) at one tiny shape in the Triton interpreter."""
     out = tmp_path / "cp_kda.json"
     cmd = [sys.executable, "benchmarks/cp_kda.py", "--smoke", "--out", str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -60,7 +62,8 @@ def test_memory_model_benchmark_smoke_on_cpu():
     cmd = [sys.executable, "benchmarks/memory_model.py", "--seq-lengths", "64,128", "--recompute", "none,all",
            "--loss-chunk-tokens", "48", "--",
            "--config", "tiny", "--micro-batch-size", "1", "--global-batch-size", "1"]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("[rank 0]") and "GiB" not in line]
@@ -76,7 +79,8 @@ def test_multi_gpu_validation_smoke_on_cpu(tmp_path):
     single-process curve (on CPUs they are what tests/parallel's layout tests check)."""
     out = tmp_path / "multi_gpu.json"
     cmd = [sys.executable, "benchmarks/multi_gpu.py", "--smoke", "--out", str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
