@@ -18,12 +18,13 @@ python3 -c "import torch, triton, transformers; print(torch.cuda.get_device_name
 
 # step NAME SECONDS COMMAND...: runs COMMAND when NAME is in $STEPS, under its own time limit, its log
 # in $OUT/NAME.log; prints the log's tail without warnings (nor lines matching the extended
-# regex $STEP_HIDE).
+# regex $STEP_HIDE). STEP_SIGNAL (default TERM) is what the time limit sends: ABRT makes a Python
+# started with PYTHONFAULTHANDLER=1 print every thread's stack, to see where it hangs.
 step() {
   local name=$1 limit=$2; shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
   echo "== $name (limit ${limit}s)"; local start=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  timeout -s "${STEP_SIGNAL:-TERM}" "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   grep -vE "Warning|warn${STEP_HIDE:+|$STEP_HIDE}" "$OUT/$name.log" | tail -"${STEP_TAIL:-25}"
   echo "-- $name: rc=$rc, $((SECONDS - start)) s"
 }

@@ -17,7 +17,8 @@ KDA_ARGS="--shapes 8x4096,1x32768 --dt-bias=-4,2 --ops ours"
 TP_ARGS="--preset scaling-653m --arms kimi-linear --contexts 4096 --tokens-per-step 32768 --steps 6 --bf16"
 # the before tree's own benchmark scripts and packages (in place of the checkout's on PYTHONPATH)
 BEFORE_ENV="PYTHONPATH=${PYTHONPATH/$PWD/$(realpath "$BEFORE")}"
-step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
+# a hang is killed with SIGABRT, and the log then ends with every thread's stack
+PYTHONFAULTHANDLER=1 STEP_SIGNAL=ABRT step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
   tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
   tests/launch/test_hf_baseline.py tests/model/test_lm_head_loss_gpu.py tests/model/test_attention_gpu.py \
   tests/model/test_no_host_sync_gpu.py

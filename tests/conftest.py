@@ -10,3 +10,17 @@ def pytest_addoption(parser):
     parser.addoption("--kda-launch", default="",
                      help="launch overrides of the Triton KDA kernels for the kernel tests, kernel[.few].option=N,... "
                           "(kernels/kda/options.py; for GPU experiments)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tear down a process group the tests started in this process (``parallel.state.initialize``):
+    an NCCL group left to the interpreter's exit can block it after the last test has passed."""
+    import sys
+
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            from parallel import state
+
+            state.destroy()
