@@ -40,6 +40,9 @@ def add_kda_option_flags(parser, state_dtype: bool = True) -> None:
                             help="dot precision of the diagonal-block inverse for 16-bit inputs")
     parser.add_argument("--cp-precision", choices=["ieee", "tf32x3", "tf32"], default=defaults.cp_precision,
                         help="dot precision of the context-parallel pre-pass kernels on GPUs")
+    parser.add_argument("--diag-decay-clamp", type=float, default=defaults.diag_decay_clamp,
+                        help="0: exact diagonal tiles (column loop where the decay is steep); c in (0, 8]: "
+                             "tensor cores on every tile with per-token steps clamped at -c")
 
 
 def kda_options(args) -> KDAOptions:
@@ -49,6 +52,7 @@ def kda_options(args) -> KDAOptions:
     try:
         return KDAOptions(state_dtype=getattr(args, "state_dtype", defaults.state_dtype),
                           inverse_precision=getattr(args, "inverse_precision", defaults.inverse_precision),
-                          cp_precision=args.cp_precision).with_launch(args.launch)
+                          cp_precision=args.cp_precision,
+                          diag_decay_clamp=args.diag_decay_clamp).with_launch(args.launch)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None

@@ -10,6 +10,8 @@ def pytest_addoption(parser):
     parser.addoption("--kda-launch", default="",
                      help="launch overrides of the Triton KDA kernels for the kernel tests, kernel[.few].option=N,... "
                           "(kernels/kda/options.py; for GPU experiments)")
+    parser.addoption("--kda-diag-decay-clamp", type=float, default=0.0,
+                     help="KDAOptions.diag_decay_clamp of the kernel tests (0: exact diagonal tiles)")
 
 
 def pytest_sessionfinish(session, exitstatus):

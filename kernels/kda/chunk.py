@@ -146,6 +146,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate, op
                                    **_cfg("fwd_cumsum", launch("fwd_cumsum")))
     kda_fwd_intra_kernel[(NC * 4, H)](q, k, Gc, Aqk, Bkk, cu, info, H=H, K=K, BK=BK, BD=min(32, BK),
                                      PREC=prec, SPAN=float(options.diag_span_max),
+                                     CLAMP=float(options.diag_decay_clamp),
                                      **_cfg("fwd_intra", launch("fwd_intra"), BK))
     kda_fwd_wy_kernel[(NC, H)](q, k, v, beta, Gc, Bkk, Ainv, W, U, Qg, Kg, cu, info, H=H, K=K, V=V,
                                BK=BK, BV=BV, BKS=min(64, BK), PREC=prec,
@@ -205,6 +206,7 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     kda_bwd_intra_kernel[(NC * triton.cdiv(K, BDi), H)](q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dglog,
                                                         cu, info, H=H, K=K, BD=BDi, PREC=prec,
                                                         SPAN=float(options.diag_span_max),
+                                                        CLAMP=float(options.diag_decay_clamp),
                                                         **_cfg("bwd_intra", launch("bwd_intra"), BK))
     mode, A_log, dt_bias, lower = gate
     if mode == GATE_LOG:   # g was the log-decay

@@ -21,7 +21,8 @@ Kernels:
 import triton
 import triton.language as tl
 
-from kernels.kda.chunk_fwd import CHUNK, _chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay, _doc_chunks
+from kernels.kda.chunk_fwd import (CHUNK, _chunk_and_part, _chunk_coords, _chunk_rows, _diag_block_decay,
+                                   _diag_tile_scales, _doc_chunks)
 from kernels.kda.gate import gate_backward
 
 
@@ -232,7 +233,7 @@ def kda_bwd_chunk_wy_kernel(v, beta, Bkk, Ainv, Vn, dVn, do, dAinv_p, dbeta_p, d
 @triton.jit
 def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BD: tl.constexpr,
-                         PREC: tl.constexpr, SPAN: tl.constexpr):
+                         PREC: tl.constexpr, SPAN: tl.constexpr, CLAMP: tl.constexpr):
     i_c, i_k = _chunk_and_part((K + BD - 1) // BD)
     i_h = tl.program_id(1)
     bos, L = _chunk_coords(cu_seqlens, chunk_info, i_c)
@@ -300,13 +301,19 @@ def kda_bwd_intra_kernel(q, k, Gc, dAqk, dBkk, dq_p, dk_p, dG_p, dq, dk, dg, cu_
         dq_d = tl.zeros([16, BD], dtype=tl.float32)
         dkr_d = tl.zeros([16, BD], dtype=tl.float32)
         dkc_d = tl.zeros([16, BD], dtype=tl.float32)
-        b_g0, fits = _diag_block_decay(Gc, cbase + b * 16, dd, K, SPAN)
+        if CLAMP > 0:   # KDAOptions.diag_decay_clamp: every tile on tensor cores
+            fits = True
+        else:
+            b_g0, fits = _diag_block_decay(Gc, cbase + b * 16, dd, K, SPAN)
         if fits:
             t_off = (cbase + rows)[:, None] * CHUNK + rows[None, :]
             dA_d = tl.where(r16[:, None] >= r16[None, :], tl.load(dAqk + t_off), 0.)
             dB_d = tl.where(r16[:, None] > r16[None, :], tl.load(dBkk + t_off), 0.)
-            e_row = tl.exp(b_G - b_g0[None, :])
-            e_col = tl.exp(b_g0[None, :] - b_G)
+            if CLAMP > 0:   # the forward's scales: clamped steps around the tile's midpoint
+                e_row, e_col = _diag_tile_scales(Gc, b_G, cbase + b * 16, dd, K, CLAMP)
+            else:
+                e_row = tl.exp(b_G - b_g0[None, :])
+                e_col = tl.exp(b_g0[None, :] - b_G)
             k_col = b_k * e_col
             dq_d += tl.dot(dA_d, k_col, input_precision=PREC) * e_row
             dkr_d += tl.dot(dB_d, k_col, input_precision=PREC) * e_row

@@ -113,9 +113,26 @@ def _diag_block_decay(Gc, row0, dd, K, SPAN: tl.constexpr):
 
 
 @triton.jit
+def _diag_tile_scales(Gc, b_G, row0, dd, K, CLAMP: tl.constexpr):
+    """exp(G~_r - m) and exp(m - G~_r) for the 16 rows of a block (``b_G``: their G on Dk slice
+    ``dd``, padded layout from row ``row0``). G~ is G with every per-token step clamped at -CLAMP,
+    m the midpoint of its range, so each exponent lies within [-7.5 CLAMP, 7.5 CLAMP] and for
+    r >= c the product of the two is exp(G_r - G_c) unless a step between them was clamped (both
+    below e^-CLAMP then). Steps are differences of neighbouring rows, summed again in registers:
+    as exact as the direct difference."""
+    r16 = tl.arange(0, 16)
+    prev = tl.load(Gc + (row0 + r16 - 1)[:, None] * K + dd[None, :], mask=(r16 > 0)[:, None] & (dd < K)[None, :],
+                   other=0.)
+    step = tl.where((r16 > 0)[:, None], tl.maximum(b_G - prev, -CLAMP), 0.)
+    b_Gt = tl.cumsum(step, axis=0)
+    mid = 0.5 * tl.sum(step, axis=0)
+    return tl.exp(b_Gt - mid[None, :]), tl.exp(mid[None, :] - b_Gt)
+
+
+@triton.jit
 def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
                          H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                         PREC: tl.constexpr, SPAN: tl.constexpr):
+                         PREC: tl.constexpr, SPAN: tl.constexpr, CLAMP: tl.constexpr):
     """Per (chunk, head, 16-row block i): rows 16i..16i+15 of A_qk and B_kk (one program per
     block so that the four blocks of a chunk run in parallel). SPAN: the largest decay
     G_16i - G_16i+15 over a block's Dk slice for which its diagonal tile takes tensor cores."""
@@ -160,7 +177,8 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
     # n = 16 i serves both sides: exp(G_r - G_n) in [e^-SPAN, 1], exp(G_n - G_c) in [1, e^SPAN],
     # finite and normal in fp32/tf32, and each product is exp(G_r - G_c) to rounding, so the tile
     # is two tensor-core dots. Stronger decay (the unbounded gate) takes the exact column loop:
-    # column c uses exp(G_r - G_c) for rows r >= c only.
+    # column c uses exp(G_r - G_c) for rows r >= c only. With CLAMP (diag_decay_clamp) every tile
+    # takes the dots, on the clamped steps around the tile's midpoint (_diag_tile_scales).
     dg_qk = tl.zeros([16, 16], dtype=tl.float32)
     dg_kk = tl.zeros([16, 16], dtype=tl.float32)
     for d0 in range(0, BK, BD):
@@ -169,22 +187,28 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
         b_Gi = tl.load(Gc + pad_i + dd[None, :], mask=dm, other=0.)
         b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
         b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
-        b_g0, fits = _diag_block_decay(Gc, cbase + i * 16, dd, K, SPAN)
-        if fits:
-            e_row = tl.exp(b_Gi - b_g0[None, :])
-            k_col = tl.trans(b_ki * tl.exp(b_g0[None, :] - b_Gi))
+        if CLAMP > 0:   # KDAOptions.diag_decay_clamp: every tile on tensor cores
+            e_row, e_col = _diag_tile_scales(Gc, b_Gi, cbase + i * 16, dd, K, CLAMP)
+            k_col = tl.trans(b_ki * e_col)
             dg_qk += tl.dot(b_qi * e_row, k_col, input_precision=PREC)
             dg_kk += tl.dot(b_ki * e_row, k_col, input_precision=PREC)
         else:
-            for c in range(16):
-                row_c = i * 16 + c
-                b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
-                               other=0.).to(tl.float32)
-                b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
-                e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
-                sel = r16[None, :] == c
-                dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
-                dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
+            b_g0, fits = _diag_block_decay(Gc, cbase + i * 16, dd, K, SPAN)
+            if fits:
+                e_row = tl.exp(b_Gi - b_g0[None, :])
+                k_col = tl.trans(b_ki * tl.exp(b_g0[None, :] - b_Gi))
+                dg_qk += tl.dot(b_qi * e_row, k_col, input_precision=PREC)
+                dg_kk += tl.dot(b_ki * e_row, k_col, input_precision=PREC)
+            else:
+                for c in range(16):
+                    row_c = i * 16 + c
+                    b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
+                                   other=0.).to(tl.float32)
+                    b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
+                    e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
+                    sel = r16[None, :] == c
+                    dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
+                    dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
     off = (cbase + rows)[:, None] * CHUNK + i * 16 + r16[None, :]
     tl.store(Aqk + off, tl.where(r16[:, None] >= r16[None, :], dg_qk, 0.))
     tl.store(Bkk + off, tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))

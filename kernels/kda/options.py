@@ -87,6 +87,13 @@ class KDAOptions:
     diag_span_max: the diagonal 16x16 tiles of the intra-chunk products take tensor-core dots when
         the log-decay over their 16 rows (per Dk slice) is at most this, else an exact per-column loop
         (0 forces the loop everywhere; above ~80 exponentials can overflow fp32).
+    diag_decay_clamp: 0 (default) keeps the diagonal tiles exact as above. A value c in (0, 8]
+        makes every diagonal tile take the tensor-core dots (no column loop): inside the tile each
+        token's log-decay step is clamped at -c and the tile's midpoint is the reference, so the
+        exponents stay within [-7.5 c, 7.5 c] (the same fp32 headroom as diag_span_max = 60 at
+        c = 8). A product exp(G_r - G_c) is unchanged unless a step between c and r decays by more
+        than c; then it and its replacement are both below e^-c (an absolute error < e^-c per
+        channel and term; docs/kda_kernels.md, "Diagonal tiles").
     launch: per-kernel launch entries that replace ``DEFAULT_LAUNCH``'s (kernel name -> dict of
         num_warps, num_stages, maxnreg, BV, BD, few); ``with_launch`` builds them from a string.
     cp_precision: dot precision of the context-parallel pre-pass kernels on GPUs ("tf32x3" default;
@@ -96,6 +103,7 @@ class KDAOptions:
     state_dtype: str = "input"
     inverse_precision: str = "ieee"
     diag_span_max: float = 60.0
+    diag_decay_clamp: float = 0.0
     launch: dict = field(default_factory=dict)
     cp_precision: str = "tf32x3"
 
@@ -105,6 +113,10 @@ class KDAOptions:
         _check_choice("cp_precision", self.cp_precision, DOT_PRECISIONS)
         if not isinstance(self.diag_span_max, (int, float)) or not 0 <= self.diag_span_max <= 80:
             raise ValueError(f"KDAOptions.diag_span_max={self.diag_span_max!r}: expected a number in [0, 80]")
+        clamp = self.diag_decay_clamp
+        if not isinstance(clamp, (int, float)) or isinstance(clamp, bool) or not 0 <= clamp <= 8:
+            raise ValueError(f"KDAOptions.diag_decay_clamp={clamp!r}: expected 0 (exact diagonal tiles) or a "
+                             "number in (0, 8] (larger would let the tile's exponentials overflow fp32)")
         if not isinstance(self.launch, dict):
             raise ValueError(f"KDAOptions.launch: expected a dict kernel -> launch options, got {self.launch!r}")
         for kernel, entry in self.launch.items():
@@ -138,7 +150,8 @@ class KDAOptions:
         """JSON-ready record of these options (``launch``: the overridden kernels only; the others run
         ``DEFAULT_LAUNCH`` of the code version)."""
         return dict(state_dtype=self.state_dtype, inverse_precision=self.inverse_precision,
-                    diag_span_max=float(self.diag_span_max), cp_precision=self.cp_precision,
+                    diag_span_max=float(self.diag_span_max), diag_decay_clamp=float(self.diag_decay_clamp),
+                    cp_precision=self.cp_precision,
                     launch=copy.deepcopy(self.launch))
 
     @classmethod

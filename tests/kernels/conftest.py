@@ -25,7 +25,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def kda_options(request):
-    """The KDAOptions the Triton kernel tests run with: the defaults, with pytest's --kda-launch overrides."""
+    """The KDAOptions the Triton kernel tests run with: the defaults, with pytest's --kda-launch and
+    --kda-diag-decay-clamp overrides."""
     from kernels.kda import KDAOptions
 
-    return KDAOptions().with_launch(request.config.getoption("--kda-launch"))
+    clamp = request.config.getoption("--kda-diag-decay-clamp")
+    return KDAOptions(diag_decay_clamp=clamp).with_launch(request.config.getoption("--kda-launch"))

@@ -68,6 +68,7 @@ def test_launch_overrides_from_the_command_line_form():
     ("inverse_precision", "fp64", r"inverse_precision='fp64'"),
     ("cp_precision", "tf16", r"cp_precision='tf16'"),
     ("diag_span_max", 200.0, r"diag_span_max=200.0: expected a number in \[0, 80\]"),
+    ("diag_decay_clamp", 9.0, r"diag_decay_clamp=9.0: expected 0 \(exact diagonal tiles\) or a number in \(0, 8\]"),
     ("launch", {"fwd_x": {"num_warps": 2}}, r"unknown kernel 'fwd_x'"),
     ("launch", {"fwd_h": {"warps": 2, "num_warps": 2, "num_stages": 1, "BV": 32}},
      r"launch\['fwd_h'\]: unknown option 'warps'"),
@@ -83,7 +84,8 @@ def test_bad_options_name_the_field(field, value, message):
 
 
 def test_the_record_is_json_and_reads_back():
-    options = KDAOptions(state_dtype="float32", diag_span_max=0, cp_precision="ieee").with_launch("fwd_o.num_warps=8")
+    options = KDAOptions(state_dtype="float32", diag_span_max=0, diag_decay_clamp=6.0,
+                         cp_precision="ieee").with_launch("fwd_o.num_warps=8")
     record = json.loads(json.dumps(options.to_dict()))
     assert record["state_dtype"] == "float32"
     assert record["launch"] == {"fwd_o": dict(DEFAULT_LAUNCH["fwd_o"], num_warps=8)}
@@ -104,14 +106,16 @@ def test_default_options_reach_the_kernels(monkeypatch):
     assert calls["fwd_wy"][0][2]["num_warps"] == DEFAULT_LAUNCH["fwd_wy"]["num_warps"]
     assert calls["fwd_wy"][0][2]["maxnreg"] == DEFAULT_LAUNCH["fwd_wy"]["maxnreg"]
     assert calls["fwd_intra"][0][2]["SPAN"] == calls["bwd_intra"][0][2]["SPAN"] == 60.0
+    assert calls["fwd_intra"][0][2]["CLAMP"] == calls["bwd_intra"][0][2]["CLAMP"] == 0.0
     # two documents x two heads: few programs, so the state passes take their "few" launch
     assert calls["fwd_h"][0][2]["BV"] == DEFAULT_LAUNCH["fwd_h"]["few"]["BV"]
 
 
 def test_launch_and_span_options_reach_the_kernels(monkeypatch):
     """A launch override changes exactly the launch it names (the regular state-pass entry, without a
-    "few" one, is taken even for few programs); diag_span_max reaches both intra kernels."""
-    options = KDAOptions(diag_span_max=0.0, launch={"fwd_h": dict(num_warps=2, num_stages=1, BV=32)}).with_launch(
+    "few" one, is taken even for few programs); diag_span_max and diag_decay_clamp reach both intra
+    kernels."""
+    options = KDAOptions(diag_span_max=0.0, diag_decay_clamp=7.5, launch={"fwd_h": dict(num_warps=2, num_stages=1, BV=32)}).with_launch(
         "fwd_wy.num_warps=8,fwd_wy.maxnreg=96,bwd_intra.BD=16")
     calls = _run_recording(monkeypatch, options, Dk=32, Dv=32)   # default: BV 16 ("few"), BD 32
     assert {k: calls["fwd_wy"][0][2][k] for k in ("num_warps", "num_stages", "maxnreg")} == dict(
@@ -121,6 +125,7 @@ def test_launch_and_span_options_reach_the_kernels(monkeypatch):
     bwd_intra = calls["bwd_intra"][0]
     assert bwd_intra[2]["BD"] == 16 and bwd_intra[0][0] == 3 * 2  # 3 chunks x 2 Dk slices of 16
     assert calls["fwd_intra"][0][2]["SPAN"] == bwd_intra[2]["SPAN"] == 0.0
+    assert calls["fwd_intra"][0][2]["CLAMP"] == bwd_intra[2]["CLAMP"] == 7.5
     assert calls["bwd_dh"][0][2]["num_warps"] == DEFAULT_LAUNCH["bwd_dh"]["few"]["num_warps"]  # untouched
 
 
