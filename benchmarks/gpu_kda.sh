@@ -4,7 +4,7 @@
 # (kda_debug.py variants, compute-sanitizer) and launch sweeps, then benchmarks/kda.py. Each step
 # has its own time limit.
 # Usage on the GPU machine (carry .whl, and .triton with TRITON_PACK):  bash benchmarks/gpu_kda.sh [steps...]
-#   steps: tests debug sanitize bench bench_log tune tune_each   (default: tests bench)
+#   steps: tests debug sanitize bench bench_clamp bench_log tune tune_each   (default: tests bench)
 #   TUNE_KERNELS: the kernels kda_tune.py sweeps (step tune)
 #   KDA_TESTS, TEST_K: the test paths of step tests (default tests/kernels) and a pytest -k filter
 #   TEST_SHARDS, TEST_TIMEOUT: parallel pytest processes (10) and each one's limit in s (380)
@@ -22,6 +22,8 @@
 #   SANITIZE_ARGS: kda_debug.py arguments run under compute-sanitizer's memcheck (step sanitize)
 #   KDA_LAUNCH: launch overrides of our kernels, kernel[.few].option=N,... (kernels/kda/options.py), given
 #     to every step as --launch (kda.py, kda_debug.py, kda_tune.py) or --kda-launch (pytest)
+#   KDA_CLAMP: KDAOptions.diag_decay_clamp for step tests (--kda-diag-decay-clamp) and step bench; step
+#     bench_clamp times ours alone with it (default 8) on bench's shapes and points, beside bench
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 source benchmarks/gpu_env.sh
@@ -52,6 +54,7 @@ tests() {  # the kernel tests in parallel pytest shards (compilation is CPU-boun
   for i in $(seq 0 $((n - 1))); do
     awk -v i="$i" -v n="$n" 'NR % n == i' "$dir/all.txt" > "$dir/$i.txt"
     timeout "${TEST_TIMEOUT:-380}" python3 -m pytest -v -p no:cacheprovider ${KDA_LAUNCH:+--kda-launch "$KDA_LAUNCH"} \
+      ${KDA_CLAMP:+--kda-diag-decay-clamp "$KDA_CLAMP"} \
       $(cat "$dir/$i.txt") 2>&1 \
       | grep --line-buffered -E "(PASSED|FAILED|ERROR|SKIPPED)( |$)|^E  " >> "$OUT/tests_progress.txt" &
   done
@@ -69,7 +72,10 @@ step sanitize 240 bash -c "compute-sanitizer --tool memcheck --print-limit 5 pyt
   ${SANITIZE_ARGS:---shape 1x2048 --state-dtype input} ${KDA_LAUNCH:+--launch $KDA_LAUNCH} 2>&1 | grep -vE 'Warning|warn' | grep -E 'ERROR|Invalid|at |kda_|\\[' | head -40"
 step bench ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,1x32768v}" \
   --dt-bias="${BENCH_DT:--4,0,2}" --ops "${BENCH_OPS:-ours,sdpa_flash,fla}" ${BENCH_BREAKDOWN:+--breakdown} \
-  ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} --out "$OUT/kda_bench.json"
+  ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} ${KDA_CLAMP:+--diag-decay-clamp "$KDA_CLAMP"} --out "$OUT/kda_bench.json"
+step bench_clamp ${BENCH_LIMIT:-300} python3 benchmarks/kda.py --shapes "${BENCH_SHAPES:-8x4096,1x32768,1x32768v}" \
+  --dt-bias="${BENCH_DT:--4,0,2}" --ops ours ${BENCH_BREAKDOWN:+--breakdown} --diag-decay-clamp "${KDA_CLAMP:-8}" \
+  ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} --out "$OUT/kda_bench_clamp.json"
 step bench_log 200 python3 benchmarks/kda.py --gate log --shapes 8x4096,1x32768 ${KDA_LAUNCH:+--launch "$KDA_LAUNCH"} \
   --out "$OUT/kda_bench_log.json"
 step tune 360 python3 benchmarks/kda_tune.py --kernels "${TUNE_KERNELS:-fwd_intra,bwd_intra,fwd_h,bwd_dh}" \
