@@ -17,6 +17,7 @@ bf16, D = 128, the model's raw gate. Prints a table and writes JSON.
   python benchmarks/cp_kda.py --smoke      # CPU, Triton interpreter, tiny shapes: the script runs
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -120,10 +121,16 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
     o, _ = chunk_kda_triton(*inputs, cu_seqlens=cu, gate=gate, state_hook=capture, options=options)
     o.backward(do)
     docs = torch.zeros(1, dtype=torch.int32, device=device)
-    transition = time_it(lambda: cp_prepass.transition_pairs(capture.forward, capture.cu, capture.offsets, docs,
-                                                            torch.ones_like(docs), options))
-    entry = time_it(lambda: cp_prepass.entry_state_gradients(capture.backward, capture.do, capture.cu,
-                                                             capture.offsets, docs, options))
+    pair_of = lambda opts: cp_prepass.transition_pairs(capture.forward, capture.cu, capture.offsets, docs,
+                                                       torch.ones_like(docs), opts)
+    entry_of = lambda opts: cp_prepass.entry_state_gradients(capture.backward, capture.do, capture.cu,
+                                                             capture.offsets, docs, opts)
+    transition = time_it(lambda: pair_of(options))
+    entry = time_it(lambda: entry_of(options))
+    # what the pre-passes' dot precision costs in accuracy: against the same kernels with fp32 dots
+    exact = dataclasses.replace(options, cp_precision="ieee")
+    pair_err = rel_rms(pair_of(options), pair_of(exact))
+    entry_err = rel_rms(entry_of(options), entry_of(exact))
     rows = []
     stub = StubGather()
     original = kda_chunkwise.all_gather_pairs
@@ -149,11 +156,16 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
             extra = max(cp_ms.values()) - local
             rows.append(dict(heads=H, head_dim=D, shard=L, cp=P, total=P * L, local_fb_ms=local,
                              cp_fb_ms={str(r): t for r, t in cp_ms.items()}, extra_ms=extra, extra_pct=100 * extra / local,
-                             transition_ms=transition, entry_grad_ms=entry, fold_fwd_ms=fold_fwd, fold_bwd_ms=fold_bwd,
+                             transition_ms=transition, entry_grad_ms=entry, precision=options.cp_precision,
+                             transition_rel_err=pair_err, entry_grad_rel_err=entry_err, fold_fwd_ms=fold_fwd, fold_bwd_ms=fold_bwd,
                              pieces_pct=100 * (transition + entry + fold_fwd + fold_bwd) / local))
     finally:
         kda_chunkwise.all_gather_pairs = original
     return rows
+
+
+def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).double().pow(2).mean().sqrt() / expected.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def _tokens(n: int) -> str:
@@ -162,12 +174,14 @@ def _tokens(n: int) -> str:
 
 def table(rows) -> str:
     lines = ["| H | shard L | CP | total T | local f+b ms | CP f+b ms (slowest rank) | extra % | "
-             "transition ms | entry grad ms | folds ms | pieces % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "transition ms | entry grad ms | folds ms | pieces % | pre-pass error vs fp32 dots |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['heads']} | {_tokens(r['shard'])} | {r['cp']} | {_tokens(r['total'])} | "
                      f"{r['local_fb_ms']:.2f} | {max(r['cp_fb_ms'].values()):.2f} | {r['extra_pct']:.1f} | "
                      f"{r['transition_ms']:.3f} | {r['entry_grad_ms']:.3f} | {r['fold_fwd_ms'] + r['fold_bwd_ms']:.3f} "
-                     f"| {r['pieces_pct']:.1f} |")
+                     f"| {r['pieces_pct']:.1f} | {r['precision']}: {r['transition_rel_err']:.1e} / "
+                     f"{r['entry_grad_rel_err']:.1e} |")
     return "\n".join(lines)
 
 
