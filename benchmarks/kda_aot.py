@@ -48,13 +48,13 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def record_launches(state, sequences, dtype=torch.bfloat16, dim=128):
+def record_launches(state, sequences, dtype=torch.bfloat16, dim=128, diag_decay_clamp=0.0):
     """Every kernel launch of one chunk_kda forward + backward as the model calls it (bf16 q/k/v/beta,
     raw gate fused, K = V = 128, H = 16; other dtypes and head sizes for the tests' launches),
     `sequences` documents of one chunk each (8: the state passes' regular launch, 1: their "few" launch)."""
     launches = []
     saved = {name: getattr(C, name) for name in KERNELS}
-    options = KDAOptions(state_dtype="input" if state == "bf16" else "float32")
+    options = KDAOptions(state_dtype="input" if state == "bf16" else "float32", diag_decay_clamp=diag_decay_clamp)
     try:
         for name, fn in saved.items():
             setattr(C, name, _Recorder(fn, launches))
@@ -117,10 +117,11 @@ def compile_launch(fn, args, kwargs):
     return row
 
 
-def plan(state, dtype=torch.bfloat16, dim=128):
+def plan(state, dtype=torch.bfloat16, dim=128, diag_decay_clamp=0.0):
     """The distinct launches of both state-pass regimes, in launch order."""
     seen = set()
-    for fn, args, kwargs in record_launches(state, 8, dtype, dim) + record_launches(state, 1, dtype, dim):
+    for fn, args, kwargs in (record_launches(state, 8, dtype, dim, diag_decay_clamp)
+                             + record_launches(state, 1, dtype, dim, diag_decay_clamp)):
         key = (fn.__name__, tuple(sorted(kwargs.items())))
         if key not in seen:
             seen.add(key)
@@ -132,13 +133,14 @@ def main():
     ap.add_argument("--state", choices=["bf16", "fp32"], default="bf16", help="dtype of W / q e^G / kg / states")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of q / k / v")
     ap.add_argument("--dim", type=int, default=128, help="head size K = V")
+    ap.add_argument("--diag-decay-clamp", type=float, default=0.0, help="KDAOptions.diag_decay_clamp")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dtype = {name: dt for dt, name in DTYPES.items()}[args.dtype]
     print(f"triton {triton.__version__}, sm_90, K = V = {args.dim}, {args.dtype} inputs, {args.state} states")
     print(f"{'kernel':22s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'stack B':>8s} {'shared KiB':>10s}")
     rows = []
-    for fn, launch_args, kwargs in plan(args.state, dtype, args.dim):
+    for fn, launch_args, kwargs in plan(args.state, dtype, args.dim, args.diag_decay_clamp):
         row = compile_launch(fn, launch_args, kwargs)
         rows.append(row)
         if "error" in row:
