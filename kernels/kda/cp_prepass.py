@@ -91,7 +91,11 @@ def _prec(device, options: KDAOptions | None) -> str:
     return (options or KDAOptions()).cp_precision if device.type == "cuda" else "ieee"
 
 
-BV_CP = 32  # column block of both kernels (more programs for the few documents x heads of a shard)
+def _launch(name: str, options: KDAOptions | None) -> tuple[int, dict]:
+    """(column block BV, num_warps / num_stages) of pre-pass kernel ``name`` (KDAOptions.launch: a
+    small column block gives more programs for the few documents x heads of a shard)."""
+    entry = (options or KDAOptions()).launch_entry(name)
+    return entry["BV"], {key: entry[key] for key in ("num_warps", "num_stages")}
 
 
 def _device_ints(values, device) -> torch.Tensor:
@@ -107,9 +111,10 @@ def transition_pairs(pieces: dict, cu, offsets, docs, with_transition,
     docs, flags = _device_ints(docs, W.device), _device_ints(with_transition, W.device)
     out = torch.empty(docs.numel(), H, K, K + V, dtype=torch.float32, device=W.device)
     BK = max(16, triton.next_power_of_2(K))
-    kda_cp_transition_kernel[(triton.cdiv(K + V, BV_CP), docs.numel(), H)](
-        Kg, Gc, W, U, flags, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP,
-        PREC=_prec(W.device, options), num_warps=4, num_stages=1)
+    BV, cfg = _launch("cp_transition", options)
+    kda_cp_transition_kernel[(triton.cdiv(K + V, BV), docs.numel(), H)](
+        Kg, Gc, W, U, flags, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV,
+        PREC=_prec(W.device, options), **cfg)
     return out
 
 
@@ -121,7 +126,8 @@ def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs,
     docs = _device_ints(docs, W.device)
     out = torch.empty(docs.numel(), H, K, V, dtype=torch.float32, device=W.device)
     BK = max(16, triton.next_power_of_2(K))
-    kda_cp_entry_grad_kernel[(triton.cdiv(V, BV_CP), docs.numel(), H)](
-        Qg, Kg, Gc, Aqk, W, do, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV_CP,
-        PREC=_prec(W.device, options), num_warps=4, num_stages=1)
+    BV, cfg = _launch("cp_entry_grad", options)
+    kda_cp_entry_grad_kernel[(triton.cdiv(V, BV), docs.numel(), H)](
+        Qg, Kg, Gc, Aqk, W, do, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV,
+        PREC=_prec(W.device, options), **cfg)
     return out

@@ -42,10 +42,13 @@ DEFAULT_LAUNCH = {
     "bwd_chunk_wy": dict(num_warps=4, num_stages=1, maxnreg=168),
     "bwd_intra": dict(num_warps=2, num_stages=2, BD=32),
     "gate_bwd": dict(num_warps=8, num_stages=1),   # not swept: an elementwise pass
+    # the context-parallel pre-passes (kernels/kda/cp_prepass.py): BV is their column block
+    "cp_transition": dict(num_warps=4, num_stages=1, BV=32),
+    "cp_entry_grad": dict(num_warps=4, num_stages=1, BV=32),
 }
 LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg", "BV", "BD", "few")
 # what every entry of a kernel must give (its "few" entry too)
-_BLOCK_KEY = {"fwd_h": "BV", "bwd_dh": "BV", "bwd_intra": "BD"}
+_BLOCK_KEY = {"fwd_h": "BV", "bwd_dh": "BV", "bwd_intra": "BD", "cp_transition": "BV", "cp_entry_grad": "BV"}
 
 
 def _check_choice(name: str, value, allowed) -> None:

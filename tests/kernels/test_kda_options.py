@@ -111,6 +111,8 @@ def test_default_options_reach_the_kernels(monkeypatch):
     assert calls["fwd_h"][0][2]["BV"] == DEFAULT_LAUNCH["fwd_h"]["few"]["BV"]
 
 
+# the clamped tiles' entries above the diagonal (discarded) overflow: numpy warns in the interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul", "ignore:invalid value encountered in matmul")
 def test_launch_and_span_options_reach_the_kernels(monkeypatch):
     """A launch override changes exactly the launch it names (the regular state-pass entry, without a
     "few" one, is taken even for few programs); diag_span_max and diag_decay_clamp reach both intra
@@ -150,3 +152,39 @@ def test_cp_precision_reaches_the_prepasses():
     assert cp_prepass._prec(torch.device("cuda"), KDAOptions(cp_precision="tf32")) == "tf32"
     assert cp_prepass._prec(torch.device("cuda"), None) == KDAOptions().cp_precision == "tf32x3"
     assert cp_prepass._prec(torch.device("cpu"), KDAOptions(cp_precision="tf32")) == "ieee"  # the interpreter
+
+
+def test_prepass_launch_options_reach_the_prepasses(monkeypatch):
+    """The pre-pass kernels take their column block and warps from KDAOptions.launch: BV sets the
+    grid's column blocks ((K + V) / BV for the transition, V / BV for the entry gradient)."""
+    calls = {}
+    for name in ("kda_cp_transition_kernel", "kda_cp_entry_grad_kernel"):
+        calls[name] = []
+        monkeypatch.setattr(cp_prepass, name, _LaunchSpy(getattr(cp_prepass, name), calls[name]))
+    options = KDAOptions().with_launch("cp_transition.BV=16,cp_transition.num_stages=2,cp_entry_grad.BV=8")
+    for opts, (bv_t, bv_e, stages) in ((None, (32, 32, 1)), (options, (16, 8, 2))):
+        for spy in calls.values():
+            spy.clear()
+        cpu_pieces_run(opts)
+        (grid_t, _, kw_t), = calls["kda_cp_transition_kernel"]
+        (grid_e, _, kw_e), = calls["kda_cp_entry_grad_kernel"]
+        assert (kw_t["BV"], kw_e["BV"], kw_t["num_stages"]) == (bv_t, bv_e, stages)
+        assert grid_t[0] == (16 + 16) // bv_t and grid_e[0] == -(-16 // bv_e)
+
+
+def cpu_pieces_run(options):
+    """One forward + backward of chunk_kda_triton with a state hook that runs both pre-passes on
+    the forward's and the backward's pieces (K = V = 16, one document)."""
+    class Hook:
+        def initial_state(self, pieces, cu, offsets, opts):
+            cp_prepass.transition_pairs(pieces, cu, offsets, [0], [1], options)
+            W = pieces["W"]
+            return W.new_zeros(1, W.shape[1], W.shape[3], pieces["U"].shape[3], dtype=torch.float32)
+
+        def final_state_gradient(self, pieces, do, cu, offsets, opts):
+            cp_prepass.entry_state_gradients(pieces, do, cu, offsets, [0], options)
+            return None
+
+    inputs = on_device(make_inputs(1, 80, 2, 16, 16, gate_kind="softplus", h0=False), "cpu", torch.float32)
+    run_with_grads(lambda *a, **k: chunk_module.chunk_kda_triton(*a, state_hook=Hook(), **k), inputs,
+                   torch.tensor([0, 80], dtype=torch.int32))
