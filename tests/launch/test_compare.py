@@ -317,3 +317,48 @@ def test_runs_here_concurrently_then_reports_and_a_rerun_skips_finished_runs(tmp
     logs = {p: p.stat().st_size for p in tmp_path.glob("*/train.log")}
     assert compare.main(argv) == 0  # finished runs are not started again
     assert {p: p.stat().st_size for p in tmp_path.glob("*/train.log")} == logs
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_runs_and_the_same_command_resumes_them(tmp_path):
+    """SIGINT to the whole process group (Ctrl-C in a terminal, `timeout -s INT` in
+    benchmarks/gpu_compare.sh) stops the runs through the runner, so each saves where it is; the same
+    command then resumes them from those saves instead of step 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data import ensure_default_dataset
+
+    cache = ROOT / "cache" / "data"
+    ensure_default_dataset(cache)
+    cmd = [sys.executable, str(ROOT / "launch" / "compare.py"), "--config", "tiny", "--arms", "mla,kimi-linear",
+           "--concurrent", "2", "--skip-init-check", "--root", str(tmp_path), "--set", "train.train_iters=100000",
+           "--set", "train.save_interval=100000", "--set", f"train.data_cache_dir={cache}"]
+    runner = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    folders = [tmp_path / f"{arm}-seed1234" for arm in ("mla", "kimi-linear")]
+    steps = lambda folder: [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines()
+                            if '"step"' in x] if (folder / "metrics.jsonl").exists() else []
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(len(steps(f)) >= 3 for f in folders) and runner.poll() is None:
+        time.sleep(0.5)
+    assert all(len(steps(f)) >= 3 for f in folders), [(f / "train.log").read_text()[-2000:] for f in folders]
+    os.killpg(runner.pid, signal.SIGINT)
+    runner.wait(timeout=240)
+    saved = {}
+    for folder in folders:
+        checkpoints = sorted(folder.glob("iter_*"))
+        assert checkpoints, (folder / "train.log").read_text()[-2000:]
+        saved[folder] = int(checkpoints[-1].name.split("_")[1])
+        assert saved[folder] >= 3
+    resumed = subprocess.run(cmd[:-6] + ["--set", "train.train_iters=" + str(max(saved.values()) + 2), "--set",
+                                         f"train.data_cache_dir={cache}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for folder in folders:
+        assert f"at step {saved[folder]}" in (folder / "train.log").read_text()  # resumed, not restarted
+        assert steps(folder)[-1] == max(saved.values()) + 2
