@@ -432,6 +432,10 @@ def main(argv=None) -> int:
     except (ConfigError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+    except KeyboardInterrupt:  # the runner stopped the runs with SIGTERM: each saved at its step boundary
+        print("\ninterrupted: the unfinished runs saved where they were; the same command resumes them",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -347,7 +347,7 @@ def test_ctrl_c_saves_the_runs_and_the_same_command_resumes_them(tmp_path):
         time.sleep(0.5)
     assert all(len(steps(f)) >= 3 for f in folders), [(f / "train.log").read_text()[-2000:] for f in folders]
     os.killpg(runner.pid, signal.SIGINT)
-    runner.wait(timeout=240)
+    assert runner.wait(timeout=240) == 130  # "interrupted: ... the same command resumes them"
     saved = {}
     for folder in folders:
         checkpoints = sorted(folder.glob("iter_*"))
