@@ -20,18 +20,7 @@ for split in train valid; do  # tokenized once per machine, on its cores (about 
   [ -f "$DATA/$split/tokens_00000.idx" ] || python3 launch/prepare_data.py --input "${inputs[@]}" --out "$DATA/$split" \
     --tokenizer .gbdata/tokenizer --no-progress 2>&1 | tail -1
 done
-if [ -n "${MPS:-}" ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d \
-      && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
-    echo "MPS: on"
-  else
-    echo "MPS: not available here, running without it"
-    echo quit | nvidia-cuda-mps-control 2>/dev/null
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  fi
-fi
+[ -n "${MPS:-}" ] && mps_start
 timeout -s INT "${COMPARE_LIMIT:-480}" python3 launch/compare.py \
   --arm-config mla=configs/small-mla.json --arm-config gdn-h=configs/small-gdn-h.json \
   --arm-config kimi-linear=configs/small-kimi-linear.json --seeds 2 --concurrent 6 --runs-per-gpu 6 \
@@ -39,7 +28,7 @@ timeout -s INT "${COMPARE_LIMIT:-480}" python3 launch/compare.py \
   --set train.valid_prefixes="$DATA/valid/tokens_00000" --set train.tokenizer_dir=.gbdata/tokenizer \
   --set train.train_iters="${ITERS:-200}" 2>&1 | tr '\r' '\n' | grep -vE "Warning|warn" | tail -40
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
-[ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control
+mps_stop
 python3 launch/compare.py report "$ROOT"/*-seed* --out "$OUT" 2>&1 | tail -5
 for run in "$ROOT"/*-seed*; do  # the records (no checkpoints) for docs/results/
   mkdir -p "$OUT/runs/$(basename "$run")" && cp "$run"/*.jsonl "$run"/*.json "$OUT/runs/$(basename "$run")/" 2>/dev/null

@@ -28,3 +28,23 @@ step() {
   grep -vE "Warning|warn${STEP_HIDE:+|$STEP_HIDE}" "$OUT/$name.log" | tail -"${STEP_TAIL:-25}"
   echo "-- $name: rc=$rc, $((SECONDS - start)) s"
 }
+
+# mps_start: CUDA MPS for the processes started after it (several small runs sharing the GPU at once
+# instead of time-slicing), checked with one CUDA call; where the machine has no MPS it says so and
+# leaves things as they were. mps_stop ends it (a no-op when it is not on).
+mps_start() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if command -v nvidia-cuda-mps-control >/dev/null && nvidia-cuda-mps-control -d \
+      && timeout 60 python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+    echo "MPS: on"
+  else
+    echo "MPS: not available here, running without it"
+    mps_stop
+  fi
+}
+mps_stop() {
+  [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || return 0
+  echo quit | nvidia-cuda-mps-control 2>/dev/null
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
