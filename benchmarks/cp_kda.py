@@ -34,6 +34,7 @@ from common import add_kda_option_flags, kda_options  # noqa: E402
 from kernels.kda import cp_prepass  # noqa: E402
 from kernels.kda.chunk import chunk_kda_triton  # noqa: E402
 from parallel.context import ContextParallel, kda_chunkwise  # noqa: E402
+from tests.helpers.kda import rel_rms  # noqa: E402 (PYTHONPATH=.: the tests' shared comparison)
 
 
 def make_inputs(L, H, D, device, dtype, seed=0):
@@ -162,10 +163,6 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
     finally:
         kda_chunkwise.all_gather_pairs = original
     return rows
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).double().pow(2).mean().sqrt() / expected.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def _tokens(n: int) -> str:

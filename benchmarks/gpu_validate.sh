@@ -28,11 +28,9 @@ step tp_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/tra
   --out $OUT/tp_before.json"
 step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
 # CP_LAUNCH: launch overrides of the pre-pass kernels for steps cp and cp_tf32 (e.g. cp_transition.num_stages=2)
-step cp 150 python3 benchmarks/cp_kda.py --heads 32 --shards 4096,16384,65536 --cp 2,4,8 ${CP_LAUNCH:+--launch "$CP_LAUNCH"} \
-  --out "$OUT/cp_kda.json"
-step cp_tf32 150 python3 benchmarks/cp_kda.py --heads 32 --shards 4096,16384,65536 --cp 2,4,8 --cp-precision tf32 \
-  ${CP_LAUNCH:+--launch "$CP_LAUNCH"} \
-  --out "$OUT/cp_kda_tf32.json"
+CP_ARGS=(--heads 32 --shards 4096,16384,65536 --cp 2,4,8 ${CP_LAUNCH:+--launch "$CP_LAUNCH"})
+step cp 150 python3 benchmarks/cp_kda.py "${CP_ARGS[@]}" --out "$OUT/cp_kda.json"
+step cp_tf32 150 python3 benchmarks/cp_kda.py "${CP_ARGS[@]}" --cp-precision tf32 --out "$OUT/cp_kda_tf32.json"
 step memory 240 python3 benchmarks/memory_model.py --seq-lengths 4096,8192,16384 --recompute none,all --loss-chunk-tokens 0,4096 -- \
   --config scaling-653m --bf16 --micro-batch-size 1 --global-batch-size 1 --set train.optimizer=adamw \
   --set train.data_cache_dir=cache/data

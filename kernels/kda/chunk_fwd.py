@@ -188,27 +188,28 @@ def kda_fwd_intra_kernel(q, k, Gc, Aqk, Bkk, cu_seqlens, chunk_info,
         b_qi = tl.load(q + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
         b_ki = tl.load(k + tok_i + dd[None, :], mask=m_rows & dm, other=0.).to(tl.float32)
         if CLAMP > 0:   # KDAOptions.diag_decay_clamp: every tile on tensor cores
-            e_row, e_col = _diag_tile_scales(Gc, b_Gi, cbase + i * 16, dd, K, CLAMP)
+            fits = True
+        else:
+            b_g0, fits = _diag_block_decay(Gc, cbase + i * 16, dd, K, SPAN)
+        if fits:
+            if CLAMP > 0:   # clamped steps around the tile's midpoint
+                e_row, e_col = _diag_tile_scales(Gc, b_Gi, cbase + i * 16, dd, K, CLAMP)
+            else:
+                e_row = tl.exp(b_Gi - b_g0[None, :])
+                e_col = tl.exp(b_g0[None, :] - b_Gi)
             k_col = tl.trans(b_ki * e_col)
             dg_qk += tl.dot(b_qi * e_row, k_col, input_precision=PREC)
             dg_kk += tl.dot(b_ki * e_row, k_col, input_precision=PREC)
         else:
-            b_g0, fits = _diag_block_decay(Gc, cbase + i * 16, dd, K, SPAN)
-            if fits:
-                e_row = tl.exp(b_Gi - b_g0[None, :])
-                k_col = tl.trans(b_ki * tl.exp(b_g0[None, :] - b_Gi))
-                dg_qk += tl.dot(b_qi * e_row, k_col, input_precision=PREC)
-                dg_kk += tl.dot(b_ki * e_row, k_col, input_precision=PREC)
-            else:
-                for c in range(16):
-                    row_c = i * 16 + c
-                    b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
-                                   other=0.).to(tl.float32)
-                    b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
-                    e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
-                    sel = r16[None, :] == c
-                    dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
-                    dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
+            for c in range(16):
+                row_c = i * 16 + c
+                b_kc = tl.load(k + ((bos + row_c) * H + i_h) * K + dd, mask=(dd < K) & (dd * 0 + row_c < L),
+                               other=0.).to(tl.float32)
+                b_gc = tl.load(Gc + (cbase + row_c) * K + dd, mask=dd < K, other=0.)
+                e = tl.exp(tl.where((r16 >= c)[:, None], b_Gi - b_gc[None, :], float('-inf'))) * b_kc[None, :]
+                sel = r16[None, :] == c
+                dg_qk += tl.where(sel, tl.sum(b_qi * e, axis=1)[:, None], 0.)
+                dg_kk += tl.where(sel, tl.sum(b_ki * e, axis=1)[:, None], 0.)
     off = (cbase + rows)[:, None] * CHUNK + i * 16 + r16[None, :]
     tl.store(Aqk + off, tl.where(r16[:, None] >= r16[None, :], dg_qk, 0.))
     tl.store(Bkk + off, tl.where(r16[:, None] > r16[None, :], dg_kk, 0.))

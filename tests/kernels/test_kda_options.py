@@ -165,14 +165,14 @@ def test_prepass_launch_options_reach_the_prepasses(monkeypatch):
     for opts, (bv_t, bv_e, stages) in ((None, (32, 32, 1)), (options, (16, 8, 2))):
         for spy in calls.values():
             spy.clear()
-        cpu_pieces_run(opts)
+        _run_prepasses(opts)
         (grid_t, _, kw_t), = calls["kda_cp_transition_kernel"]
         (grid_e, _, kw_e), = calls["kda_cp_entry_grad_kernel"]
         assert (kw_t["BV"], kw_e["BV"], kw_t["num_stages"]) == (bv_t, bv_e, stages)
         assert grid_t[0] == (16 + 16) // bv_t and grid_e[0] == -(-16 // bv_e)
 
 
-def cpu_pieces_run(options):
+def _run_prepasses(options):
     """One forward + backward of chunk_kda_triton with a state hook that runs both pre-passes on
     the forward's and the backward's pieces (K = V = 16, one document)."""
     class Hook:
