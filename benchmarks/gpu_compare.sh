@@ -9,6 +9,7 @@
 #       --tokenizer .gbdata/tokenizer --train-tokenizer --vocab-size 32768
 # Usage on the GPU machine: bash benchmarks/gpu_compare.sh
 #   ITERS (steps per run, default 200), COMPARE_LIMIT (seconds of training this call, default 480)
+#   COMPARE_ARGS: more arguments for every arm, e.g. "--set train.eval_interval=8" (a short run's recipe)
 #   MPS=1: run the six processes under CUDA MPS where the machine has it (their kernels may then share
 #     the GPU at once instead of time-slicing; small models leave it mostly idle); falls back if not
 set -uo pipefail
@@ -26,11 +27,10 @@ timeout -s INT "${COMPARE_LIMIT:-480}" python3 launch/compare.py \
   --arm-config kimi-linear=configs/small-kimi-linear.json --seeds 2 --concurrent 6 --runs-per-gpu 6 \
   --eval-long 8192 --root "$ROOT" --set train.data_prefixes="$DATA/train/tokens_00000" \
   --set train.valid_prefixes="$DATA/valid/tokens_00000" --set train.tokenizer_dir=.gbdata/tokenizer \
-  --set train.train_iters="${ITERS:-200}" 2>&1 | tr '\r' '\n' | grep -vE "Warning|warn" | tail -40
+  --set train.train_iters="${ITERS:-200}" ${COMPARE_ARGS:-} 2>&1 | tr '\r' '\n' | grep -vE "Warning|warn" | tail -40
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 mps_stop
 python3 launch/compare.py report "$ROOT"/*-seed* --out "$OUT" 2>&1 | tail -5
-for run in "$ROOT"/*-seed*; do  # the records (no checkpoints) for docs/results/
-  mkdir -p "$OUT/runs/$(basename "$run")" && cp "$run"/*.jsonl "$run"/*.json "$OUT/runs/$(basename "$run")/" 2>/dev/null
-done
+# the run records (no checkpoints) for docs/results/, as one archive: a call returns a limited number of files
+(cd "$ROOT" && tar -czf "$OUT/runs.tar.gz" $(ls -d ./*-seed*/*.jsonl ./*-seed*/*.json 2>/dev/null))
 true
