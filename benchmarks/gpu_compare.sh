@@ -5,8 +5,10 @@
 # the next call (same warm machine) resumes them. The report and the run records come back in $OUT.
 # Prepare here, then carry .whl and .gbdata (docs/launch.md, "Plan: the comparison on an H200"):
 #   mkdir -p .gbdata/raw && cp ../shared/data/gutenberg/*.xz .gbdata/raw/
-#   python launch/prepare_data.py --input .gbdata/raw/train-00000-of-00004.jsonl.xz --out /tmp/gb0 \
+#   python launch/prepare_data.py --input .gbdata/raw/train-00000-of-00004.jsonl.xz --out .gbdata/tok/train \
 #       --tokenizer .gbdata/tokenizer --train-tokenizer --vocab-size 32768
+#   python launch/prepare_data.py --input .gbdata/raw/valid.jsonl.xz --out .gbdata/tok/valid --tokenizer .gbdata/tokenizer
+# and carry .gbdata/tok and .gbdata/tokenizer (30 MB; or all of .gbdata to tokenize the four train shards there)
 # Usage on the GPU machine: bash benchmarks/gpu_compare.sh
 #   ITERS (steps per run, default 200), COMPARE_LIMIT (seconds of training this call, default 480)
 #   COMPARE_ARGS: more arguments for every arm, e.g. "--set train.eval_interval=8" (a short run's recipe)
@@ -16,7 +18,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
 DATA=/tmp/gutenberg ROOT=/tmp/compare
-for split in train valid; do  # tokenized once per machine, on its cores (about 90 MB: more than a call carries)
+# carried tokens (.gbdata/tok/{train,valid}: one train shard, 11 M tokens, is more than a short comparison
+# reads) are used as they are; else the raw corpus is tokenized once per machine (the whole of it, ~90 MB
+# of tokens, does not fit a call's carry)
+[ -f .gbdata/tok/train/tokens_00000.idx ] && DATA=.gbdata/tok
+for split in train valid; do
   case $split in train) inputs=(.gbdata/raw/train-*.jsonl.xz) ;; valid) inputs=(.gbdata/raw/valid.jsonl.xz) ;; esac
   [ -f "$DATA/$split/tokens_00000.idx" ] || python3 launch/prepare_data.py --input "${inputs[@]}" --out "$DATA/$split" \
     --tokenizer .gbdata/tokenizer --no-progress 2>&1 | tail -1

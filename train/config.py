@@ -364,7 +364,15 @@ def _parse_like(current, text: str, label: str):
         if isinstance(current, float):
             return float(text)
         if isinstance(current, list):
-            return [json.loads(x) if x[:1] in "0123456789.-" else x for x in text.split(",") if x]
+            return [_list_item(x) for x in text.split(",") if x]
     except ValueError as err:
         raise ConfigError(f"{label}={text!r}: {err}") from None
     return text
+
+
+def _list_item(text: str):
+    """A number where the item reads as one (data weights), else the text (a path such as ``./data``)."""
+    try:
+        return json.loads(text) if text[:1] in "0123456789.-" else text
+    except ValueError:
+        return text

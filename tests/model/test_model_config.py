@@ -108,6 +108,9 @@ def test_run_config_overrides(tmp_path):
     apply_override(run, "layer_pattern=GGGA")
     apply_override(run, "model.kda_gate_lower_bound=-5")
     assert run.train.lr == 1e-4 and run.model.layer_pattern == "GGGA" and run.model.kda_gate_lower_bound == -5.0
+    # list fields: numbers stay numbers (weights), relative paths stay paths even when they start like one
+    apply_override(run, "train.data_prefixes=0.3,.data/a,0.7,../b,-c")
+    assert run.train.data_prefixes == [0.3, ".data/a", 0.7, "../b", "-c"]
     with pytest.raises(ConfigError, match="unknown field"):
         apply_override(run, "hidden=3")
     path = tmp_path / "run.json"
