@@ -3,7 +3,7 @@
 # configs/small-*.json, 2 seeds, all six runs at once on the one GPU, the Gutenberg corpus with its
 # long-document validation. A call runs at most COMPARE_LIMIT seconds; the runs save when it ends and
 # the next call (same warm machine) resumes them. The report and the run records come back in $OUT.
-# Prepare here, then carry .whl and .gbdata (docs/launch.md, "Plan: the comparison on an H200"):
+# Prepare here (docs/launch.md, "The comparison on an H200"; results: docs/comparison.md):
 #   mkdir -p .gbdata/raw && cp ../shared/data/gutenberg/*.xz .gbdata/raw/
 #   python launch/prepare_data.py --input .gbdata/raw/train-00000-of-00004.jsonl.xz --out .gbdata/tok/train \
 #       --tokenizer .gbdata/tokenizer --train-tokenizer --vocab-size 32768
@@ -38,5 +38,5 @@ nvidia-smi --query-gpu=memory.used --format=csv,noheader
 mps_stop
 python3 launch/compare.py report "$ROOT"/*-seed* --out "$OUT" 2>&1 | tail -5
 # the run records (no checkpoints) for docs/results/, as one archive: a call returns a limited number of files
-(cd "$ROOT" && tar -czf "$OUT/runs.tar.gz" $(ls -d ./*-seed*/*.jsonl ./*-seed*/*.json 2>/dev/null))
+(cd "$ROOT" && tar -czf "$OUT/runs.tar.gz" ./*-seed*/*.jsonl ./*-seed*/*.json)
 true
