@@ -12,6 +12,7 @@ import torch
 
 from kernels.kda import recurrent_kda_reference
 from kernels.kda.chunk import chunk_kda_triton
+from kernels.kda.options import KDAOptions
 from parallel.context import kda_prepass
 from tests.helpers.kda import HAS_CUDA, assert_close, make_inputs, random_cu_seqlens
 
@@ -64,10 +65,10 @@ class _Capture:
         return None
 
 
-def _triton(inputs, cu, do):
+def _triton(inputs, cu, do, options=None):
     capture = _Capture()
     leaves = {key: inputs[key].clone().requires_grad_() for key in ("q", "k", "v", "g", "beta")}
-    o, _ = chunk_kda_triton(**leaves, cu_seqlens=cu, gate=inputs["gate"], state_hook=capture)
+    o, _ = chunk_kda_triton(**leaves, cu_seqlens=cu, gate=inputs["gate"], state_hook=capture, options=options)
     o.backward(do)
     return capture.pairs, capture.grads
 
@@ -95,10 +96,12 @@ def test_triton_prepasses_match_recurrence():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_triton_prepasses_bf16():
-    """bf16 inputs: the pieces are stored in bf16, the pre-passes keep fp32 states and fp32 (tf32x3) dots."""
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_triton_prepasses_bf16(precision):
+    """bf16 inputs: the pieces are stored in bf16, the pre-passes keep fp32 states and take tf32x3 or
+    tf32 dots (their error is well below the pieces' bf16 rounding)."""
     inputs, cu, do = _case(torch.bfloat16, "cuda")
     pairs_ref, grads_ref = _oracle(inputs, cu, do)
-    pairs, grads = _triton(inputs, cu, do)
+    pairs, grads = _triton(inputs, cu, do, KDAOptions(cp_precision=precision))
     assert_close("[M | E]", pairs, pairs_ref, 2e-2)
     assert_close("entering-state gradient", grads, grads_ref, 2e-2)
