@@ -9,7 +9,9 @@ launches, not the math, then set the pace (docs/benchmarks.md, "Training through
 checkpoints, the HF name map, the optimizers' parameter groups and expert parallelism see exactly
 the same model. Only the forward changes: the expert weights are stacked and the permuted tokens go
 through ``torch._grouped_mm`` (one GEMM per projection for all experts, token counts as group
-offsets), with the same SwiGLU and the same routing-probability scaling as megatron's MLP.
+offsets), with the same SwiGLU and the same routing-probability scaling as megatron's MLP. Backward
+recomputes the SwiGLU from the first GEMM's output instead of keeping its intermediates
+(``_SwiGLUExperts``): the routed experts then hold 2 x F values per routed token, not 5 x F.
 
 Used when it computes the same thing: SwiGLU experts without bias, no expert tensor parallelism,
 no FP8/FP4, probabilities applied after the activation, and a torch with ``_grouped_mm`` (on a GPU:
@@ -57,9 +59,42 @@ class GroupedExperts(SequentialMLP):
         # group ends in the permuted token order (tokens arrive sorted by local expert); the counts
         # come on the device from model/dispatch.py (host counts from other dispatchers are copied)
         ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
-        hidden = torch._grouped_mm(x, fc1.to(x.dtype).transpose(1, 2), offs=ends)
-        gate, up = torch.chunk(hidden, 2, dim=-1)
-        act = F.silu(gate) * up
-        act = (act * permuted_probs.unsqueeze(-1)).to(act.dtype)  # as megatron's MLP: fp32 product, cast back
-        out = torch._grouped_mm(act, fc2.to(act.dtype).transpose(1, 2), offs=ends)
+        out = _SwiGLUExperts.apply(x, fc1.to(x.dtype), fc2.to(x.dtype), permuted_probs, ends)
         return out, None
+
+
+def _swiglu_times_probs(hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    gate, up = torch.chunk(hidden, 2, dim=-1)
+    act = F.silu(gate) * up
+    return (act * probs.unsqueeze(-1)).to(act.dtype)  # as megatron's MLP: fp32 product, cast back
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """``grouped(silu(gate) * up * probs) @ fc2`` with ``[gate | up] = grouped x @ fc1``, keeping for
+    backward only ``x``, ``[gate | up]`` and the probabilities. Plain autograd would also keep
+    silu(gate), their product and the scaled product: three more [tokens, F] tensors, more than half
+    of what a MoE layer holds. Backward redoes that elementwise chain from ``[gate | up]`` (cheap);
+    the GEMMs are not redone, their gradients are the grouped GEMMs autograd itself would run
+    (``x`` is [tokens, in] and ``w`` is [experts, out, in]: dx = grouped(dy, w), dw = grouped(dy^T, x)
+    with the same group ends)."""
+
+    @staticmethod
+    def forward(ctx, x, fc1, fc2, probs, ends):
+        hidden = torch._grouped_mm(x, fc1.transpose(1, 2), offs=ends)
+        out = torch._grouped_mm(_swiglu_times_probs(hidden, probs), fc2.transpose(1, 2), offs=ends)
+        ctx.save_for_backward(x, fc1, fc2, probs, ends, hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, fc1, fc2, probs, ends, hidden = ctx.saved_tensors
+        with torch.enable_grad():
+            hidden = hidden.detach().requires_grad_()
+            probs = probs.detach().requires_grad_()
+            act = _swiglu_times_probs(hidden, probs)
+        d_act = torch._grouped_mm(d_out, fc2, offs=ends)
+        d_fc2 = torch._grouped_mm(d_out.t(), act.detach(), offs=ends)
+        d_hidden, d_probs = torch.autograd.grad(act, (hidden, probs), d_act)
+        d_x = torch._grouped_mm(d_hidden, fc1, offs=ends)
+        d_fc1 = torch._grouped_mm(d_hidden.t(), x, offs=ends)
+        return d_x, d_fc1, d_fc2, d_probs, None

@@ -44,7 +44,9 @@ def activation_elements(config, mixer: str, ffn: str, expert_parallel: int) -> d
         out["split"] += 3 * config.intermediate_size  # [gate; up] and the SwiGLU output
     else:
         k, width = config.num_experts_per_token, config.moe_intermediate_size
-        out["split"] += (k + config.num_shared_experts) * 3 * width
+        # the routed experts keep [gate; up] and recompute the SwiGLU (model/grouped_experts.py);
+        # the shared expert is megatron's MLP, which also keeps its output
+        out["split"] += (2 * k + 3 * config.num_shared_experts) * width
         # routed copies of the input and output, and the allgather dispatcher's gathered input
         out["tokens"] += 2 * k * d + expert_parallel * d
         out["fp32"] += config.num_experts  # router scores

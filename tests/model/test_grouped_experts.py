@@ -3,6 +3,7 @@ experts that receive no token, in fp32 and bf16 (CPU)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import grouped_experts
 from tests.helpers.small_models import mixed_config
@@ -56,3 +57,53 @@ def test_grouped_matches_sequential(experts, device, dtype, monkeypatch):
     for a, b in zip(grouped[3], loop[3]):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
     assert loop[3][2].abs().sum() == 0  # the idle expert's fc1 gets no gradient in either path
+
+
+def _plain_autograd(x, fc1, fc2, probs, ends):
+    """The grouped experts as autograd alone would run them (it keeps every intermediate)."""
+    hidden = torch._grouped_mm(x, fc1.transpose(1, 2), offs=ends)
+    gate, up = torch.chunk(hidden, 2, dim=-1)
+    act = F.silu(gate) * up
+    act = (act * probs.unsqueeze(-1)).to(act.dtype)
+    return torch._grouped_mm(act, fc2.transpose(1, 2), offs=ends)
+
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``fn`` runs (one count per storage)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_activation_matches_autograd_and_keeps_less(dtype):
+    """The experts' function (SwiGLU recomputed in backward) gives autograd's outputs and gradients
+    to the bit, and keeps only x, [gate | up] and the probabilities besides the weights."""
+    E, H, Fd = 4, 16, 24
+    counts = torch.tensor([5, 0, 7, 4])  # an expert without tokens
+    N = int(counts.sum())
+    ends = torch.cumsum(counts, 0).to(torch.int32)
+    gen = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(N, H, generator=gen).to(dtype), torch.randn(E, 2 * Fd, H, generator=gen).to(dtype),
+              torch.randn(E, H, Fd, generator=gen).to(dtype), torch.rand(N, generator=gen)]
+    d_out = torch.randn(N, H, generator=gen).to(dtype)
+    results = []
+    for fn in (_plain_autograd, grouped_experts._SwiGLUExperts.apply):
+        args = [t.clone().requires_grad_() for t in leaves]
+        out, saved = _saved_bytes(fn, *args, ends)
+        out.backward(d_out)
+        results.append((out.detach(), [a.grad for a in args], saved))
+    (out_ref, grads_ref, saved_ref), (out, grads, saved) = results
+    assert torch.equal(out, out_ref)
+    for name, g, g_ref in zip(("x", "fc1", "fc2", "probs"), grads, grads_ref):
+        assert torch.equal(g, g_ref), name
+    weights = sum(t.numel() * t.element_size() for t in leaves[1:3])
+    size = leaves[0].element_size()
+    assert saved - weights <= N * (H + 2 * Fd) * size + N * 4 + ends.numel() * 4
+    assert saved_ref - weights >= N * (H + 5 * Fd) * size  # what the recompute saves
