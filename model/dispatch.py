@@ -47,7 +47,19 @@ class LocalAllGatherDispatcher(MoEAllGatherTokenDispatcher):
         )
         tokens_per_expert = self.routing_map.sum(dim=0)  # on the device: no wait
         self.routing_map = None
+        # the permuted tokens are rows of hidden_states; the grouped experts may keep these two
+        # (hidden_states is kept by the router anyway) instead of the k-times larger copy
+        self.permuted_from = (hidden_states, self.reversed_local_input_permutation_mapping)
         return permuted, tokens_per_expert, permuted_probs
+
+    def take_permuted_from(self, permuted: torch.Tensor):
+        """(source, index) with ``permuted == source.index_select(0, index)`` for the tokens this
+        dispatcher just permuted, once (the reference is dropped: it must not outlive the forward);
+        None when it did not permute them."""
+        found, self.permuted_from = getattr(self, "permuted_from", None), None
+        if found is None or found[1].numel() != permuted.shape[0] or found[0].shape[-1] != permuted.shape[-1]:
+            return None
+        return found
 
 
 def use_local_dispatcher(moe_layer) -> None:

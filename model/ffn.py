@@ -100,6 +100,8 @@ def moe_layer(tconfig: TransformerConfig, layer_number: int):
     builder.keywords["submodules"].experts = functools.partial(GroupedExperts, *experts.args, **experts.keywords)
     layer = builder(config=tconfig, layer_number=layer_number)
     use_local_dispatcher(layer)
+    if hasattr(layer.token_dispatcher, "take_permuted_from"):
+        layer.experts.permutation_source = layer.token_dispatcher.take_permuted_from
     return layer
 
 

@@ -32,6 +32,9 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 
 
 class GroupedExperts(SequentialMLP):
+    # set by model/ffn.py: the dispatcher's ``take_permuted_from`` (x's source rows and their index)
+    permutation_source = None
+
     def _grouped_applies(self, x: torch.Tensor) -> bool:
         c = self.config
         return (
@@ -51,6 +54,8 @@ class GroupedExperts(SequentialMLP):
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
+        # taken in every path: an unused reference would keep this forward's graph alive
+        source, index = (self.permutation_source(x) if self.permutation_source else None) or (None, None)
         if not self._grouped_applies(x):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         # [E, 2F, H] and [E, H, F]; transposed views are the [E, in, out] operands _grouped_mm takes
@@ -59,7 +64,7 @@ class GroupedExperts(SequentialMLP):
         # group ends in the permuted token order (tokens arrive sorted by local expert); the counts
         # come on the device from model/dispatch.py (host counts from other dispatchers are copied)
         ends = torch.cumsum(torch.as_tensor(tokens_per_expert, device=x.device), 0).to(torch.int32)
-        out = _SwiGLUExperts.apply(x, fc1.to(x.dtype), fc2.to(x.dtype), permuted_probs, ends)
+        out = _SwiGLUExperts.apply(x, fc1.to(x.dtype), fc2.to(x.dtype), permuted_probs, ends, source, index)
         return out, None
 
 
@@ -76,18 +81,25 @@ class _SwiGLUExperts(torch.autograd.Function):
     of what a MoE layer holds. Backward redoes that elementwise chain from ``[gate | up]`` (cheap);
     the GEMMs are not redone, their gradients are the grouped GEMMs autograd itself would run
     (``x`` is [tokens, in] and ``w`` is [experts, out, in]: dx = grouped(dy, w), dw = grouped(dy^T, x)
-    with the same group ends)."""
+    with the same group ends). With ``source`` and ``index`` (``x == source[index]``, the dispatcher's
+    permutation) x itself is not kept either: backward gathers it again from ``source``, which the
+    router keeps anyway; the source gets no gradient here (it reaches it through x)."""
 
     @staticmethod
-    def forward(ctx, x, fc1, fc2, probs, ends):
+    def forward(ctx, x, fc1, fc2, probs, ends, source=None, index=None):
         hidden = torch._grouped_mm(x, fc1.transpose(1, 2), offs=ends)
         out = torch._grouped_mm(_swiglu_times_probs(hidden, probs), fc2.transpose(1, 2), offs=ends)
-        ctx.save_for_backward(x, fc1, fc2, probs, ends, hidden)
+        ctx.regather = source is not None
+        ctx.save_for_backward(*((source, index) if ctx.regather else (x,)), fc1, fc2, probs, ends, hidden)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        x, fc1, fc2, probs, ends, hidden = ctx.saved_tensors
+        if ctx.regather:
+            source, index, fc1, fc2, probs, ends, hidden = ctx.saved_tensors
+            x = source.index_select(0, index)
+        else:
+            x, fc1, fc2, probs, ends, hidden = ctx.saved_tensors
         with torch.enable_grad():
             hidden = hidden.detach().requires_grad_()
             probs = probs.detach().requires_grad_()
@@ -97,4 +109,4 @@ class _SwiGLUExperts(torch.autograd.Function):
         d_hidden, d_probs = torch.autograd.grad(act, (hidden, probs), d_act)
         d_x = torch._grouped_mm(d_hidden, fc1, offs=ends)
         d_fc1 = torch._grouped_mm(d_hidden.t(), x, offs=ends)
-        return d_x, d_fc1, d_fc2, d_probs, None
+        return d_x, d_fc1, d_fc2, d_probs, None, None, None

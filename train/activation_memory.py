@@ -47,8 +47,9 @@ def activation_elements(config, mixer: str, ffn: str, expert_parallel: int) -> d
         # the routed experts keep [gate; up] and recompute the SwiGLU (model/grouped_experts.py);
         # the shared expert is megatron's MLP, which also keeps its output
         out["split"] += (2 * k + 3 * config.num_shared_experts) * width
-        # routed copies of the input and output, and the allgather dispatcher's gathered input
-        out["tokens"] += 2 * k * d + expert_parallel * d
+        # routed copies of the input and output, and the allgather dispatcher's gathered input; with
+        # all experts local the experts gather their input again in backward instead of keeping it
+        out["tokens"] += (1 if expert_parallel == 1 else 2) * k * d + expert_parallel * d
         out["fp32"] += config.num_experts  # router scores
     return out
 

@@ -81,6 +81,42 @@ def _saved_bytes(fn, *args) -> int:
     return out, sum(storages.values())
 
 
+def _moe_step(moe, x, regather: bool):
+    """One forward and backward of the whole MoE layer: output, input gradient, parameter gradients
+    and the bytes autograd kept for the backward."""
+    source = moe.experts.permutation_source
+    moe.experts.permutation_source = source if regather else None
+    try:
+        moe.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_()
+        (out, _), kept = _saved_bytes(moe, x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    finally:
+        moe.experts.permutation_source = source
+    return out.detach(), x.grad, [p.grad for p in moe.parameters()], kept
+
+
+def test_moe_layer_gathers_the_routed_input_again(experts):
+    """In the MoE layer the experts keep the dispatcher's (layer input, permutation index) instead of
+    the permuted copy of the input (k rows per token) and gather it again in backward: the same
+    outputs and gradients to the bit, and k x tokens x hidden fewer kept bytes."""
+    from model.model import build_model
+
+    model = build_model(mixed_config())
+    layer = next(layer for layer in model.layers if layer.ffn_type == "moe")
+    moe, config = layer.ffn, mixed_config()
+    assert moe.experts.permutation_source is not None
+    tokens = 48
+    x = torch.randn(tokens, 1, config.hidden_size, generator=torch.Generator().manual_seed(5))
+    plain, regathered = _moe_step(moe, x, False), _moe_step(moe, x, True)
+    assert torch.equal(regathered[0], plain[0]) and torch.equal(regathered[1], plain[1])
+    for a, b in zip(regathered[2], plain[2]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    routed_copy = config.num_experts_per_token * tokens * config.hidden_size * 4
+    assert plain[3] - regathered[3] >= routed_copy - 1024  # the index (int64) is kept instead
+    assert moe.token_dispatcher.permuted_from is None  # consumed: no reference outlives the forward
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputed_activation_matches_autograd_and_keeps_less(dtype):
     """The experts' function (SwiGLU recomputed in backward) gives autograd's outputs and gradients
