@@ -5,7 +5,8 @@
 forward and backward, and the loop wraps gradient clipping and the optimizer step. Each GPU kernel
 is given to the innermost region around the operator that launched it (on CPU: each operator's own
 CPU time); what falls in no region is "other" (embedding, LM head and loss, norms and residuals,
-gradient sync), and the rest of the step's wall time, when the GPU ran nothing, is "idle".
+gradient sync), and the rest of the step's wall time, when the GPU ran nothing, is "idle". Each
+part also lists its largest kernels (operators on a CPU) with their time and number of calls.
 
 The result goes to ``<run_dir>/profile_step<N>.json`` and to the console as a table.
 """
@@ -20,6 +21,9 @@ from pathlib import Path
 import torch
 
 from model.profiling import regions
+
+
+TOP_PER_PART = 8  # kernels listed per part
 
 
 def breakdown_parts() -> tuple[str, ...]:
@@ -47,24 +51,43 @@ def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
         return max(inside, key=lambda r: (r[0], -r[1]))[2]  # innermost: latest start, then shortest
 
     busy = defaultdict(float)  # part -> microseconds
+    by_kernel = defaultdict(lambda: [0.0, 0])  # (part, kernel or operator) -> [microseconds, calls]
     for e in events:
         if on_gpu:
-            spent = sum(k.duration for k in e.kernels)
+            spent = [(k.name, k.duration) for k in e.kernels]
         else:
-            spent = e.self_cpu_time_total if e.device_type == torch.autograd.DeviceType.CPU else 0.0
+            own = e.self_cpu_time_total if e.device_type == torch.autograd.DeviceType.CPU else 0.0
+            spent = [(e.name, own)] if own else []
         if spent:
-            busy[part_at(e.thread, e.time_range.start)] += spent
+            part = part_at(e.thread, e.time_range.start)
+            for name, us in spent:
+                busy[part] += us
+                entry = by_kernel[part, name]
+                entry[0] += us
+                entry[1] += 1
     step_ms = 1e3 * step_seconds
     parts = {p: busy.get(p, 0.0) / 1e3 for p in (*breakdown_parts(), "other")}
     parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
     return dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
-                shares={p: ms / step_ms for p, ms in parts.items()})
+                shares={p: ms / step_ms for p, ms in parts.items()}, top=_top(by_kernel))
+
+
+def _top(by_kernel: dict, per_part: int = TOP_PER_PART) -> dict:
+    """{part: [[kernel, ms, calls], ...]}: the ``per_part`` largest kernels (operators on a CPU) of
+    each part, by time; names cut to 120 characters (Triton and CUTLASS names run long)."""
+    rows = defaultdict(list)
+    for (part, name), (us, calls) in by_kernel.items():
+        rows[part].append([name[:120], round(us / 1e3, 3), calls])
+    return {part: sorted(r, key=lambda row: -row[1])[:per_part] for part, r in rows.items()}
 
 
 def format_breakdown(result: dict) -> str:
     lines = [f"step time by part ({result['device']} time, profiled step {result['step_ms']:.1f} ms):"]
     for part, ms in result["parts_ms"].items():
         lines.append(f"  {part:34s} {ms:10.2f} ms {100 * result['shares'][part]:6.1f}%")
+    for part, rows in result.get("top", {}).items():
+        lines.append(f"  largest in {part}:")
+        lines += [f"    {ms:9.2f} ms {calls:5d}x  {name[:90]}" for name, ms, calls in rows]
     return "\n".join(lines)
 
 

@@ -51,3 +51,10 @@ def test_backward_kernels_fall_in_the_region_backward_range():
     assert parts["dense projections"] > 0  # the "* 2" of the mixer outside its core
     assert parts["MLA core attention"] == parts["optimizer"] == 0
     assert abs(sum(result["shares"].values()) - sum(parts.values()) / 1e4) < 1e-9
+    # each part lists its largest operators: the six matmuls of a region are one row of 6 calls
+    top = result["top"]
+    moe_mm = next(row for row in top["MoE (router, dispatch, experts)"] if row[0] == "aten::mm")
+    assert moe_mm[2] == 6 and abs(moe_mm[1] - mm_ms("moe", moe_b)) < 1e-2
+    for rows in top.values():
+        assert [row[1] for row in rows] == sorted((row[1] for row in rows), reverse=True)
+        assert sum(row[1] for row in rows) <= sum(parts.values()) + 1e-6
