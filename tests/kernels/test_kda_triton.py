@@ -128,6 +128,7 @@ def test_chunk_kda_triton_bf16(name, kda_options):
         limit = TOL_BF16
         if fla is not None and isinstance(fla.get(key), float):
             limit = max(1.25 * fla[key], 2e-3)   # no worse than FLA (25% noise margin)
+        print(f"{name} {key}: ours {err:.3e}, limit {limit:.3e}, fla {fla and fla.get(key)}")
         assert err <= limit, f"{key}: {err:.3e} > {limit:.3e} (fla: {fla and fla.get(key)})"
 
 
