@@ -14,6 +14,7 @@ bf16, D = 128, the model's raw gate. Prints a table and writes JSON.
 
   python benchmarks/cp_kda.py [--heads 16,32] [--shards 4096,...,131072] [--cp 2,4,8] [--out FILE]
                               [--cp-precision tf32x3|tf32|ieee] [--launch ...]   (kernel options)
+                              [--profile]   (per kernel: where the slowest rank's extra time goes)
   python benchmarks/cp_kda.py --smoke      # CPU, Triton interpreter, tiny shapes: the script runs
 """
 import argparse
@@ -70,6 +71,38 @@ def timer(fn, device, warmup, reps):
     return statistics.median(times)
 
 
+def gpu_kernels(fn, reps=3) -> dict:
+    """GPU time per kernel name of one call of ``fn`` (ms, mean of ``reps`` calls under the torch
+    profiler) and their sum: with the call's wall time it says whether an extra is GPU work or
+    the GPU waiting for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        for k in e.kernels:
+            kernels[k.name[:80]] = kernels.get(k.name[:80], 0.0) + k.duration / 1e3 / reps
+    return dict(busy_ms=sum(kernels.values()), kernels=dict(sorted(kernels.items(), key=lambda kv: -kv[1])))
+
+
+def profile_lines(row) -> list[str]:
+    """The kernels where the slowest rank's f+b differs from the local op's most."""
+    local, cp = row["profile"]["local"], row["profile"]["cp"]
+    lines = [f"  H{row['heads']} {_tokens(row['shard'])} CP{row['cp']}: GPU busy {local['busy_ms']:.3f} ms local, "
+             f"{cp['busy_ms']:.3f} ms CP (wall {row['local_fb_ms']:.3f} / {max(row['cp_fb_ms'].values()):.3f})"]
+    names = set(local["kernels"]) | set(cp["kernels"])
+    diff = sorted(names, key=lambda n: -abs(cp["kernels"].get(n, 0) - local["kernels"].get(n, 0)))
+    for name in diff[:8]:
+        a, b = local["kernels"].get(name, 0.0), cp["kernels"].get(name, 0.0)
+        lines.append(f"    {b - a:+8.3f} ms  ({a:.3f} -> {b:.3f})  {name}")
+    return lines
+
+
 def rank_context(rank, P, L):
     """Rank ``rank`` of one sample that is a single document of P*L tokens."""
     return ContextParallel(group=None, rank=rank, size=P, mode="chunkwise", batch_size=1, local_length=L,
@@ -102,7 +135,7 @@ class Capture:
         return None
 
 
-def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
+def measure(H, D, L, sizes, device, dtype, warmup, reps, options, profile=False):
     inputs, gate = make_inputs(L, H, D, device, dtype)
     leaves = [*inputs, gate[0], gate[1]]
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -140,7 +173,7 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
         for P in sizes:
             ranks = sorted({0, min(1, P - 1), P - 1})
             contexts = {r: rank_context(r, P, L) for r in ranks}
-            cp_ms = {}
+            cp_ms, cp_fns = {}, {}
             for r in ranks:
                 stub.rank = r
 
@@ -148,14 +181,18 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options):
                     out = kda_chunkwise.chunkwise_kda(*inputs, cp=cp, gate=gate, fused_prepass=True, options=options)
                     torch.autograd.grad(out, leaves, do)
 
-                cp_ms[r] = time_it(cp_fb)
+                cp_ms[r], cp_fns[r] = time_it(cp_fb), cp_fb
             pairs = torch.zeros(P, 1, H, D, 2 * D, device=device)
             grads = torch.zeros(P, 1, H, D, D, device=device)
             continues = torch.ones(P, 1, device=device)
             fold_fwd = time_it(lambda: kda_chunkwise.fold_entry_states(pairs, continues, P - 1))
             fold_bwd = time_it(lambda: kda_chunkwise.fold_exit_gradients(grads, pairs[1:, ..., :D], continues, 0))
             extra = max(cp_ms.values()) - local
-            rows.append(dict(heads=H, head_dim=D, shard=L, cp=P, total=P * L, local_fb_ms=local,
+            slowest = max(cp_ms, key=cp_ms.get)
+            if profile and device.type == "cuda":
+                stub.rank = slowest
+                found = dict(local=gpu_kernels(local_fb), cp=gpu_kernels(cp_fns[slowest]), rank=slowest)
+            rows.append(dict(**(dict(profile=found) if profile and device.type == "cuda" else {}),heads=H, head_dim=D, shard=L, cp=P, total=P * L, local_fb_ms=local,
                              cp_fb_ms={str(r): t for r, t in cp_ms.items()}, extra_ms=extra, extra_pct=100 * extra / local,
                              transition_ms=transition, entry_grad_ms=entry, precision=options.cp_precision,
                              transition_rel_err=pair_err, entry_grad_rel_err=entry_err, fold_fwd_ms=fold_fwd, fold_bwd_ms=fold_bwd,
@@ -193,6 +230,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="cp_kda_bench.json")
     parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, fp32")
+    parser.add_argument("--profile", action="store_true",
+                        help="also the GPU kernels of the local op and of the slowest rank (torch profiler)")
     add_kda_option_flags(parser)
     args = parser.parse_args()
     options = kda_options(args)
@@ -207,8 +246,11 @@ def main() -> None:
     print("\n".join(table([]).splitlines()[:2]), flush=True)
     for H in args.heads:
         for L in args.shards:
-            new = measure(H, args.head_dim, L, args.cp, device, dtype, args.warmup, args.reps, options)
+            new = measure(H, args.head_dim, L, args.cp, device, dtype, args.warmup, args.reps, options, args.profile)
             print("\n".join(table(new).splitlines()[2:]), flush=True)  # progress, one line per row
+            for row in new:
+                if "profile" in row:
+                    print("\n".join(profile_lines(row)), flush=True)
             rows.extend(new)
     import triton
 

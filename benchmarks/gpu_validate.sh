@@ -5,7 +5,8 @@
 # tree before a refactor in $BEFORE_TREE), the chunkwise-CP pre-pass cost and the memory model.
 # Usage on the GPU machine (carry .whl, .triton, cache and the before tree):
 #   BEFORE_TREE=.before bash benchmarks/gpu_validate.sh [steps...]
-#   steps: tests kda_before kda_after tp_before tp_after cp cp_tf32 memory   (default: all but cp_tf32)
+#   steps: tests kda_before kda_after tp_before tp_after cp cp_tf32 cp_profile memory
+#   (default: all but cp_tf32 and cp_profile)
 #   make the before tree here with:  mkdir .before && git archive REV | tar -x -C .before
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,6 +32,9 @@ step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline non
 CP_ARGS=(--heads 32 --shards 4096,16384,65536 --cp 2,4,8 ${CP_LAUNCH:+--launch "$CP_LAUNCH"})
 step cp 150 python3 benchmarks/cp_kda.py "${CP_ARGS[@]}" --out "$OUT/cp_kda.json"
 step cp_tf32 150 python3 benchmarks/cp_kda.py "${CP_ARGS[@]}" --cp-precision tf32 --out "$OUT/cp_kda_tf32.json"
+# the 4k shards, per kernel: is the slowest rank's extra GPU work or the GPU waiting for the host?
+step cp_profile 150 python3 benchmarks/cp_kda.py --heads 32 --shards 4096,16384 --cp 2,8 --cp-precision tf32 --profile \
+  ${CP_LAUNCH:+--launch "$CP_LAUNCH"} --out "$OUT/cp_kda_profile.json"
 step memory 240 python3 benchmarks/memory_model.py --seq-lengths 4096,8192,16384 --recompute none,all --loss-chunk-tokens 0,4096 -- \
   --config scaling-653m --bf16 --micro-batch-size 1 --global-batch-size 1 --set train.optimizer=adamw \
   --set train.data_cache_dir=cache/data
