@@ -16,13 +16,57 @@ is known on the host (``tokens * top_k``) and megatron's own argsort-based ``per
 sync; the counts per expert stay on the GPU, where the grouped GEMMs read them
 (model/grouped_experts.py). Any other layout (TP or EP > 1, capacity factor, padding, TE fused
 permutation) keeps megatron's path.
+
+The two scatters of that path are replaced as well. megatron adds rows into the token order with
+atomics: the combine step's ``scatter_add_`` and the backward of the dispatch's ``index_select``,
+each in bf16, in a nondeterministic order, and slow (2.6 ms per MoE layer for the backward alone at
+32k tokens on the H200). Every token has exactly ``top_k`` rows, so both are "gather each token's
+k rows and sum them" here (``_sum_rows``: fp32 sum of k rows, deterministic), and the adjoint of
+that sum is a plain gather.
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+from .fusion import fused
+
+
+@fused
+def _sum_rows(rows: torch.Tensor, by_token: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, H] -> [N / k, H]: row t is the fp32 sum of rows ``by_token[t k : (t + 1) k]``."""
+    return rows.index_select(0, by_token).view(-1, k, rows.shape[-1]).float().sum(1).to(rows.dtype)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``hidden[index]`` (each token's row k times, in expert order); backward sums each token's k
+    gradient rows (``by_token``: the positions of token 0's rows, then token 1's, ...)."""
+
+    @staticmethod
+    def forward(ctx, hidden, index, by_token, k):
+        ctx.save_for_backward(by_token)
+        ctx.k = k
+        return hidden.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, d_rows):
+        (by_token,) = ctx.saved_tensors
+        return _sum_rows(d_rows, by_token, ctx.k), None, None, None
+
+
+class _UnpermuteRows(torch.autograd.Function):
+    """The adjoint of ``_PermuteRows``: each token's output is the sum of its k expert rows."""
+
+    @staticmethod
+    def forward(ctx, rows, index, by_token, k):
+        ctx.save_for_backward(index)
+        return _sum_rows(rows, by_token, k)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (index,) = ctx.saved_tensors
+        return d_out.index_select(0, index), None, None, None
 
 
 class LocalAllGatherDispatcher(MoEAllGatherTokenDispatcher):
@@ -41,16 +85,31 @@ class LocalAllGatherDispatcher(MoEAllGatherTokenDispatcher):
             return super().dispatch_postprocess(hidden_states, probs)
         self.hidden_shape_before_permute = hidden_states.shape
         self.local_map = self.routing_map
-        num_tokens = self.routing_map.shape[0]
-        permuted, permuted_probs, self.reversed_local_input_permutation_mapping, _, _ = permute(
-            hidden_states, self.routing_map, probs=probs, num_out_tokens=num_tokens * self.config.moe_router_topk
-        )
+        num_tokens, k = self.routing_map.shape[0], self.config.moe_router_topk
+        # (expert, token) pairs in expert-major order, as megatron's argsort-based permute: the first
+        # tokens * k entries of the sorted [experts, tokens] mask are the selected pairs
+        expert_major = self.routing_map.bool().T.contiguous().reshape(-1)
+        pairs = expert_major.argsort(descending=True, stable=True)[: num_tokens * k]
+        index = pairs % num_tokens
+        by_token = index.argsort(stable=True)  # every token has k rows: token-major positions
+        permuted = _PermuteRows.apply(hidden_states, index, by_token, k)
+        permuted_probs = probs.T.contiguous().reshape(-1)[pairs]
+        self.reversed_local_input_permutation_mapping = index
+        self.rows_by_token = by_token
         tokens_per_expert = self.routing_map.sum(dim=0)  # on the device: no wait
         self.routing_map = None
         # the permuted tokens are rows of hidden_states; the grouped experts may keep these two
         # (hidden_states is kept by the router anyway) instead of the k-times larger copy
-        self.permuted_from = (hidden_states, self.reversed_local_input_permutation_mapping)
+        self.permuted_from = (hidden_states, index)
         return permuted, tokens_per_expert, permuted_probs
+
+    def combine_preprocess(self, hidden_states: torch.Tensor):
+        if not self._sync_free():
+            return super().combine_preprocess(hidden_states)
+        index, by_token = self.reversed_local_input_permutation_mapping, self.rows_by_token
+        self.rows_by_token = None
+        out = _UnpermuteRows.apply(hidden_states, index, by_token, self.config.moe_router_topk)
+        return out.view(self.hidden_shape_before_permute)
 
     def take_permuted_from(self, permuted: torch.Tensor):
         """(source, index) with ``permuted == source.index_select(0, index)`` for the tokens this

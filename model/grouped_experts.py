@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from .fusion import fused
+
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
@@ -68,17 +70,36 @@ class GroupedExperts(SequentialMLP):
         return out, None
 
 
+@fused
 def _swiglu_times_probs(hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    gate, up = torch.chunk(hidden, 2, dim=-1)
-    act = F.silu(gate) * up
-    return (act * probs.unsqueeze(-1)).to(act.dtype)  # as megatron's MLP: fp32 product, cast back
+    """silu(gate) * up * probs from hidden = [gate | up], computed in fp32 (megatron's MLP rounds
+    silu(gate) * up to the input dtype before the fp32 probability product)."""
+    gate, up = hidden.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up * probs.unsqueeze(-1)).to(hidden.dtype)
+
+
+@fused
+def _swiglu_times_probs_backward(hidden: torch.Tensor, probs: torch.Tensor, d_act: torch.Tensor):
+    """(act, d hidden, d probs) of ``_swiglu_times_probs`` for the output gradient ``d_act``: one
+    elementwise pass and one row sum (two fused kernels when compiled)."""
+    gate, up = hidden.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    p = probs.unsqueeze(-1)
+    d = d_act.float()
+    d_probs = (d * silu * up).sum(-1)
+    d_swiglu = d * p
+    d_gate = d_swiglu * up * sig * (1 + gate * (1 - sig))
+    d_hidden = torch.cat([d_gate, d_swiglu * silu], dim=-1).to(hidden.dtype)
+    return (silu * up * p).to(hidden.dtype), d_hidden, d_probs
 
 
 class _SwiGLUExperts(torch.autograd.Function):
     """``grouped(silu(gate) * up * probs) @ fc2`` with ``[gate | up] = grouped x @ fc1``, keeping for
     backward only ``x``, ``[gate | up]`` and the probabilities. Plain autograd would also keep
     silu(gate), their product and the scaled product: three more [tokens, F] tensors, more than half
-    of what a MoE layer holds. Backward redoes that elementwise chain from ``[gate | up]`` (cheap);
+    of what a MoE layer holds. Backward redoes that elementwise chain from ``[gate | up]`` with its
+    gradient in one pass (``_swiglu_times_probs_backward``; fused kernels under ``train.compile``);
     the GEMMs are not redone, their gradients are the grouped GEMMs autograd itself would run
     (``x`` is [tokens, in] and ``w`` is [experts, out, in]: dx = grouped(dy, w), dw = grouped(dy^T, x)
     with the same group ends). With ``source`` and ``index`` (``x == source[index]``, the dispatcher's
@@ -100,13 +121,9 @@ class _SwiGLUExperts(torch.autograd.Function):
             x = source.index_select(0, index)
         else:
             x, fc1, fc2, probs, ends, hidden = ctx.saved_tensors
-        with torch.enable_grad():
-            hidden = hidden.detach().requires_grad_()
-            probs = probs.detach().requires_grad_()
-            act = _swiglu_times_probs(hidden, probs)
         d_act = torch._grouped_mm(d_out, fc2, offs=ends)
-        d_fc2 = torch._grouped_mm(d_out.t(), act.detach(), offs=ends)
-        d_hidden, d_probs = torch.autograd.grad(act, (hidden, probs), d_act)
+        act, d_hidden, d_probs = _swiglu_times_probs_backward(hidden, probs, d_act)
+        d_fc2 = torch._grouped_mm(d_out.t(), act, offs=ends)
         d_x = torch._grouped_mm(d_hidden, fc1, offs=ends)
         d_fc1 = torch._grouped_mm(d_hidden.t(), x, offs=ends)
         return d_x, d_fc1, d_fc2, d_probs, None, None, None

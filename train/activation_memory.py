@@ -47,9 +47,10 @@ def activation_elements(config, mixer: str, ffn: str, expert_parallel: int) -> d
         # the routed experts keep [gate; up] and recompute the SwiGLU (model/grouped_experts.py);
         # the shared expert is megatron's MLP, which also keeps its output
         out["split"] += (2 * k + 3 * config.num_shared_experts) * width
-        # routed copies of the input and output, and the allgather dispatcher's gathered input; with
-        # all experts local the experts gather their input again in backward instead of keeping it
-        out["tokens"] += (1 if expert_parallel == 1 else 2) * k * d + expert_parallel * d
+        # the allgather dispatcher's gathered input; with EP > 1 (megatron's permutation) also the
+        # routed copies of the input and output. With all experts local no routed copy is kept: the
+        # experts gather their input again in backward and the combine keeps only its index
+        out["tokens"] += (0 if expert_parallel == 1 else 2 * k * d) + expert_parallel * d
         out["fp32"] += config.num_experts  # router scores
     return out
 

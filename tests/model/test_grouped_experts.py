@@ -60,11 +60,10 @@ def test_grouped_matches_sequential(experts, device, dtype, monkeypatch):
 
 
 def _plain_autograd(x, fc1, fc2, probs, ends):
-    """The grouped experts as autograd alone would run them (it keeps every intermediate)."""
+    """The grouped experts' math as autograd alone would run it (keeping every intermediate)."""
     hidden = torch._grouped_mm(x, fc1.transpose(1, 2), offs=ends)
-    gate, up = torch.chunk(hidden, 2, dim=-1)
-    act = F.silu(gate) * up
-    act = (act * probs.unsqueeze(-1)).to(act.dtype)
+    gate, up = hidden.float().chunk(2, dim=-1)
+    act = (F.silu(gate) * up * probs.unsqueeze(-1)).to(hidden.dtype)
     return torch._grouped_mm(act, fc2.transpose(1, 2), offs=ends)
 
 
@@ -119,8 +118,9 @@ def test_moe_layer_gathers_the_routed_input_again(experts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputed_activation_matches_autograd_and_keeps_less(dtype):
-    """The experts' function (SwiGLU recomputed in backward) gives autograd's outputs and gradients
-    to the bit, and keeps only x, [gate | up] and the probabilities besides the weights."""
+    """The experts' function (SwiGLU and its gradient recomputed in one pass in backward) gives
+    autograd's output to the bit and its gradients (the hand-written SwiGLU backward rounds
+    differently in bf16), and keeps only x, [gate | up] and the probabilities besides the weights."""
     E, H, Fd = 4, 16, 24
     counts = torch.tensor([5, 0, 7, 4])  # an expert without tokens
     N = int(counts.sum())
@@ -137,9 +137,36 @@ def test_recomputed_activation_matches_autograd_and_keeps_less(dtype):
         results.append((out.detach(), [a.grad for a in args], saved))
     (out_ref, grads_ref, saved_ref), (out, grads, saved) = results
     assert torch.equal(out, out_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for name, g, g_ref in zip(("x", "fc1", "fc2", "probs"), grads, grads_ref):
-        assert torch.equal(g, g_ref), name
+        err = ((g.float() - g_ref.float()).norm() / g_ref.float().norm()).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
     weights = sum(t.numel() * t.element_size() for t in leaves[1:3])
     size = leaves[0].element_size()
     assert saved - weights <= N * (H + 2 * Fd) * size + N * 4 + ends.numel() * 4
-    assert saved_ref - weights >= N * (H + 5 * Fd) * size  # what the recompute saves
+    assert saved_ref - weights >= N * (H + 3 * Fd) * size  # what the recompute saves
+
+
+def test_fused_swiglu_and_row_sums_compile_to_their_eager_form():
+    """The compiled (train.compile) SwiGLU forward/backward and the dispatcher's row sums equal their
+    eager form (CPU inductor; the CUDA build runs the same graphs as Triton kernels)."""
+    from model import dispatch, fusion
+
+    gen = torch.Generator().manual_seed(8)
+    hidden, probs, d_act = (torch.randn(12, 10, generator=gen), torch.rand(12, generator=gen),
+                            torch.randn(12, 5, generator=gen))
+    rows, by_token = torch.randn(12, 6, generator=gen), torch.randperm(12, generator=gen)
+    cases = [(grouped_experts._swiglu_times_probs, (hidden, probs)),
+             (grouped_experts._swiglu_times_probs_backward, (hidden, probs, d_act)),
+             (dispatch._sum_rows, (rows, by_token, 3))]
+    torch._dynamo.reset()
+    fusion.enable(True, cpu=True)
+    try:
+        with torch._dynamo.config.patch(disable=False):
+            for fn, args in cases:
+                got, want = fn(*args), fn.eager(*args)
+                for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        fusion.enable(False)
+        torch._dynamo.reset()
