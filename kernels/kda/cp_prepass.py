@@ -3,9 +3,10 @@
 Layouts as in chunk_fwd.py (padded chunk layout [NC, H, CHUNK, X]; ``do`` in token layout [T, H, V]).
 Both kernels run one program per (column block, selected document, head), walk the chunks of that
 document like the state passes ``kda_fwd_h`` / ``kda_bwd_dh`` do, keep their state in fp32 registers,
-take fp32 dots (16-bit stored pieces are widened; ``PREC`` "ieee" or "tf32x3": the transition is a
-product of up to thousands of chunk maps, so no bf16/tf32 rounding of the running product), and store
-only the final state:
+take fp32-operand dots (16-bit stored pieces are widened; ``PREC`` "ieee", "tf32x3" or "tf32": the
+transition is a product of up to thousands of chunk maps, so its running product stays fp32, never
+bf16; a tf32 dot rounds its operands to 10 mantissa bits, and the decay forgets those errors), and
+store only the final state:
 
   kda_cp_transition  [M | E] of a document: X = [I or 0 | 0] (dk x (dk + dv)), per chunk
                      X <- e^{G_last} X + kg^T ([0 | U] - W X).
@@ -86,8 +87,7 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
 
 
 def _prec(device, options: KDAOptions | None) -> str:
-    """fp32 dots: exact fp32 in the interpreter; on GPUs ``options.cp_precision`` (default tf32x3:
-    three tf32 passes, ~fp32 accuracy on tensor cores)."""
+    """Dot precision: exact fp32 in the interpreter; on GPUs ``options.cp_precision`` (default tf32)."""
     return (options or KDAOptions()).cp_precision if device.type == "cuda" else "ieee"
 
 

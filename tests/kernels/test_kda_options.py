@@ -150,7 +150,7 @@ def test_state_dtype_and_inverse_precision_reach_the_kernels(monkeypatch, dtype)
 
 def test_cp_precision_reaches_the_prepasses():
     assert cp_prepass._prec(torch.device("cuda"), KDAOptions(cp_precision="tf32")) == "tf32"
-    assert cp_prepass._prec(torch.device("cuda"), None) == KDAOptions().cp_precision == "tf32x3"
+    assert cp_prepass._prec(torch.device("cuda"), None) == KDAOptions().cp_precision == "tf32"
     assert cp_prepass._prec(torch.device("cpu"), KDAOptions(cp_precision="tf32")) == "ieee"  # the interpreter
 
 
