@@ -286,7 +286,12 @@ def run_main(argv) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 1 if run_jobs(jobs, args.parallel, _list(args.devices) or None) else 0
+    try:
+        return 1 if run_jobs(jobs, args.parallel, _list(args.devices) or None) else 0
+    except KeyboardInterrupt:  # the pool stopped the runs with SIGTERM: each saved at its step boundary
+        print("\ninterrupted: runs started with --save saved where they were; the same command resumes "
+              "them (finished runs are skipped)", file=sys.stderr)
+        return 130
 
 
 def report_main(argv) -> int:

@@ -114,6 +114,30 @@ def test_runner_runs_jobs_in_parallel_and_skips_finished_ones(tmp_path):
         select(jobs, index=3)
 
 
+def test_runner_ctrl_c_stops_the_runs_and_says_how_to_resume(tmp_path):
+    """SIGINT to the runner's group (Ctrl-C, `timeout -s INT` in benchmarks/gpu_synthetic.sh): the
+    runs get SIGTERM (a training run saves on it), the runner exits 130 with a message, no traceback."""
+    import signal
+    import time
+
+    started = [tmp_path / f"started{i}" for i in range(2)]
+    jobs = [{"name": f"j{i}", "run_dir": str(tmp_path / f"j{i}"), "done_file": str(tmp_path / f"j{i}" / "done"),
+             "command": shlex.join(["python", "-c", f"import pathlib, time; pathlib.Path({str(started[i])!r})"
+                                    ".write_text('x'); time.sleep(120)"])} for i in range(2)]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    runner = subprocess.Popen([sys.executable, "launch/synthetic.py", "run", str(tmp_path / "jobs.jsonl"),
+                               "--parallel", "2"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(p.exists() for p in started):
+        time.sleep(0.2)
+    assert all(p.exists() for p in started)
+    os.killpg(runner.pid, signal.SIGINT)
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 130
+    assert "the same command resumes" in err and "Traceback" not in err
+
+
 def _fake_run(root, task, arm, length, lr, curve):
     run_dir = root / synthetic.run_name(task, arm, length, lr)
     run_dir.mkdir(parents=True)
