@@ -342,11 +342,13 @@ def test_ctrl_c_saves_the_runs_and_the_same_command_resumes_them(tmp_path):
     folders = [tmp_path / f"{arm}-seed1234" for arm in ("mla", "kimi-linear")]
     steps = lambda folder: [json.loads(x)["step"] for x in (folder / "metrics.jsonl").read_text().splitlines()
                             if '"step"' in x] if (folder / "metrics.jsonl").exists() else []
-    deadline = time.time() + 240
-    while time.time() < deadline and not all(len(steps(f)) >= 3 for f in folders) and runner.poll() is None:
-        time.sleep(0.5)
-    assert all(len(steps(f)) >= 3 for f in folders), [(f / "train.log").read_text()[-2000:] for f in folders]
-    os.killpg(runner.pid, signal.SIGINT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not all(len(steps(f)) >= 3 for f in folders) and runner.poll() is None:
+            time.sleep(0.5)
+        assert all(len(steps(f)) >= 3 for f in folders), [(f / "train.log").read_text()[-2000:] for f in folders]
+    finally:  # also when the runs were too slow: the runner must stop them (they run 100,000 steps)
+        os.killpg(runner.pid, signal.SIGINT)
     assert runner.wait(timeout=240) == 130  # "interrupted: ... the same command resumes them"
     saved = {}
     for folder in folders:
