@@ -348,7 +348,8 @@ def test_ctrl_c_saves_the_runs_and_the_same_command_resumes_them(tmp_path):
             time.sleep(0.5)
         assert all(len(steps(f)) >= 3 for f in folders), [(f / "train.log").read_text()[-2000:] for f in folders]
     finally:  # also when the runs were too slow: the runner must stop them (they run 100,000 steps)
-        os.killpg(runner.pid, signal.SIGINT)
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGINT)
     assert runner.wait(timeout=240) == 130  # "interrupted: ... the same command resumes them"
     saved = {}
     for folder in folders:
