@@ -69,3 +69,32 @@ def test_fused_functions_compile_and_match_eager(compiled):
 
 def test_fusion_is_off_by_default():
     assert not fusion.enabled(torch.device("cpu")) and not fusion.enabled(torch.device("cuda"))
+
+
+def _kept_elements(fn, args) -> int:
+    """Elements of the tensors autograd keeps for ``fn``'s backward (one count per storage)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(kept.values())
+
+
+def test_compiled_functions_keep_only_their_inputs(compiled, monkeypatch):
+    """Compiled with an activation-memory budget of 0 (model/fusion.py), a fused function keeps what
+    it cannot recompute (its inputs, at most a per-row statistic more) and recomputes the rest in
+    backward; by default the short convolution kept shifted copies of its input (~4 x its size)."""
+    for name, args in inputs().items():
+        tensors = sum(a.numel() for a in args if torch.is_tensor(a))
+        rows = args[0].shape[0] * (args[0].shape[1] if args[0].dim() == 3 else 1)
+        kept = _kept_elements(FUNCTIONS[name], args)
+        assert kept <= tensors + rows, f"{name}: keeps {kept} elements, its inputs have {tensors}"
+    monkeypatch.setattr(fusion, "RECOMPUTE_BUDGET", 1.0)  # torch's default
+    torch._dynamo.reset()
+    conv = inputs()["conv"]
+    default = _kept_elements(fusion.fused(short_conv_silu.eager), conv)
+    assert default > 2 * conv[0].numel()  # what the budget saves (fails if the default ever changes)
