@@ -61,6 +61,9 @@ def megatron_config(
         ffn_hidden_size=config.intermediate_size,
         gated_linear_unit=True,
         activation_func=F.silu,
+        # megatron's fused SwiGLU keeps only [gate; up] for its backward (plain autograd also keeps
+        # silu(gate) and the product: 2F more per token in the dense MLP and the shared expert)
+        bias_activation_fusion=True,
         add_bias_linear=False,
         normalization="RMSNorm",
         layernorm_epsilon=config.rms_norm_eps,

@@ -47,7 +47,6 @@ class GroupedExperts(SequentialMLP):
             and not c.add_bias_linear
             and not c.moe_apply_probs_on_input
             and not (c.fp8 or c.fp4)
-            and not c.bias_activation_fusion
             and not c.use_te_activation_func
             and c.activation_func_clamp_value is None
             and c.glu_linear_offset == 0
