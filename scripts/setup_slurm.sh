@@ -60,7 +60,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # quiet on success; on a failure (seen once on a fresh machine, cause not kept) show why and try
+    # once more after finishing any half-configured package
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" > /tmp/setup_slurm_apt.log 2>&1; then
+        echo "apt-get install failed, retrying once; its output:" >&2
+        tail -n 20 /tmp/setup_slurm_apt.log >&2
+        dpkg --configure -a || true
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" > /tmp/setup_slurm_apt.log 2>&1 ||
+            { tail -n 40 /tmp/setup_slurm_apt.log >&2; echo "error: could not install ${missing[*]}" >&2; exit 1; }
+    fi
 fi
 
 # --- munge: the authentication daemon every SLURM command talks through
