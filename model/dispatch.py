@@ -12,12 +12,12 @@ recompute, about 90 waits per training step.
 
 With dropless top-k routing every token goes to exactly ``top_k`` experts (the model routes every
 token: it passes megatron no padding mask), so the permuted length
-is known on the host (``tokens * top_k``) and megatron's own argsort-based ``permute`` needs no
-sync; the counts per expert stay on the GPU, where the grouped GEMMs read them
-(model/grouped_experts.py). Any other layout (TP or EP > 1, capacity factor, padding, TE fused
-permutation) keeps megatron's path.
+is known on the host (``tokens * top_k``) and the argsort-based permutation (megatron's ``permute``,
+done here the same way) needs no sync; the counts per expert stay on the GPU, where the grouped
+GEMMs read them (model/grouped_experts.py). Any other layout (TP or EP > 1, capacity factor,
+padding, TE fused permutation) keeps megatron's path.
 
-The two scatters of that path are replaced as well. megatron adds rows into the token order with
+The two scatters of megatron's path are replaced as well. It adds rows into the token order with
 atomics: the combine step's ``scatter_add_`` and the backward of the dispatch's ``index_select``,
 each in bf16, in a nondeterministic order, and slow (2.6 ms per MoE layer for the backward alone at
 32k tokens on the H200). Every token has exactly ``top_k`` rows, so both are "gather each token's
