@@ -9,13 +9,18 @@ either counts and the rest go on, or stops the other children and raises. Howeve
 for: the training loop saves a checkpoint at its next step boundary and exits on that signal.
 Children run in sessions of their own: Ctrl-C in a terminal and `timeout` signal the whole process
 group, and a training run hit by SIGINT directly would die without saving; this way only the pool
-decides how its children stop.
+decides how its children stop. While the pool runs, SIGINT and SIGTERM to it both stop it that way:
+SIGINT even where it was inherited as ignored (a background job of a script), SIGTERM because that
+is what `timeout` and `kill` send by default, and dying on it would leave the children running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +73,25 @@ class _Child:
     started: float
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stopped_by_sigint_and_sigterm():
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the pool's loop while it runs (main thread only:
+    elsewhere Python cannot set handlers, and the caller's handling stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
 class ProcessPool:
     """``slots`` child processes at a time.
 
@@ -99,31 +123,32 @@ class ProcessPool:
         waiting = list(commands)
         running: dict[int, _Child] = {}
         failed: list[Exited] = []
-        try:
-            while waiting or running:
-                for slot in range(self.slots):
-                    if slot not in running and waiting:
-                        command = waiting.pop(0)
-                        running[slot] = self._start(command, slot)
-                        if on_start:
-                            on_start(command, slot)
-                time.sleep(self.poll_seconds)
-                for slot, child in list(running.items()):
-                    if child.process.poll() is None:
-                        continue
-                    child.log.close()
-                    del running[slot]
-                    exited = Exited(child.command, slot, child.process.returncode, time.time() - child.started)
-                    if on_exit:
-                        on_exit(exited)
-                    if not exited.ok:
-                        if self.stop_at_first_failure:
-                            raise CommandFailed(exited)
-                        failed.append(exited)
-                if on_tick:
-                    on_tick([child.command for child in running.values()])
-        finally:
-            self._stop(running.values())
+        with _stopped_by_sigint_and_sigterm():
+            try:
+                while waiting or running:
+                    for slot in range(self.slots):
+                        if slot not in running and waiting:
+                            command = waiting.pop(0)
+                            running[slot] = self._start(command, slot)
+                            if on_start:
+                                on_start(command, slot)
+                    time.sleep(self.poll_seconds)
+                    for slot, child in list(running.items()):
+                        if child.process.poll() is None:
+                            continue
+                        child.log.close()
+                        del running[slot]
+                        exited = Exited(child.command, slot, child.process.returncode, time.time() - child.started)
+                        if on_exit:
+                            on_exit(exited)
+                        if not exited.ok:
+                            if self.stop_at_first_failure:
+                                raise CommandFailed(exited)
+                            failed.append(exited)
+                    if on_tick:
+                        on_tick([child.command for child in running.values()])
+            finally:
+                self._stop(running.values())
         return failed
 
     def _start(self, command: Command, slot: int) -> _Child:

@@ -104,20 +104,25 @@ ProcessPool(1, poll_seconds=0.05).run([Command([sys.executable, "-c", {child!r}]
 """
 
 
-def test_sigint_to_the_process_group_reaches_only_the_pool(tmp_path):
+@pytest.mark.parametrize("sig,inherited", [(signal.SIGINT, signal.SIG_DFL), (signal.SIGINT, signal.SIG_IGN),
+                                            (signal.SIGTERM, signal.SIG_DFL)],
+                         ids=["sigint", "sigint-inherited-as-ignored", "sigterm"])
+def test_a_signal_to_the_process_group_reaches_only_the_pool(tmp_path, sig, inherited):
     # Ctrl-C and `timeout` signal the whole process group; a training run hit by SIGINT directly
-    # would die without saving, so the child must see only the pool's SIGTERM
+    # would die without saving, so the child must see only the pool's SIGTERM. A script's background
+    # job inherits SIGINT ignored; `timeout` and `kill` send SIGTERM: the pool stops on both
     marker, ready = tmp_path / "sleeper.stopped", tmp_path / "sleeper.ready"
     child = SLEEPER.format(marker=str(marker), ready=str(ready)).replace(
         "signal.signal(signal.SIGTERM", "signal.signal(signal.SIGINT, lambda *_: (pathlib.Path("
         f"{str(marker)!r}).write_text('interrupted'), sys.exit(1)))\nsignal.signal(signal.SIGTERM")
     parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT.format(child=child, log=str(tmp_path / "c.log"))],
-                              start_new_session=True, stderr=(tmp_path / "parent.log").open("w"), cwd=REPO)
+                              start_new_session=True, stderr=(tmp_path / "parent.log").open("w"), cwd=REPO,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
     deadline = time.time() + 60
     while not ready.exists() and parent.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert ready.exists(), (tmp_path / "parent.log").read_text()
-    os.killpg(parent.pid, signal.SIGINT)
+    os.killpg(parent.pid, sig)
     assert parent.wait(timeout=60) != 0  # the pool's KeyboardInterrupt propagates
     assert marker.read_text() == "terminated"
 
