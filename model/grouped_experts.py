@@ -80,17 +80,19 @@ def _swiglu_times_probs(hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tens
 @fused
 def _swiglu_times_probs_backward(hidden: torch.Tensor, probs: torch.Tensor, d_act: torch.Tensor):
     """(act, d hidden, d probs) of ``_swiglu_times_probs`` for the output gradient ``d_act``: one
-    elementwise pass and one row sum (two fused kernels when compiled)."""
+    elementwise pass and one row sum (two fused kernels when compiled). The ops and their order are
+    autograd's for the forward's expression, so in fp32 the gradients equal autograd's to the bit
+    (the parallel-layout tests compare this path with megatron's expert loop over training steps)."""
     gate, up = hidden.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
+    silu = F.silu(gate)
+    swiglu = silu * up
     p = probs.unsqueeze(-1)
     d = d_act.float()
-    d_probs = (d * silu * up).sum(-1)
+    d_probs = (d * swiglu).sum(-1)
     d_swiglu = d * p
-    d_gate = d_swiglu * up * sig * (1 + gate * (1 - sig))
+    d_gate = torch.ops.aten.silu_backward(d_swiglu * up, gate)
     d_hidden = torch.cat([d_gate, d_swiglu * silu], dim=-1).to(hidden.dtype)
-    return (silu * up * p).to(hidden.dtype), d_hidden, d_probs
+    return (swiglu * p).to(hidden.dtype), d_hidden, d_probs
 
 
 class _SwiGLUExperts(torch.autograd.Function):

@@ -119,8 +119,8 @@ def test_moe_layer_gathers_the_routed_input_again(experts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_recomputed_activation_matches_autograd_and_keeps_less(dtype):
     """The experts' function (SwiGLU and its gradient recomputed in one pass in backward) gives
-    autograd's output to the bit and its gradients (the hand-written SwiGLU backward rounds
-    differently in bf16), and keeps only x, [gate | up] and the probabilities besides the weights."""
+    autograd's output and, in fp32, its gradients to the bit, and keeps only x, [gate | up] and the
+    probabilities besides the weights."""
     E, H, Fd = 4, 16, 24
     counts = torch.tensor([5, 0, 7, 4])  # an expert without tokens
     N = int(counts.sum())
@@ -137,10 +137,12 @@ def test_recomputed_activation_matches_autograd_and_keeps_less(dtype):
         results.append((out.detach(), [a.grad for a in args], saved))
     (out_ref, grads_ref, saved_ref), (out, grads, saved) = results
     assert torch.equal(out, out_ref)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for name, g, g_ref in zip(("x", "fc1", "fc2", "probs"), grads, grads_ref):
-        err = ((g.float() - g_ref.float()).norm() / g_ref.float().norm()).item()
-        assert err < tol, f"{name}: relative error {err:.2e}"
+        if dtype == torch.float32:  # autograd's ops in autograd's order
+            assert torch.equal(g, g_ref), name
+        else:  # bf16 in, fp32 inside: autograd rounds silu(gate) * up to bf16 on the way
+            err = ((g.float() - g_ref.float()).norm() / g_ref.float().norm()).item()
+            assert err < 2e-2, f"{name}: relative error {err:.2e}"
     weights = sum(t.numel() * t.element_size() for t in leaves[1:3])
     size = leaves[0].element_size()
     assert saved - weights <= N * (H + 2 * Fd) * size + N * 4 + ends.numel() * 4
