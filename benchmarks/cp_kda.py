@@ -188,11 +188,11 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options, profile=False)
             fold_fwd = time_it(lambda: kda_chunkwise.fold_entry_states(pairs, continues, P - 1))
             fold_bwd = time_it(lambda: kda_chunkwise.fold_exit_gradients(grads, pairs[1:, ..., :D], continues, 0))
             extra = max(cp_ms.values()) - local
-            slowest = max(cp_ms, key=cp_ms.get)
+            kernels = {}
             if profile and device.type == "cuda":
-                stub.rank = slowest
-                found = dict(local=gpu_kernels(local_fb), cp=gpu_kernels(cp_fns[slowest]), rank=slowest)
-            rows.append(dict(**(dict(profile=found) if profile and device.type == "cuda" else {}),heads=H, head_dim=D, shard=L, cp=P, total=P * L, local_fb_ms=local,
+                stub.rank = slowest = max(cp_ms, key=cp_ms.get)
+                kernels["profile"] = dict(local=gpu_kernels(local_fb), cp=gpu_kernels(cp_fns[slowest]), rank=slowest)
+            rows.append(dict(**kernels, heads=H, head_dim=D, shard=L, cp=P, total=P * L, local_fb_ms=local,
                              cp_fb_ms={str(r): t for r, t in cp_ms.items()}, extra_ms=extra, extra_pct=100 * extra / local,
                              transition_ms=transition, entry_grad_ms=entry, precision=options.cp_precision,
                              transition_rel_err=pair_err, entry_grad_rel_err=entry_err, fold_fwd_ms=fold_fwd, fold_bwd_ms=fold_bwd,
