@@ -9,6 +9,7 @@ from model import fusion
 from model.kda import short_conv_silu
 from model.norms import gated_rms_norm, rms_norm
 from model.packed import pack
+from tests.helpers.saved import saved_storages
 
 
 @pytest.fixture
@@ -72,16 +73,7 @@ def test_fusion_is_off_by_default():
 
 
 def _kept_elements(fn, args) -> int:
-    """Elements of the tensors autograd keeps for ``fn``'s backward (one count per storage)."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(kept.values())
+    return sum(nbytes // size for nbytes, size in saved_storages(fn, *args)[1])
 
 
 def test_compiled_functions_keep_only_their_inputs(compiled, monkeypatch):

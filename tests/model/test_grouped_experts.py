@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model import grouped_experts
+from tests.helpers.saved import saved_storages
 from tests.helpers.small_models import mixed_config
 
 
@@ -67,17 +68,9 @@ def _plain_autograd(x, fc1, fc2, probs, ends):
     return torch._grouped_mm(act, fc2.transpose(1, 2), offs=ends)
 
 
-def _saved_bytes(fn, *args) -> int:
-    """Bytes of the tensors autograd keeps for backward while ``fn`` runs (one count per storage)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, sum(storages.values())
+def _saved_bytes(fn, *args):
+    out, storages = saved_storages(fn, *args)
+    return out, sum(nbytes for nbytes, _ in storages)
 
 
 def _moe_step(moe, x, regather: bool):
