@@ -8,6 +8,10 @@ CPU time); what falls in no region is "other" (embedding, LM head and loss, norm
 gradient sync), and the rest of the step's wall time, when the GPU ran nothing, is "idle". Each
 part also lists its largest kernels (operators on a CPU) with their time and number of calls.
 
+On a GPU the idle time is also split by the part whose kernel ended each gap (the GPU waited for
+that part's launches: host overhead there, or a wait just before it), with the largest gaps listed,
+and the host's waits for the GPU (synchronisations, blocking copies) are summed per part.
+
 The result goes to ``<run_dir>/profile_step<N>.json`` and to the console as a table.
 """
 
@@ -24,6 +28,10 @@ from model.profiling import regions
 
 
 TOP_PER_PART = 8  # kernels listed per part
+GAPS_LISTED = 10  # largest GPU idle gaps listed
+# CUDA runtime calls in which the host waits for the GPU (a blocking copy waits for the queue too)
+HOST_WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                   "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cuMemcpyDtoH_v2")
 
 
 def breakdown_parts() -> tuple[str, ...]:
@@ -68,8 +76,45 @@ def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
     step_ms = 1e3 * step_seconds
     parts = {p: busy.get(p, 0.0) / 1e3 for p in (*breakdown_parts(), "other")}
     parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
-    return dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
-                shares={p: ms / step_ms for p, ms in parts.items()}, top=_top(by_kernel))
+    result = dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
+                  shares={p: ms / step_ms for p, ms in parts.items()}, top=_top(by_kernel))
+    if on_gpu:
+        launched_by = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+        kernels = []  # (start_us, end_us, part of the operator that launched it, name)
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                op = launched_by.get(e.linked_correlation_id)
+                part = part_at(op.thread, op.time_range.start) if op is not None else "other"
+                kernels.append((e.time_range.start, e.time_range.end, part, e.name))
+        waits = [(part_at(e.thread, e.time_range.start), e.time_range.elapsed_us()) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAIT_CALLS]
+        result.update(idle_attribution(kernels), host_waits_ms=_host_waits(waits))
+    return result
+
+
+def idle_attribution(kernels: list[tuple[float, float, str, str]]) -> dict:
+    """GPU idle gaps between kernels ``(start_us, end_us, part, name)`` (any order, overlapping
+    streams merged), each given to the part of the kernel that ends it: ``idle_before_ms`` per part
+    and the ``largest_gaps`` as [ms, part, that kernel's name]."""
+    before = defaultdict(float)
+    gaps = []
+    busy_until = None
+    for start, end, part, name in sorted(kernels):
+        if busy_until is not None and start > busy_until:
+            before[part] += start - busy_until
+            gaps.append([round((start - busy_until) / 1e3, 3), part, name[:90]])
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return dict(idle_before_ms={p: round(us / 1e3, 3) for p, us in sorted(before.items(), key=lambda kv: -kv[1])},
+                largest_gaps=sorted(gaps, key=lambda g: -g[0])[:GAPS_LISTED])
+
+
+def _host_waits(waits: list[tuple[str, float]]) -> dict:
+    """{part: [ms, calls]} of the host's waits for the GPU, largest first."""
+    total = defaultdict(lambda: [0.0, 0])
+    for part, us in waits:
+        total[part][0] += us / 1e3
+        total[part][1] += 1
+    return {p: [round(ms, 3), n] for p, (ms, n) in sorted(total.items(), key=lambda kv: -kv[1][0])}
 
 
 def _top(by_kernel: dict, per_part: int = TOP_PER_PART) -> dict:
@@ -88,6 +133,13 @@ def format_breakdown(result: dict) -> str:
     for part, rows in result.get("top", {}).items():
         lines.append(f"  largest in {part}:")
         lines += [f"    {ms:9.2f} ms {calls:5d}x  {name[:90]}" for name, ms, calls in rows]
+    if "idle_before_ms" in result:
+        lines.append("  GPU idle, by the part whose kernel ended the gap:")
+        lines += [f"    {part:34s} {ms:10.2f} ms" for part, ms in result["idle_before_ms"].items()]
+        lines.append("  largest gaps:")
+        lines += [f"    {ms:9.3f} ms before {part}: {name}" for ms, part, name in result["largest_gaps"]]
+        lines.append("  host waits for the GPU (synchronisations, blocking copies):")
+        lines += [f"    {part:34s} {ms:10.2f} ms {n:5d}x" for part, (ms, n) in result["host_waits_ms"].items()]
     return "\n".join(lines)
 
 

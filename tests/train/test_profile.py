@@ -58,3 +58,21 @@ def test_backward_kernels_fall_in_the_region_backward_range():
     for rows in top.values():
         assert [row[1] for row in rows] == sorted((row[1] for row in rows), reverse=True)
         assert sum(row[1] for row in rows) <= sum(parts.values()) + 1e-6
+
+
+def test_idle_gaps_go_to_the_part_whose_kernel_ends_them():
+    from train.profile import _host_waits, idle_attribution
+    kernels = [  # (start_us, end_us, part, name), out of order, two streams overlapping at 100-150
+        (300.0, 400.0, "MoE", "grouped_gemm"),
+        (0.0, 150.0, "KDA", "kda_fwd"),
+        (100.0, 120.0, "other", "copy"),
+        (200.0, 250.0, "KDA", "kda_bwd"),
+        (1400.0, 1500.0, "optimizer", "adam"),
+    ]
+    got = idle_attribution(kernels)
+    # gaps: 150-200 before kda_bwd, 250-300 before the GEMM, 400-1400 before adam
+    assert got["idle_before_ms"] == {"optimizer": 1.0, "KDA": 0.05, "MoE": 0.05}
+    assert got["largest_gaps"][0] == [1.0, "optimizer", "adam"]
+    assert len(got["largest_gaps"]) == 3
+    assert idle_attribution([]) == {"idle_before_ms": {}, "largest_gaps": []}
+    assert _host_waits([("MoE", 500.0), ("other", 30.0), ("MoE", 1500.0)]) == {"MoE": [2.0, 2], "other": [0.03, 1]}
