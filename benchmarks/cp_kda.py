@@ -185,11 +185,8 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options, profile=False)
             pairs = torch.zeros(P, 1, H, D, 2 * D, device=device)
             grads = torch.zeros(P, 1, H, D, D, device=device)
             continues = torch.ones(P, 1, device=device)
-            # the folds as the fused path runs them (one kernel each), for the longest chain
-            fold = cp_prepass.fold_states
-            fold_fwd = time_it(lambda: fold(pairs[:P - 1, ..., :D], pairs[:P - 1, ..., D:], continues[1:],
-                                            transpose=False, reverse=False))
-            fold_bwd = time_it(lambda: fold(pairs[1:, ..., :D], grads[1:], continues[1:], transpose=True, reverse=True))
+            fold_fwd = time_it(lambda: kda_chunkwise.fold_entry_states(pairs, continues, P - 1))
+            fold_bwd = time_it(lambda: kda_chunkwise.fold_exit_gradients(grads, pairs[1:, ..., :D], continues, 0))
             extra = max(cp_ms.values()) - local
             kernels = {}
             if profile and device.type == "cuda":

@@ -13,10 +13,6 @@ store only the final state:
   kda_cp_entry_grad  the gradient of a document's entering state through its own outputs (zero
                      final-state gradient), reverse over chunks:
                      dv_new = A_qk^T dO + kg dS,  dS <- e^{G_last} dS + (q e^G)^T dO - W^T dv_new.
-  kda_cp_fold        the fold of the gathered pairs across ranks, S <- c_n (A_n S + B_n) over the
-                     ranks n (A_n = M_n, or M_n^T for the gradients), in one launch: as a loop of
-                     PyTorch ops it costs ~4 launches per rank, ~1.5 ms of host time at CP 8 where the
-                     GPU work is ~10 us.
 
 The PyTorch reference of both is parallel/context/kda_prepass.py; the tests compare the two paths
 through whole CP runs (tests/parallel/test_context_parallel.py).
@@ -88,54 +84,6 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
         b_ds = (b_ds * tl.exp(b_gl)[:, None] + tl.dot(b_qgT, b_do, input_precision=PREC)
                 - tl.dot(b_wT, b_dvn, input_precision=PREC))
     tl.store(out + (i_s * H + i_h) * K * V + dk[:, None] * V + dv[None, :], b_ds, mask=m_k[:, None] & m_v[None, :])
-
-
-@triton.jit
-def kda_cp_fold_kernel(A, B, C, out, steps, H, a_step, a_bh, a_row, a_col, b_step, b_bh, b_row, c_step,
-                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       REVERSE: tl.constexpr):
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    rows = tl.arange(0, BK)
-    cols = i_v * BV + tl.arange(0, BV)
-    m_k = rows < K
-    m_kv = m_k[:, None] & (cols < V)[None, :]
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    for t in range(0, steps):
-        n = i_bh * 0 + (steps - 1 - t if REVERSE else t)  # int64 offsets
-        b_a = tl.load(A + n * a_step + i_bh * a_bh + rows[:, None] * a_row + rows[None, :] * a_col,
-                      mask=m_k[:, None] & m_k[None, :], other=0.)
-        b_b = tl.load(B + n * b_step + i_bh * b_bh + rows[:, None] * b_row + cols[None, :], mask=m_kv, other=0.)
-        b_c = tl.load(C + n * c_step + i_bh // H)
-        b_s = (tl.dot(b_a, b_s, input_precision="ieee") + b_b) * b_c
-    tl.store(out + i_bh * K * V + rows[:, None] * V + cols[None, :], b_s, mask=m_kv)
-
-
-def fold_states(mats: torch.Tensor, adds: torch.Tensor, scales: torch.Tensor, *, transpose: bool,
-                reverse: bool) -> torch.Tensor:
-    """[b, H, K, V] fp32: from S = 0, ``S <- scales[n] (A_n S + adds[n])`` for n = 0 .. N-1 (N-1 .. 0
-    with ``reverse``), ``A_n = mats[n]`` (its transpose with ``transpose``), exact fp32 dots.
-
-    mats: [N, b, H, K, K] fp32, any strides in the last two dims (a column slice of the gathered
-    pairs); adds: [N, b, H, K, V] fp32 with contiguous rows; scales: [N, b] fp32."""
-    N, b, H, K, V = adds.shape
-    out = torch.empty(b, H, K, V, dtype=torch.float32, device=adds.device)
-    if N == 0:
-        return out.zero_()
-    for name, x in (("mats", mats), ("adds", adds)):
-        if x.stride(1) != H * x.stride(2):
-            raise ValueError(f"fold_states: {name} needs its sample and head dims mergeable (strides {x.stride()})")
-    if adds.stride(4) != 1 or scales.stride(1) != 1:
-        raise ValueError("fold_states: adds and scales need a unit stride in their last dim")
-    row, col = mats.stride(3), mats.stride(4)
-    if transpose:
-        row, col = col, row
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
-    kda_cp_fold_kernel[(triton.cdiv(V, BV), b * H)](
-        mats, adds, scales, out, N, H, mats.stride(0), mats.stride(2), row, col, adds.stride(0), adds.stride(2), adds.stride(3),
-        scales.stride(0), K=K, V=V, BK=BK, BV=BV, REVERSE=reverse, num_warps=8)
-    return out
 
 
 def _prec(device, options: KDAOptions | None) -> str:

@@ -91,35 +91,20 @@ def fold_exit_gradients(grads: torch.Tensor, transitions: torch.Tensor, continue
     return out
 
 
-def _entering_states(cp, chain: _Chain, pairs, dv, triton_fold: bool = False):
-    """All-gather this rank's pairs, fold: (initial states of the local documents, later ranks' M).
-    triton_fold: the fold as one kernel (kernels/kda/cp_prepass.py) instead of a loop of PyTorch ops."""
+def _entering_states(cp, chain: _Chain, pairs, dv):
+    """All-gather this rank's pairs, fold: (initial states of the local documents, later ranks' M)."""
     gathered = all_gather_pairs(pairs, cp.group, cp.size)
-    dk, r = pairs.shape[-2], cp.rank
+    dk = pairs.shape[-2]
     initial = pairs.new_zeros(chain.documents, pairs.shape[1], dk, dv)
-    if triton_fold:
-        from kernels.kda.cp_prepass import fold_states
-
-        entering = fold_states(gathered[:r, ..., :dk], gathered[:r, ..., dk:], chain.continues[1:r + 1],
-                               transpose=False, reverse=False)
-    else:
-        entering = fold_entry_states(gathered, chain.continues, r)
-    initial[chain.first] = entering
-    return initial, gathered[r + 1:, ..., :dk].contiguous()
+    initial[chain.first] = fold_entry_states(gathered, chain.continues, cp.rank)
+    return initial, gathered[cp.rank + 1:, ..., :dk].contiguous()
 
 
-def _final_state_gradients(cp, chain: _Chain, own, transitions, triton_fold: bool = False):
+def _final_state_gradients(cp, chain: _Chain, own, transitions):
     """All-gather the entering-state gradients, fold back: dL/d(final states of the local documents)."""
     gathered = all_gather_pairs(own, cp.group, cp.size)
     d_final = own.new_zeros(chain.documents, *own.shape[1:])
-    r = cp.rank
-    if triton_fold:
-        from kernels.kda.cp_prepass import fold_states
-
-        leaving = fold_states(transitions, gathered[r + 1:], chain.continues[r + 1:], transpose=True, reverse=True)
-    else:
-        leaving = fold_exit_gradients(gathered, transitions, chain.continues, r)
-    d_final[chain.last] = leaving
+    d_final[chain.last] = fold_exit_gradients(gathered, transitions, chain.continues, cp.rank)
     return d_final
 
 
@@ -158,8 +143,7 @@ class _Plan:
 class TritonStateHook:
     """The same scheme inside the Triton op (``kernels.kda.chunk.chunk_kda_triton``'s ``state_hook``):
     the pre-passes run as Triton kernels on the forward's own WY pieces (``kernels/kda/cp_prepass.py``)
-    between its WY and state passes, and at the start of its backward on the pieces it saved; the
-    folds run as one Triton kernel each."""
+    between its WY and state passes, and at the start of its backward on the pieces it saved."""
 
     def __init__(self, cp: ContextParallel, chain: _Chain):
         self.cp, self.chain = cp, chain
@@ -174,7 +158,7 @@ class TritonStateHook:
         if chain.sends:
             pairs[chain.sends_t] = cp_prepass.transition_pairs(pieces, cu, offsets, chain.send_docs_t,
                                                                chain.send_with_m_t, options)
-        initial, self.transitions = _entering_states(cp, chain, pairs, V, triton_fold=True)
+        initial, self.transitions = _entering_states(cp, chain, pairs, V)
         return initial
 
     def final_state_gradient(self, pieces, do, cu, offsets, options):
@@ -186,7 +170,7 @@ class TritonStateHook:
         if chain.receives:
             own[chain.receives_t] = cp_prepass.entry_state_gradients(pieces, do, cu, offsets, chain.receive_docs_t,
                                                                      options)
-        return _final_state_gradients(cp, chain, own, self.transitions, triton_fold=True)
+        return _final_state_gradients(cp, chain, own, self.transitions)
 
 
 def chunkwise_kda(q, k, v, g, beta, cp: ContextParallel, *, scale=None, use_qk_l2norm=True, gate=None,

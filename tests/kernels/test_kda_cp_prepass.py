@@ -105,29 +105,3 @@ def test_triton_prepasses_bf16(precision):
     pairs, grads = _triton(inputs, cu, do, KDAOptions(cp_precision=precision))
     assert_close("[M | E]", pairs, pairs_ref, 2e-2)
     assert_close("entering-state gradient", grads, grads_ref, 2e-2)
-
-
-@pytest.mark.parametrize("rank", [0, 1, 2, 3])
-def test_triton_folds_match_the_fp64_loops(rank):
-    """The one-kernel folds of the gathered pairs (kernels/kda/cp_prepass.fold_states) against the
-    PyTorch loops of parallel/context/kda_chunkwise in fp64, on every rank of a 4-rank chain where
-    one sample's document starts on rank 2 (its chain restarts there) and Dv is not a power of two."""
-    from kernels.kda.cp_prepass import fold_states
-    from parallel.context.kda_chunkwise import fold_entry_states, fold_exit_gradients
-
-    device = "cuda" if HAS_CUDA else "cpu"
-    gen = torch.Generator().manual_seed(rank)
-    P, b, H, dk, dv = 4, 2, 3, 16, 24
-    pairs = (torch.randn(P, b, H, dk, dk + dv, generator=gen) * 0.3).to(device)
-    grads = torch.randn(P, b, H, dk, dv, generator=gen).to(device)
-    continues = torch.tensor([[0., 0.], [1., 1.], [1., 0.], [1., 1.]], device=device)
-    entering = fold_states(pairs[:rank, ..., :dk], pairs[:rank, ..., dk:], continues[1:rank + 1],
-                           transpose=False, reverse=False)
-    assert_close("entering state", entering, fold_entry_states(pairs.double(), continues, rank), 1e-6)
-    transitions = pairs[rank + 1:, ..., :dk].contiguous()
-    leaving = fold_states(transitions, grads[rank + 1:], continues[rank + 1:], transpose=True, reverse=True)
-    assert_close("leaving-state gradient", leaving,
-                 fold_exit_gradients(grads.double(), transitions.double(), continues, rank), 1e-6)
-    if rank == P - 1:  # the chain through every rank: sample 1 restarts at rank 2, so E_0, E_1 drop out
-        restarted = fold_entry_states(pairs[2:].double(), continues[2:], 1)
-        assert_close("restart", entering[1], restarted[1], 1e-6)
