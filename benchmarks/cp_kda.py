@@ -184,7 +184,7 @@ def measure(H, D, L, sizes, device, dtype, warmup, reps, options, profile=False)
                 cp_ms[r], cp_fns[r] = time_it(cp_fb), cp_fb
             pairs = torch.zeros(P, 1, H, D, 2 * D, device=device)
             grads = torch.zeros(P, 1, H, D, D, device=device)
-            continues = torch.ones(P, 1, device=device)
+            continues = [[1.0]] * P  # host values, as the chain keeps them
             fold_fwd = time_it(lambda: kda_chunkwise.fold_entry_states(pairs, continues, P - 1))
             fold_bwd = time_it(lambda: kda_chunkwise.fold_exit_gradients(grads, pairs[1:, ..., :D], continues, 0))
             extra = max(cp_ms.values()) - local

@@ -43,8 +43,9 @@ def _region_part(name: str, table: dict[str, str]) -> str | None:
     return table.get(name.removesuffix(".backward"))
 
 
-def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
-    """{part: milliseconds} plus shares of the step, from the profiler's function events."""
+def breakdown(events, step_seconds: float, on_gpu: bool, activity=None) -> dict:
+    """{part: milliseconds} plus shares of the step, from the profiler's function events;
+    ``activity`` (``device_activity(profiler)``) adds where the GPU idled."""
     ranges = defaultdict(list)  # thread -> [(start_us, end_us, part)]
     table = regions()
     for e in events:
@@ -60,6 +61,7 @@ def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
 
     busy = defaultdict(float)  # part -> microseconds
     by_kernel = defaultdict(lambda: [0.0, 0])  # (part, kernel or operator) -> [microseconds, calls]
+    part_of = {}  # id (correlation) of an operator that launched kernels -> its part
     for e in events:
         if on_gpu:
             spent = [(k.name, k.duration) for k in e.kernels]
@@ -67,7 +69,7 @@ def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
             own = e.self_cpu_time_total if e.device_type == torch.autograd.DeviceType.CPU else 0.0
             spent = [(e.name, own)] if own else []
         if spent:
-            part = part_at(e.thread, e.time_range.start)
+            part = part_of[e.id] = part_at(e.thread, e.time_range.start)
             for name, us in spent:
                 busy[part] += us
                 entry = by_kernel[part, name]
@@ -78,18 +80,24 @@ def breakdown(events, step_seconds: float, on_gpu: bool) -> dict:
     parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
     result = dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
                   shares={p: ms / step_ms for p, ms in parts.items()}, top=_top(by_kernel))
-    if on_gpu:
-        launched_by = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
-        kernels = []  # (start_us, end_us, part of the operator that launched it, name)
-        for e in events:
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                op = launched_by.get(e.linked_correlation_id)
-                part = part_at(op.thread, op.time_range.start) if op is not None else "other"
-                kernels.append((e.time_range.start, e.time_range.end, part, e.name))
+    if on_gpu and activity is not None:
+        kernels = [(start, end, part_of.get(correlation, "other"), name) for start, end, correlation, name in activity]
         waits = [(part_at(e.thread, e.time_range.start), e.time_range.elapsed_us()) for e in events
                  if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAIT_CALLS]
         result.update(idle_attribution(kernels), host_waits_ms=_host_waits(waits))
     return result
+
+
+def device_activity(profiler) -> list[tuple[float, float, int, str]] | None:
+    """(start_us, end_us, correlation id of the launching operator, name) of every GPU activity of a
+    finished ``torch.profiler.profile``, from its raw (Kineto) events; None where this torch does not
+    expose them (the breakdown then has no idle attribution)."""
+    try:
+        raw = profiler.profiler.kineto_results.events()
+        return [(e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id(), e.name())
+                for e in raw if e.device_type() == torch.autograd.DeviceType.CUDA]
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def idle_attribution(kernels: list[tuple[float, float, str, str]]) -> dict:
@@ -173,7 +181,8 @@ class StepProfiler:
         self._sync()
         seconds = time.perf_counter() - self.started
         self.profiler.stop()
-        self.result = dict(step=self.step, **breakdown(self.profiler.events(), seconds, self.on_gpu))
+        activity = device_activity(self.profiler) if self.on_gpu else None
+        self.result = dict(step=self.step, **breakdown(self.profiler.events(), seconds, self.on_gpu, activity))
         self.profiler = None
         if self.write:
             Path(self.run_dir).mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ def kda_chunk_fwd(q, k, v, g, beta, h0, cu, info, offsets, NC, want_ht, gate, op
                                INV_PREC="ieee" if prec == "ieee" else options.inverse_precision,
                                **_cfg("fwd_wy", launch("fwd_wy")))
     if state_hook is not None:   # the WY pieces are ready; the state pass needs the initial state
-        h0 = state_hook.initial_state(dict(Gc=Gc, W=W, U=U, Kg=Kg), cu, offsets, options)
+        h0 = state_hook.initial_state(dict(Gc=Gc, W=W, U=U, Kg=Kg, prec=prec), cu, offsets, options)
     entry = _state_launch("fwd_h", options, N, H, V, BV, BK, q.device)
     BVs = _blk(entry, "BV", BV, BK)
     kda_fwd_h_kernel[(triton.cdiv(V, BVs), N, H)](Kg, Gc, W, U, Vn, h, h0, ht, cu, offsets, H=H, K=K, V=V,
@@ -245,8 +245,8 @@ class ChunkKDAFunction(torch.autograd.Function):
         dof = do.reshape(-1, *do.shape[2:]).contiguous()
         if ctx.state_hook is not None:   # the final states' gradient comes from the hook
             Gc, Aqk, _, _, W, _, _, Qg, Kg = saved
-            dht = ctx.state_hook.final_state_gradient(dict(Gc=Gc, Aqk=Aqk, W=W, Qg=Qg, Kg=Kg), dof, cu, offsets,
-                                                      ctx.options)
+            pieces = dict(Gc=Gc, Aqk=Aqk, W=W, Qg=Qg, Kg=Kg, prec=_meta(qf.shape[-1], vf.shape[-1], qf.dtype)[2])
+            dht = ctx.state_hook.final_state_gradient(pieces, dof, cu, offsets, ctx.options)
         dht = dht.contiguous() if dht is not None else None
         gate = (ctx.mode, A_log, dt_bias, ctx.lower_bound)
         dq, dk, dv, dg, dbeta, dh0, d_A, d_bias = kda_chunk_bwd(qf, kf, vf, gf, bf, saved, h0, dht, dof, cu,
@@ -278,7 +278,8 @@ def chunk_kda_triton(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     ``initial_state(pieces, cu, offsets, options)`` returns the initial states [N, H, Dk, Dv] fp32 once
     the forward's WY pieces (dict of Gc, W, U, Kg) exist, and whose ``final_state_gradient(pieces, do,
     cu, offsets, options)`` returns dL/d(final states) at the start of the backward (pieces Gc, Aqk, W,
-    Qg, Kg; do in token layout). Replaces initial_state; the final states then get no autograd gradient."""
+    Qg, Kg; do in token layout). Both dicts also carry ``prec``, the op's own dot precision ("ieee"
+    for fp32 inputs). Replaces initial_state; the final states then get no autograd gradient."""
     if state_hook is not None and initial_state is not None:
         raise ValueError("chunk_kda_triton: pass either initial_state or state_hook")
     if options is None:

@@ -86,9 +86,12 @@ def kda_cp_entry_grad_kernel(Qg, Kg, Gc, Aqk, W, do, docs, out, cu_seqlens, chun
     tl.store(out + (i_s * H + i_h) * K * V + dk[:, None] * V + dv[None, :], b_ds, mask=m_k[:, None] & m_v[None, :])
 
 
-def _prec(device, options: KDAOptions | None) -> str:
-    """Dot precision: exact fp32 in the interpreter; on GPUs ``options.cp_precision`` (default tf32)."""
-    return (options or KDAOptions()).cp_precision if device.type == "cuda" else "ieee"
+def _prec(device, options: KDAOptions | None, op_prec: str | None) -> str:
+    """Dot precision: exact fp32 in the interpreter and where the op itself takes exact dots (fp32
+    inputs: ``op_prec`` "ieee"); otherwise ``options.cp_precision`` (default tf32)."""
+    if device.type != "cuda" or op_prec == "ieee":
+        return "ieee"
+    return (options or KDAOptions()).cp_precision
 
 
 def _launch(name: str, options: KDAOptions | None) -> tuple[int, dict]:
@@ -114,7 +117,7 @@ def transition_pairs(pieces: dict, cu, offsets, docs, with_transition,
     BV, cfg = _launch("cp_transition", options)
     kda_cp_transition_kernel[(triton.cdiv(K + V, BV), docs.numel(), H)](
         Kg, Gc, W, U, flags, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV,
-        PREC=_prec(W.device, options), **cfg)
+        PREC=_prec(W.device, options, pieces.get("prec")), **cfg)
     return out
 
 
@@ -129,5 +132,5 @@ def entry_state_gradients(pieces: dict, do: torch.Tensor, cu, offsets, docs,
     BV, cfg = _launch("cp_entry_grad", options)
     kda_cp_entry_grad_kernel[(triton.cdiv(V, BV), docs.numel(), H)](
         Qg, Kg, Gc, Aqk, W, do, docs, out, cu, offsets, H=H, K=K, V=V, BK=BK, BV=BV,
-        PREC=_prec(W.device, options), **cfg)
+        PREC=_prec(W.device, options, pieces.get("prec")), **cfg)
     return out

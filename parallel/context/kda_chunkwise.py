@@ -53,7 +53,7 @@ class _Chain:
         self.sends_t, self.receives_t = dev(self.sends), dev(self.receives)
         self.send_docs_t, self.receive_docs_t = dev(self.send_docs, torch.int32), dev(self.receive_docs, torch.int32)
         self.send_with_m_t = dev(self.send_with_m, torch.int32)
-        self.continues = dev(cp.continues.tolist(), torch.float32)  # [P, b]
+        self.continues = cp.continues.tolist()  # [P][b] host values
         self.documents = len(cp.local_cu) - 1
 
     @staticmethod
@@ -64,31 +64,52 @@ class _Chain:
         return cp._host[key]
 
 
-def fold_entry_states(pairs: torch.Tensor, continues: torch.Tensor, rank: int) -> torch.Tensor:
-    """State entering rank ``rank``'s slice of each sample, [b, H, Dk, Dv].
-
-    pairs: [P, b, H, Dk, Dk + Dv] = [M_j | E_j] of every rank; continues: [P, b] (1: rank j's slice
-    continues a document from rank j-1, else 0)."""
-    dk = pairs.shape[-2]
-    state = pairs.new_zeros(*pairs.shape[1:-1], pairs.shape[-1] - dk)
-    for j in range(rank):
-        state = pairs[j, ..., :dk] @ state + pairs[j, ..., dk:]
-        state = state * continues[j + 1].to(state).view(-1, 1, 1, 1)
+def _affine_fold(steps, keep) -> torch.Tensor | None:
+    """From S = 0: ``S <- keep_n * (A_n S + B_n)`` over ``steps`` = [(A_n [b, H, K, K], B_n [b, H, K, X])]
+    with ``keep`` = [per-sample 0/1 host values]; None when S ends at 0. One batched GEMM per step (and
+    a zeroing only where a document starts): the fold runs once per layer and its GPU work is tiny, so
+    its cost is the host's launches."""
+    state = None
+    for (a, add), kept in zip(steps, keep):
+        b, H, K, X = add.shape
+        if state is None:
+            state = add  # a view into the gathered tensor: copied before any in-place change
+        else:
+            state = torch.baddbmm(add.reshape(b * H, K, X), a.reshape(b * H, K, K), state.reshape(b * H, K, X))
+            state = state.view(b, H, K, X)
+        dropped = [i for i, c in enumerate(kept) if not c]
+        if len(dropped) == b:
+            state = None
+        elif dropped:
+            state = state.clone() if state is add else state
+            state[dropped] = 0
     return state
 
 
-def fold_exit_gradients(grads: torch.Tensor, transitions: torch.Tensor, continues: torch.Tensor,
-                        rank: int) -> torch.Tensor:
+def _rows(continues) -> list[list[float]]:
+    return continues.tolist() if torch.is_tensor(continues) else continues
+
+
+def fold_entry_states(pairs: torch.Tensor, continues, rank: int) -> torch.Tensor:
+    """State entering rank ``rank``'s slice of each sample, [b, H, Dk, Dv].
+
+    pairs: [P, b, H, Dk, Dk + Dv] = [M_j | E_j] of every rank; continues: [P][b] host values, or a
+    tensor (1: rank j's slice continues a document from rank j-1, else 0)."""
+    dk, rows = pairs.shape[-2], _rows(continues)
+    state = _affine_fold([(pairs[j, ..., :dk], pairs[j, ..., dk:]) for j in range(rank)],
+                         [rows[j + 1] for j in range(rank)])
+    return pairs.new_zeros(*pairs.shape[1:-1], pairs.shape[-1] - dk) if state is None else state
+
+
+def fold_exit_gradients(grads: torch.Tensor, transitions: torch.Tensor, continues, rank: int) -> torch.Tensor:
     """dL/d(state leaving rank ``rank``'s slice) of each sample, [b, H, Dk, Dv].
 
     grads: [P, b, H, Dk, Dv], every rank's gradient of its entering state through its own outputs;
     transitions: [P - rank - 1, b, H, Dk, Dk], M_j of the later ranks j = rank+1 .. P-1."""
-    size = grads.shape[0]
-    out = torch.zeros_like(grads[0])
-    for j in range(size - 1, rank, -1):
-        out = grads[j] + transitions[j - rank - 1].transpose(-1, -2) @ out
-        out = out * continues[j].to(out).view(-1, 1, 1, 1)
-    return out
+    later, rows = range(grads.shape[0] - 1, rank, -1), _rows(continues)
+    state = _affine_fold([(transitions[j - rank - 1].transpose(-1, -2), grads[j]) for j in later],
+                         [rows[j] for j in later])
+    return torch.zeros_like(grads[0]) if state is None else state
 
 
 def _entering_states(cp, chain: _Chain, pairs, dv):
