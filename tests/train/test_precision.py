@@ -1,0 +1,47 @@
+"""fp32 master weights (train/precision.py) and the dtype grouping of the gradient foreach ops
+(train/grads.py), against plain per-parameter PyTorch written here."""
+import torch
+from torch import nn
+
+from train.grads import same_dtype_groups
+from train.precision import MasterWeights
+
+
+def _params(seed):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (7,), (3, 4), (2, 2, 3)]
+    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float16]
+    params = [nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in zip(shapes, dtypes)]
+    grads = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    return params, grads
+
+
+def test_same_dtype_groups_keep_indices_and_order():
+    tensors = [torch.zeros(1, dtype=d) for d in (torch.bfloat16, torch.float32, torch.bfloat16, torch.float16)]
+    groups = same_dtype_groups(tensors)
+    assert [indices for indices, _ in groups] == [[0, 2], [1], [3]]
+    for indices, members in groups:
+        assert all(tensors[i] is m for i, m in zip(indices, members))
+
+
+def test_master_weight_step_equals_per_parameter_fp32_adamw():
+    params, grads = _params(0)
+    reference = [p.detach().float().clone().requires_grad_() for p in params]
+    optimizer = MasterWeights(torch.optim.AdamW(params, lr=0.1, weight_decay=0.1))
+    plain = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.1)
+    for step in range(3):
+        for i, (p, r, g) in enumerate(zip(params, reference, grads)):
+            skip = step == 1 and i == 2  # a parameter without a gradient in one step stays as it is
+            p.grad = None if skip else g * (step + 1)
+            r.grad = None if skip else (g * (step + 1)).float()
+        before = params[2].detach().clone()
+        optimizer.step()
+        plain.step()
+        if step == 1:
+            assert torch.equal(params[2], before)
+        for p, r in zip(params, reference):
+            assert p.grad is None or p.dtype == torch.float32
+            assert p.dtype in (torch.bfloat16, torch.float32, torch.float16)
+            torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=0, atol=0)
+            if p in optimizer.masters:
+                assert torch.equal(optimizer.masters[p], r.detach())
