@@ -167,20 +167,23 @@ def train_step(state: RunState, step: int) -> StepResult:
     detailed = t.metrics_interval > 0 and (step + 1) % t.metrics_interval == 0
     if detailed:
         state.gates.arm()
-    micro = [_to_device(state.slicer.slice(next(state.train_loader)), state.device) for _ in range(state.accumulation)]
+    host = [state.slicer.slice(next(state.train_loader)) for _ in range(state.accumulation)]
+    micro = [_to_device(m, state.device) for m in host]
     reducing = context.reduction_size() > 1  # over data x context ranks
     total_tokens = sum(m["loss_mask"].sum() for m in micro).clone().double()
     if reducing:
         dist.all_reduce(total_tokens, group=context.reduction_group())
     # scaled so that the gradients after the DP x CP reduction are those of the global token mean
     loss_sum = forward_backward(optimizer.runner, micro, optimizer.loss_scale(total_tokens))
+    # this rank's share of the FLOPs of its whole sequences (each CP rank counts 1/CP of them), from
+    # the host copies of the batches (a device copy would wait for the GPU) while the GPU still runs
+    # the backward that was just queued
+    documents = [context.global_cu_seqlens(m) for m in host]
+    flops = model_flops_per_step(state.run.model, cu_seqlens_list=documents)["total"] / state.slicer.size
     optimizer.reduce_gradients()
     # detailed statistics read the router counters before the update's expert-bias step clears them
     model = state.model
     extra = {**moe_load_metrics(model), **state.gates.collect(), **kda_decay_at_zero_input(model)} if detailed else {}
-    # this rank's share of the FLOPs of its whole sequences (each CP rank counts 1/CP of them)
-    documents = [context.global_cu_seqlens(m).cpu() for m in micro]
-    flops = model_flops_per_step(state.run.model, cu_seqlens_list=documents)["total"] / state.slicer.size
     sums = torch.tensor([float(loss_sum), float(flops)], dtype=torch.float64)
     if reducing:
         dist.all_reduce(sums, group=context.reduction_group())

@@ -10,7 +10,8 @@ part also lists its largest kernels (operators on a CPU) with their time and num
 
 On a GPU the idle time is also split by the part whose kernel ended each gap (the GPU waited for
 that part's launches: host overhead there, or a wait just before it), with the largest gaps listed,
-and the host's waits for the GPU (synchronisations, blocking copies) are summed per part.
+the idle time before the step's first kernel and after its last (data loading, bookkeeping), and the
+host's waits for the GPU (synchronisations, blocking copies) summed per part.
 
 The result goes to ``<run_dir>/profile_step<N>.json`` and to the console as a table.
 """
@@ -85,17 +86,23 @@ def breakdown(events, step_seconds: float, on_gpu: bool, activity=None) -> dict:
         waits = [(part_at(e.thread, e.time_range.start), e.time_range.elapsed_us()) for e in events
                  if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAIT_CALLS]
         result.update(idle_attribution(kernels), host_waits_ms=_host_waits(waits))
+        host = [e.time_range for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        if kernels and host:  # the GPU idle before its first and after its last kernel of the step
+            result["idle_at_edges_ms"] = [round((min(k[0] for k in kernels) - min(r.start for r in host)) / 1e3, 3),
+                                          round((max(r.end for r in host) - max(k[1] for k in kernels)) / 1e3, 3)]
     return result
 
 
 def device_activity(profiler) -> list[tuple[float, float, int, str]] | None:
     """(start_us, end_us, correlation id of the launching operator, name) of every GPU activity of a
-    finished ``torch.profiler.profile``, from its raw (Kineto) events; None where this torch does not
+    finished ``torch.profiler.profile``, from its raw (Kineto) events, on the function events' clock
+    (microseconds from the trace's start); None where this torch does not
     expose them (the breakdown then has no idle attribution)."""
     try:
-        raw = profiler.profiler.kineto_results.events()
-        return [(e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id(), e.name())
-                for e in raw if e.device_type() == torch.autograd.DeviceType.CUDA]
+        results = profiler.profiler.kineto_results
+        zero = results.trace_start_ns()  # the function events' time origin
+        return [((e.start_ns() - zero) / 1e3, (e.start_ns() + e.duration_ns() - zero) / 1e3, e.linked_correlation_id(),
+                 e.name()) for e in results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
     except (AttributeError, RuntimeError):
         return None
 
@@ -146,6 +153,9 @@ def format_breakdown(result: dict) -> str:
         lines += [f"    {part:34s} {ms:10.2f} ms" for part, ms in result["idle_before_ms"].items()]
         lines.append("  largest gaps:")
         lines += [f"    {ms:9.3f} ms before {part}: {name}" for ms, part, name in result["largest_gaps"]]
+        if "idle_at_edges_ms" in result:
+            lead, tail = result["idle_at_edges_ms"]
+            lines.append(f"  idle before the step's first kernel / after its last: {lead:.2f} / {tail:.2f} ms")
         lines.append("  host waits for the GPU (synchronisations, blocking copies):")
         lines += [f"    {part:34s} {ms:10.2f} ms {n:5d}x" for part, (ms, n) in result["host_waits_ms"].items()]
     return "\n".join(lines)
