@@ -5,8 +5,8 @@
 # tree before a refactor in $BEFORE_TREE), the chunkwise-CP pre-pass cost and the memory model.
 # Usage on the GPU machine (carry .whl, .triton, cache and the before tree):
 #   BEFORE_TREE=.before bash benchmarks/gpu_validate.sh [steps...]
-#   steps: tests kda_before kda_after tp_before tp_after cp cp_tf32 cp_profile memory
-#   (default: all but cp_tf32 and cp_profile)
+#   steps: tests cp_tests kda_before kda_after tp_before tp_after arms cp cp_tf32 cp_profile memory
+#   (default: all but cp_tests, arms, cp_tf32 and cp_profile)
 #   make the before tree here with:  mkdir .before && git archive REV | tar -x -C .before
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,11 +23,22 @@ PYTHONFAULTHANDLER=1 STEP_SIGNAL=ABRT step tests 300 python3 -m pytest -q -p no:
   tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
   tests/launch/test_hf_baseline.py tests/model/test_lm_head_loss_gpu.py tests/model/test_attention_gpu.py \
   tests/model/test_no_host_sync_gpu.py
+# every test of the CP pre-pass files on the GPU, the unmarked fp32 ones too (they then run the real kernels)
+step cp_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kda_cp_prepass.py \
+  tests/parallel/test_context_parallel_gpu.py
 step kda_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
 step kda_after 150 python3 benchmarks/kda.py $KDA_ARGS --out "$OUT/kda_after.json"
 step tp_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/train_throughput.py $TP_ARGS --no-transformers \
   --out $OUT/tp_before.json"
 step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
+# Kimi Linear and MLA without recompute, compiled, each twice in turn (K M K M): one call's numbers
+# moved 7% between two runs of the same arm, so the pair says how far apart repeated runs are
+ARMS_ARGS="--preset scaling-653m --contexts 4096 --tokens-per-step 32768 --steps 5 --bf16 --compile --baseline none"
+for run in 1 2; do
+  for arm in kimi-linear mla; do
+    step arms 200 python3 benchmarks/train_throughput.py $ARMS_ARGS --arms $arm --out "$OUT/arms_${arm}_$run.json"
+  done
+done
 # CP_LAUNCH: launch overrides of the pre-pass kernels for steps cp and cp_tf32 (e.g. cp_transition.num_stages=2)
 CP_ARGS=(--heads 32 --shards 4096,16384,65536 --cp 2,4,8 ${CP_LAUNCH:+--launch "$CP_LAUNCH"})
 step cp 150 python3 benchmarks/cp_kda.py "${CP_ARGS[@]}" --out "$OUT/cp_kda.json"
