@@ -62,18 +62,25 @@ class Palindrome:
 class MQAR:
     """Multi-query associative recall: ``k_1 v_1 .. k_n v_n`` (distinct keys, distinct values), then
     every key once more in random order, each followed by its value, at random 2-token slots of the
-    rest of the sequence; the gaps hold noise tokens drawn from the value range (never a key).
-    ``n = kv_pairs``, or ``L // 8`` when 0. Answers: the values after the queried keys.
-    Token ids: keys ``0 .. keys-1``, values ``keys .. keys+values-1``."""
+    rest of the sequence; the gaps hold ``<pad>`` (``noise="pad"``, as Zoology's MQAR) or random tokens
+    of the value range (``noise="values"``, never a key; much slower to learn: every gap token is
+    written into a linear mixer's state). ``n = kv_pairs``, or ``L // 8`` when 0. Answers: the values
+    after the queried keys. Token ids: keys ``0 .. keys-1``, values ``keys .. keys+values-1``, then
+    ``<pad>`` (with ``noise="pad"``)."""
 
     keys: int = 4096
     values: int = 4096
     kv_pairs: int = 0
+    noise: str = "pad"
     name = "mqar"
 
     @property
-    def vocab_size(self) -> int:
+    def pad(self) -> int:
         return self.keys + self.values
+
+    @property
+    def vocab_size(self) -> int:
+        return self.keys + self.values + (self.noise == "pad")
 
     def pairs(self, length: int) -> int:
         return self.kv_pairs or max(1, length // 8)
@@ -82,6 +89,8 @@ class MQAR:
         return 3  # one pair and its query; check() covers more pairs
 
     def check(self, length: int) -> None:
+        if self.noise not in ("pad", "values"):
+            raise ConfigError(f"mqar: noise={self.noise!r}: use pad or values")
         n = self.pairs(length)
         if (length + 1 - 2 * n) // 2 < n:
             raise ConfigError(
@@ -102,7 +111,10 @@ class MQAR:
         stream = np.empty((count, length + 1), dtype=np.int64)
         stream[:, 0:2 * n:2] = keys
         stream[:, 1:2 * n:2] = values
-        stream[:, 2 * n:] = self.keys + rng.integers(0, self.values, (count, rest))  # noise
+        if self.noise == "pad":
+            stream[:, 2 * n:] = self.pad
+        else:
+            stream[:, 2 * n:] = self.keys + rng.integers(0, self.values, (count, rest))
         rows, where = np.arange(count)[:, None], 2 * n + 2 * slots
         stream[rows, where] = np.take_along_axis(keys, order, 1)
         stream[rows, where + 1] = np.take_along_axis(values, order, 1)
@@ -219,6 +231,8 @@ def make_task(name: str, **params):
     task = cls(**values)
     for key in fields:
         value = getattr(task, key)
+        if isinstance(value, str):
+            continue  # checked by the task (check_length)
         if value < 0 or (key != "kv_pairs" and value == 0) or (key == "push_probability" and value > 1):
             raise ConfigError(f"--task-arg {key}={value}: must be positive"
                               + (" and at most 1" if key == "push_probability" else ""))

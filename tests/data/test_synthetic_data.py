@@ -45,6 +45,27 @@ def test_mqar_answers_are_the_values_of_the_queried_keys(length, pairs):
         rest[:2 * n] = False
         rest[np.flatnonzero(answer) - 1] = False
         assert (stream[rest] >= task.keys).all()  # outside the pairs and queries: values/noise, never a key
+        rest[np.flatnonzero(answer)] = False
+        assert (stream[rest] == task.pad).all()  # the gaps hold the default fill: <pad>, the last id
+
+
+def test_mqar_gap_fill_pad_or_value_noise():
+    pad = make_task("mqar", keys=50, values=60, kv_pairs=4)
+    noisy = make_task("mqar", keys=50, values=60, kv_pairs=4, noise="values")
+    assert (pad.vocab_size, pad.pad, noisy.vocab_size) == (111, 110, 110)
+    for task in (pad, noisy):
+        for stream, answer in _samples(task, 40, count=8):
+            gaps = np.ones(41, dtype=bool)
+            gaps[:8] = False
+            gaps[np.flatnonzero(answer) - 1] = False
+            gaps[np.flatnonzero(answer)] = False
+            fill = stream[gaps]
+            if task is pad:
+                assert (fill == task.pad).all()
+            else:
+                assert (fill >= task.keys).all() and (fill < task.keys + task.values).all() and len(set(fill)) > 1
+    with pytest.raises(ConfigError, match="noise='zeros': use pad or values"):
+        check_length(make_task("mqar", noise="zeros"), 64)
 
 
 @pytest.mark.parametrize("length", [5, 47, 300, 2048])
