@@ -96,8 +96,8 @@ def breakdown(events, step_seconds: float, on_gpu: bool, activity=None) -> dict:
 def device_activity(profiler) -> list[tuple[float, float, int, str]] | None:
     """(start_us, end_us, correlation id of the launching operator, name) of every GPU activity of a
     finished ``torch.profiler.profile``, from its raw (Kineto) events, on the function events' clock
-    (microseconds from the trace's start); None where this torch does not
-    expose them (the breakdown then has no idle attribution)."""
+    (microseconds from the trace's start); None where this torch does not expose them (the breakdown
+    then has no idle attribution)."""
     try:
         results = profiler.profiler.kineto_results
         zero = results.trace_start_ns()  # the function events' time origin
