@@ -149,9 +149,12 @@ def test_state_dtype_and_inverse_precision_reach_the_kernels(monkeypatch, dtype)
 
 
 def test_cp_precision_reaches_the_prepasses():
-    assert cp_prepass._prec(torch.device("cuda"), KDAOptions(cp_precision="tf32")) == "tf32"
-    assert cp_prepass._prec(torch.device("cuda"), None) == KDAOptions().cp_precision == "tf32"
-    assert cp_prepass._prec(torch.device("cpu"), KDAOptions(cp_precision="tf32")) == "ieee"  # the interpreter
+    cuda = torch.device("cuda")
+    assert cp_prepass._prec(cuda, KDAOptions(cp_precision="tf32x3"), "tf32") == "tf32x3"
+    assert cp_prepass._prec(cuda, None, "tf32") == KDAOptions().cp_precision == "tf32"
+    # exact dots where the op itself takes them (fp32 inputs), and in the interpreter
+    assert cp_prepass._prec(cuda, KDAOptions(cp_precision="tf32"), "ieee") == "ieee"
+    assert cp_prepass._prec(torch.device("cpu"), KDAOptions(cp_precision="tf32"), "tf32") == "ieee"
 
 
 def test_prepass_launch_options_reach_the_prepasses(monkeypatch):
