@@ -254,9 +254,11 @@ def main() -> None:
             rows.extend(new)
     import triton
 
+    op_prec = "ieee" if dtype == torch.float32 else "tf32"  # the local op's own dots (kernels/kda/chunk.py)
     result = dict(date=datetime.date.today().isoformat(),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-                  torch=torch.__version__, triton=triton.__version__, precision=cp_prepass._prec(device, options),
+                  torch=torch.__version__, triton=triton.__version__,
+                  precision=cp_prepass._prec(device, options, op_prec),
                   kda_options=options.to_dict(), rows=rows)
     print(f"\n{result['device']}, torch {result['torch']}, Triton {result['triton']}, pre-pass dots "
           f"{result['precision']}\n" + table(rows))
