@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from common import add_kda_option_flags, kda_options  # noqa: E402
 from kernels.kda import cp_prepass  # noqa: E402
-from kernels.kda.chunk import chunk_kda_triton  # noqa: E402
+from kernels.kda.chunk import chunk_kda_triton, op_precision  # noqa: E402
 from parallel.context import ContextParallel, kda_chunkwise  # noqa: E402
 from tests.helpers.kda import rel_rms  # noqa: E402 (PYTHONPATH=.: the tests' shared comparison)
 
@@ -254,11 +254,10 @@ def main() -> None:
             rows.extend(new)
     import triton
 
-    op_prec = "ieee" if dtype == torch.float32 else "tf32"  # the local op's own dots (kernels/kda/chunk.py)
     result = dict(date=datetime.date.today().isoformat(),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
                   torch=torch.__version__, triton=triton.__version__,
-                  precision=cp_prepass._prec(device, options, op_prec),
+                  precision=cp_prepass._prec(device, options, op_precision(dtype)),
                   kda_options=options.to_dict(), rows=rows)
     print(f"\n{result['device']}, torch {result['torch']}, Triton {result['triton']}, pre-pass dots "
           f"{result['precision']}\n" + table(rows))

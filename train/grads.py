@@ -24,13 +24,23 @@ def is_expert(param: nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
 
 
+def same_dtype_groups(tensors: list[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """(indices, tensors) per (dtype, device), for ops that need one dtype (a flat buffer) or run
+    best with one: a foreach op on a list that mixes dtypes (bf16
+    gradients with the fp32 ones of A_log, dt_bias and the routers) takes its slow path on a GPU,
+    one kernel per tensor (~2,000 per step at 3.7 B parameters) instead of a few."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        indices, members = groups.setdefault((t.dtype, t.device), ([], []))
+        indices.append(i)
+        members.append(t)
+    return list(groups.values())
+
+
 def _all_reduce_flat(grads: list[torch.Tensor], group, average_over: int = 1) -> None:
     if not grads:
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for same in by_dtype.values():
+    for _, same in same_dtype_groups(grads):
         flat = torch.cat([g.reshape(-1) for g in same])
         dist.all_reduce(flat, group=group)
         if average_over > 1:
@@ -76,18 +86,6 @@ def all_reduce_data_parallel(model: nn.Module) -> None:
             _all_reduce_flat(experts, parallel_state.get_expert_data_parallel_group(), edp)
         if dp != edp:
             torch._foreach_mul_(experts, edp / dp)
-
-
-def same_dtype_groups(tensors: list[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """(indices, tensors) per (dtype, device): a foreach op on a list that mixes dtypes (bf16
-    gradients with the fp32 ones of A_log, dt_bias and the routers) takes its slow path on a GPU,
-    one kernel per tensor (~2,000 per step at 3.7 B parameters) instead of a few."""
-    groups: dict = {}
-    for i, t in enumerate(tensors):
-        indices, members = groups.setdefault((t.dtype, t.device), ([], []))
-        indices.append(i)
-        members.append(t)
-    return list(groups.values())
 
 
 def global_grad_norm(model: nn.Module) -> torch.Tensor:

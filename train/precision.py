@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.grads import same_dtype_groups
+
 MASTER_KEY = "master_param"
 
 
@@ -60,8 +62,6 @@ class MasterWeights:
     def step(self) -> None:
         # bulk copies (one multi-tensor kernel each on a GPU), not a cast and a copy per parameter:
         # at ~2,000 parameters the per-parameter launches kept the GPU waiting on the host
-        from train.grads import same_dtype_groups
-
         params = [p for p in self.masters if p.grad is not None]
         lows = [p.data for p in params]
         grads32 = [None] * len(params)
@@ -76,7 +76,7 @@ class MasterWeights:
             p.data = self.masters[p]
             p.grad = grad32
         self.inner.step()
-        masters = [p.data for p in params]
+        masters = [self.masters[p] for p in params]
         for indices, group in same_dtype_groups(lows):
             torch._foreach_copy_(group, [masters[i] for i in indices])
         for p, low in zip(params, lows):

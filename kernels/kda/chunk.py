@@ -74,12 +74,16 @@ def _state_dtype(dtype, options: KDAOptions):
     return dtype if options.state_dtype == "input" and dtype == torch.bfloat16 else torch.float32
 
 
+def op_precision(dtype) -> str:
+    """The op's dot precision for inputs of ``dtype``: exact fp32 dots for fp32 inputs (tests);
+    bf16/fp16: tf32 tensor cores on fp32 operands."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _meta(K, V, dtype):
     BK = max(16, triton.next_power_of_2(K))
     BV = min(64, max(16, triton.next_power_of_2(V)))
-    # fp32 inputs: exact fp32 dots (tests); bf16/fp16: tf32 tensor cores on fp32 operands
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    return BK, BV, prec
+    return BK, BV, op_precision(dtype)
 
 
 _SM_COUNT: dict = {}
@@ -245,7 +249,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         dof = do.reshape(-1, *do.shape[2:]).contiguous()
         if ctx.state_hook is not None:   # the final states' gradient comes from the hook
             Gc, Aqk, _, _, W, _, _, Qg, Kg = saved
-            pieces = dict(Gc=Gc, Aqk=Aqk, W=W, Qg=Qg, Kg=Kg, prec=_meta(qf.shape[-1], vf.shape[-1], qf.dtype)[2])
+            pieces = dict(Gc=Gc, Aqk=Aqk, W=W, Qg=Qg, Kg=Kg, prec=op_precision(qf.dtype))
             dht = ctx.state_hook.final_state_gradient(pieces, dof, cu, offsets, ctx.options)
         dht = dht.contiguous() if dht is not None else None
         gate = (ctx.mode, A_log, dt_bias, ctx.lower_bound)
