@@ -33,8 +33,9 @@ step tp_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/tra
 step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
 # Kimi Linear and MLA without recompute, compiled, each twice in turn (K M K M): one call's numbers
 # moved 7% between two runs of the same arm, so the pair says how far apart repeated runs are
+# (ARMS_RUNS=1: each once)
 ARMS_ARGS="--preset scaling-653m --contexts 4096 --tokens-per-step 32768 --steps 5 --bf16 --compile --baseline none"
-for run in 1 2; do
+for run in $(seq 1 "${ARMS_RUNS:-2}"); do
   for arm in kimi-linear mla; do
     step arms 200 python3 benchmarks/train_throughput.py $ARMS_ARGS --arms $arm --out "$OUT/arms_${arm}_$run.json"
   done

@@ -61,6 +61,10 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     compile: bool = False  # fuse the norms and the KDA short convolutions with torch.compile (CUDA; model/fusion.py)
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
+    # Python's garbage collector runs only every this many steps (young generations), not whenever
+    # it decides to: a full pass over the many objects of a compiled model stalls the step it lands
+    # in (as torchtitan and Megatron-LM also schedule it); 0 = Python's automatic collector
+    gc_interval: int = 50
     # parallel layout
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -176,6 +180,7 @@ NUMBER_RULES = {
     "qk_clip_tau": (_at_least(0), ">= 0 (0 = off)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "max_nonfinite_steps": (_positive, "positive"),
+    "gc_interval": (_at_least(0), ">= 0 steps (0 = Python's automatic collector)"),
     "loss_chunk_tokens": (_at_least(0), ">= 0 tokens (0 = off; e.g. 4096)"),
     "tensor_model_parallel_size": (_positive, "positive"),
     "pipeline_model_parallel_size": (_positive, "positive"),

@@ -5,6 +5,7 @@ non-finite loss or gradient norm). Setup, logging and saving are in train/run_st
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -115,11 +116,14 @@ def train(run: RunConfig, data=None, evaluation=None) -> list[float]:
     entry ends the run after this step, saving a checkpoint when ``--save`` is set.
     """
     signals.install()
+    gc_was_enabled = gc.isenabled()
     try:
         return _train(run, data, evaluation)
     finally:
         release_save_folder()
         signals.clear()
+        if gc_was_enabled:
+            gc.enable()
 
 
 def _train(run: RunConfig, data, evaluation) -> list[float]:
@@ -130,10 +134,16 @@ def _train(run: RunConfig, data, evaluation) -> list[float]:
     state.start_step = resume.resume(run, state.model, state.optimizer, state.train_loader, log)
     start_logging(state)
     state.model.train()
+    gc_interval = run.train.gc_interval
+    if gc_interval:  # collections at fixed steps (the config field says why)
+        gc.collect()
+        gc.disable()
     for step in range(state.start_step, run.train.train_iters):
         state.profiler.start(step)
         result = train_step(state, step)
         state.profiler.stop()  # after the step's clock: reading the trace takes a while
+        if gc_interval and (step + 1) % gc_interval == 0:
+            gc.collect(1)
         if _after_step(state, step + 1, result, evaluation):
             break
     state.logger.close()

@@ -28,6 +28,7 @@ from train.config import TrainConfig, load_run_config
     ("seed", -1, "--seed"),
     ("keep_last", -1, "--set train.keep_last"),
     ("max_nonfinite_steps", 0, "--set train.max_nonfinite_steps"),
+    ("gc_interval", -1, "--set train.gc_interval"),
     ("tensor_model_parallel_size", 0, "--tensor-model-parallel-size"),
     ("train_iters", 1.5, "--train-iters"),
     ("loss_chunk_tokens", -4096, "--loss-chunk-tokens"),

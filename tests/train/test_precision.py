@@ -45,3 +45,41 @@ def test_master_weight_step_equals_per_parameter_fp32_adamw():
             torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=0, atol=0)
             if p in optimizer.masters:
                 assert torch.equal(optimizer.masters[p], r.detach())
+
+
+def test_fused_adamw_fast_path_equals_fp32_adamw_and_falls_back():
+    """After the first step, MasterWeights calls the fused kernel on cached lists; it must equal
+    fused fp32 AdamW run on fp32 copies, through a step with a missing gradient (the general path),
+    a changed learning rate, and state tensors replaced wholesale (the cache is rebuilt)."""
+    params, grads = _params(1)
+    params, grads = params[:3], grads[:3]  # bf16, fp32, bf16
+    reference = [p.detach().float().clone().requires_grad_() for p in params]
+    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+    optimizer = MasterWeights(torch.optim.AdamW(groups(params), lr=0.05, fused=True))
+    plain = torch.optim.AdamW(groups(reference), lr=0.05, fused=True)
+    paths = []
+    for step in range(6):
+        skip = step == 2
+        for i, (p, r, g) in enumerate(zip(params, reference, grads)):
+            missing = skip and i == 0
+            p.grad = None if missing else g * (step + 1)
+            r.grad = None if missing else (g * (step + 1)).float()
+        if step == 3:
+            for opt in (optimizer, plain):
+                for group in opt.param_groups:
+                    group["lr"] = 0.02
+        if step == 4:  # replace the moment tensors (as a wholesale state load would)
+            for p in params:
+                optimizer.state[p]["exp_avg"] = optimizer.state[p]["exp_avg"].clone()
+        paths.append(optimizer._fused_adamw_groups() is not None)
+        optimizer.step()
+        plain.step()
+        for p, r in zip(params, reference):
+            torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=0, atol=0)
+            if p in optimizer.masters:
+                assert torch.equal(optimizer.masters[p], r.detach())
+        for p, r in zip(params, reference):
+            assert torch.equal(optimizer.state[p]["exp_avg"], plain.state[r]["exp_avg"])
+            assert torch.equal(optimizer.state[p]["step"], plain.state[r]["step"])
+    # the first step creates the state, the one with a missing gradient takes the general path
+    assert paths == [False, True, False, True, True, True]

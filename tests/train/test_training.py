@@ -222,3 +222,23 @@ def test_bf16_master_weights_and_exact_resume(tmp_path):
     q = model.layers[0].mixer.q_proj.weight
     assert q.dtype == torch.bfloat16 and torch.equal(q, optimizer.masters[q].to(torch.bfloat16))
     assert optimizer.state[q]["exp_avg"].dtype == torch.float32
+
+
+def test_garbage_collection_runs_at_fixed_steps_only(tmp_path, monkeypatch):
+    """train.gc_interval: Python's automatic collector is off during training (it stalled steps),
+    young generations are collected every gc_interval steps, and the collector is back on after."""
+    import gc
+
+    from train.loop import train
+
+    calls, enabled_during = [], []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation) or collect(generation))
+    seen = lambda model, step: enabled_during.append(gc.isenabled()) or {}  # noqa: E731
+    train(small_run(tmp_path, train_iters=6, gc_interval=2, eval_interval=1), evaluation=seen)
+    assert calls == [2, 1, 1, 1]  # one full pass before the loop, then after steps 2, 4 and 6
+    assert enabled_during and not any(enabled_during)
+    assert gc.isenabled()
+    calls.clear(), enabled_during.clear()
+    train(small_run(tmp_path, train_iters=2, gc_interval=0, eval_interval=1), evaluation=seen)
+    assert calls == [] and all(enabled_during) and enabled_during
