@@ -11,6 +11,8 @@ dict ("fully_reshardable": loadable at another DP/TP/PP layout).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -125,9 +127,9 @@ class MegatronOptimizer(TrainingOptimizer):
     def loss_scale(self, total_tokens):
         return context.gradient_scale(total_tokens, megatron_ddp=True)
 
-    def update(self, loss_is_finite: bool) -> tuple[float, dict]:
+    def update(self, loss: torch.Tensor) -> tuple[float, dict]:
         grad_norm = float("nan")
-        if loss_is_finite:  # the DP reduce-scatter, the SP and expert groups, the expert-bias update
+        if math.isfinite(float(loss)):  # the DP reduce-scatter, the SP and expert groups, the expert-bias update
             with torch.profiler.record_function("optimizer"):
                 finalize_model_grads([self.runner])
                 _, norm, _ = self.optimizer.step()

@@ -12,7 +12,6 @@ rank 0 of their group, summed over TP, EP and PP.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -129,8 +128,9 @@ def all_reduce_data_parallel(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def global_grad_norm(model: nn.Module) -> torch.Tensor:
-    """L2 norm of the full model's gradient (each shard counted once), fp64 on the CPU."""
+def grad_norm_on_device(model: nn.Module) -> torch.Tensor:
+    """L2 norm of the full model's gradient (each shard counted once), fp64, where the gradients
+    are: reading it is the caller's choice (a read makes the host wait for the backward)."""
     plan = parameter_plan(model)
     first = next((p.grad for p in plan.params if p.grad is not None), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -147,7 +147,7 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
             return torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack(norms).double().pow(2).sum()
 
-    # reduced where the gradients are (NCCL reduces no CPU tensors), read on the host once
+    # reduced where the gradients are (NCCL reduces no CPU tensors)
     dense_sq, expert_sq = squares(plan.norm_dense_by_dtype), squares(plan.norm_experts_by_dtype)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(dense_sq, group=parallel_state.get_tensor_model_parallel_group())
@@ -156,16 +156,24 @@ def global_grad_norm(model: nn.Module) -> torch.Tensor:
     total = dense_sq + expert_sq
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return total.sqrt().cpu()
+    return total.sqrt()
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
-    norm = float(global_grad_norm(model))
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for group in parameter_plan(model).by_dtype:
-            grads = grads_of(group)
-            if grads:
-                torch._foreach_mul_(grads, scale)
-    return norm
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that brings a gradient of norm ``norm`` (a 0-dim fp64 tensor) to at most
+    ``max_norm``, as an fp32 0-dim tensor on its device: 1 when it is within (or ``max_norm`` <= 0,
+    or the norm is not finite: that step is skipped), else ``max_norm / (norm + 1e-6)`` (the
+    division in fp64, then one rounding to fp32)."""
+    if max_norm <= 0:
+        return torch.ones((), dtype=torch.float32, device=norm.device)
+    return torch.where(norm > max_norm, max_norm / (norm + 1e-6), 1.0).float()  # NaN > x is false
+
+
+def scale_gradients(groups: list[list[nn.Parameter]], factor: torch.Tensor) -> None:
+    """Multiply the gradients of ``groups`` (same-dtype lists) by ``factor`` (an fp32 0-dim tensor on
+    their device; a foreach op takes its one-launch path only when a tensor factor has the list's
+    dtype, so other dtypes get it rounded to theirs)."""
+    for group in groups:
+        grads = grads_of(group)
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))

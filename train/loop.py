@@ -20,6 +20,7 @@ from train.config import RunConfig
 from train.errors import DataError, agree
 from train.flops import model_flops_per_step
 from train.health import divergence_error
+from train.host_copy import HostCopy
 from train.lock import release_save_folder
 from train.metrics import kda_decay_at_zero_input, moe_load_metrics, validation_metrics
 from train.run_state import (
@@ -95,7 +96,7 @@ def evaluate(model, loader, iters: int, device, slicer=None) -> dict:
     cut = slicer.slice if slicer is not None else (lambda batch: batch)
     batches = [_to_device(cut(next(loader)), device) for _ in range(iters)]
     loss_sum = forward_backward(model, batches, torch.ones(()), forward_only=True)
-    total = torch.stack([loss_sum, sum(b["loss_mask"].sum() for b in batches).double().cpu(),
+    total = torch.stack([loss_sum.cpu(), sum(b["loss_mask"].sum() for b in batches).double().cpu(),
                          torch.tensor(float(sum(b["tokens"].numel() for b in batches)), dtype=torch.float64)])
     if dist.is_initialized():  # on the device: NCCL reduces no CPU tensors
         total = total.to(device)
@@ -194,19 +195,25 @@ def train_step(state: RunState, step: int) -> StepResult:
     # detailed statistics read the router counters before the update's expert-bias step clears them
     model = state.model
     extra = {**moe_load_metrics(model), **state.gates.collect(), **kda_decay_at_zero_input(model)} if detailed else {}
-    sums = torch.tensor([float(loss_sum), float(flops)], dtype=torch.float64)
+    # on the device until the step's one read below (a fill, not a copy from the host: that would wait)
+    sums = torch.stack([loss_sum, torch.full((), flops, dtype=torch.float64, device=loss_sum.device)])
     if reducing:
         dist.all_reduce(sums, group=context.reduction_group())
-    loss = float(sums[0] / total_tokens.cpu())
-    grad_norm, update_metrics = optimizer.update(math.isfinite(loss))
+    mean_loss = sums[0] / total_tokens
+    # copied before the update's kernels are queued and read after: the host waits for these values
+    # (and the norm), not for the optimizer's kernels, and builds the next batch while they run
+    read = HostCopy(torch.stack([mean_loss, sums[1]]))
+    grad_norm, update_metrics = optimizer.update(mean_loss)
     extra.update(update_metrics)
+    loss, flops = (float(x) for x in read.get())
+    grad_norm = float(grad_norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
         state.nonfinite_in_a_row = 0
     else:
         optimizer.discard_step()
         _count_nonfinite(state, step + 1, loss, grad_norm)
     state.losses.append(loss)
-    return StepResult(loss, lr, grad_norm, float(sums[1]), time.time() - step_start, extra, micro[0])
+    return StepResult(loss, lr, grad_norm, flops, time.time() - step_start, extra, micro[0])
 
 
 def _count_nonfinite(state: RunState, done: int, loss: float, grad_norm: float) -> None:

@@ -12,8 +12,12 @@ A step, as the loop drives it::
     optimizer.begin_step(lr)                                  # set the LR, clear the gradients
     forward_backward(optimizer.runner, batches, optimizer.loss_scale(global_tokens))
     optimizer.reduce_gradients()
-    grad_norm, stats = optimizer.update(loss_is_finite)       # clip and step unless non-finite
+    grad_norm, stats = optimizer.update(mean_loss)            # clip and step unless non-finite
     if the loss or grad_norm is not finite: optimizer.discard_step()
+
+``update`` may decide on the device (train/optimizer.py, ``LocalOptimizer._update_on_device``):
+then nothing in the step makes the host wait for the GPU until the loop reads the loss and norm
+at its end, and that read waits for them only, not for the update's kernels (train/host_copy.py).
 
 Between ``reduce_gradients`` and ``update`` the MoE router still holds the step's token counts
 (the detailed metrics read them); ``update`` moves the experts' biases and clears them.
@@ -29,7 +33,15 @@ from torch import nn
 
 from train import context
 from train.checkpoint import load_sharded
-from train.grads import all_reduce_data_parallel, all_reduce_sequence_parallel, clip_gradients
+from train.grads import (
+    all_reduce_data_parallel,
+    all_reduce_sequence_parallel,
+    clip_factor,
+    grad_norm_on_device,
+    parameter_plan,
+    scale_gradients,
+)
+from train.host_copy import HostCopy
 from train.muon import qk_clip, set_max_logit_recording
 from train.optim import build_optimizer, qk_clip_enabled
 from train.precision import MasterWeights
@@ -46,6 +58,15 @@ def _router_modules(model) -> list[nn.Module]:
             if hasattr(m, "expert_bias") or hasattr(m, "reset_global_aux_loss_tracker")
             or getattr(m, "qb_beta_accum", None) is not None]
     return routers
+
+
+def mask_router_counts(model, keep: torch.Tensor) -> None:
+    """Multiply the routers' per-step token counts by ``keep`` (a 0-dim bool tensor): all zero,
+    the expert-bias update moves no bias (every expert is at the mean)."""
+    counts = [m.local_tokens_per_expert for m in _router_modules(model)
+              if getattr(m, "local_tokens_per_expert", None) is not None and hasattr(m, "expert_bias")]
+    if counts:
+        torch._foreach_mul_(counts, keep.to(counts[0].dtype))
 
 
 def reset_router_counters(model) -> None:
@@ -89,9 +110,12 @@ class TrainingOptimizer(ABC):
         from ``update``)."""
 
     @abstractmethod
-    def update(self, loss_is_finite: bool) -> tuple[float, dict]:
-        """Clip the gradients and apply them unless the loss or the gradient norm is non-finite.
-        Returns the norm before clipping and metrics of the update (e.g. QK-Clip's)."""
+    def update(self, loss: torch.Tensor) -> tuple[HostCopy | float, dict]:
+        """Clip the gradients and apply them unless ``loss`` (the step's global mean loss, a 0-dim
+        tensor where the model is) or the gradient norm is non-finite. Returns the norm before
+        clipping (a float, or where the decision was made on the device a ``HostCopy`` of it, whose
+        ``float()`` waits for the norm but not for the update's kernels) and metrics of the update
+        (e.g. QK-Clip's)."""
 
     @abstractmethod
     def discard_step(self) -> None:
@@ -134,17 +158,48 @@ class LocalOptimizer(TrainingOptimizer):
         all_reduce_sequence_parallel(self.model)
         all_reduce_data_parallel(self.model)
 
-    def update(self, loss_is_finite: bool) -> tuple[float, dict]:
+    def update(self, loss: torch.Tensor):
         with torch.profiler.record_function("optimizer"):
-            grad_norm = clip_gradients(self.model, self.clip_grad)
-        if not (loss_is_finite and math.isfinite(grad_norm)):
+            norm = grad_norm_on_device(self.model)
+        if self._skips_on_device():
+            return self._update_on_device(loss, norm), {}
+        # read both at once; the update waits for the host's decision
+        loss_value, grad_norm = (float(x) for x in torch.stack([loss.double(), norm]).cpu())
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             return grad_norm, {}
         update_expert_bias(self.model)
         with torch.profiler.record_function("optimizer"):
-            self.optimizer.step()
+            self._step(clip_factor(norm, self.clip_grad))  # from the device norm, as the device path
         if self.qk_clip_tau <= 0:
             return grad_norm, {}
         return grad_norm, {f"qk_clip/{k}": v for k, v in qk_clip(self.model, self.qk_clip_tau).items()}
+
+    def _skips_on_device(self) -> bool:
+        """Whether this step can clip and skip without the host reading the norm: fused AdamW on
+        fp32 masters (after its first step), no QK-Clip (which reads the logit maxima)."""
+        return (self.qk_clip_tau <= 0 and isinstance(self.optimizer, MasterWeights)
+                and self.optimizer.device_skip_ready())
+
+    def _update_on_device(self, loss: torch.Tensor, norm: torch.Tensor) -> HostCopy:
+        """The clip, the expert-bias move and the update, decided on the device: a non-finite loss
+        or norm zeroes the routers' token counts (no bias moves) and makes the fused kernel return
+        at once. The host runs on to the next step while the GPU works."""
+        with torch.profiler.record_function("optimizer"):
+            skip = ~(torch.isfinite(norm) & torch.isfinite(loss))
+            norm_read = HostCopy(norm)  # queued before the update's kernels: reading it waits for the norm only
+            mask_router_counts(self.model, ~skip)
+            update_expert_bias(self.model)
+            self._step(clip_factor(norm, self.clip_grad), found_inf=skip.float())
+        return norm_read
+
+    def _step(self, factor, found_inf=None) -> None:
+        """The optimizer's step on gradients multiplied by ``factor`` (MasterWeights applies it in
+        fp32, inside the fused kernel where that runs; other optimizers get them scaled in place)."""
+        if isinstance(self.optimizer, MasterWeights):
+            self.optimizer.step(grad_scale=factor, found_inf=found_inf)
+        else:
+            scale_gradients(parameter_plan(self.model).by_dtype, factor)
+            self.optimizer.step()
 
     def discard_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

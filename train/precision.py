@@ -59,17 +59,30 @@ class MasterWeights:
             master.copy_(p.detach().float())
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, grad_scale=None, found_inf: torch.Tensor | None = None) -> None:
+        """One update. ``grad_scale`` (a float or an fp32 0-dim tensor): a factor on every gradient
+        of the step (the gradient clip), applied in fp32: inside the fused AdamW kernel, or to the
+        fp32 copies of the mastered gradients and in place to the fp32 parameters' own. ``found_inf``
+        (fp32 0-dim tensor, 1 = skip): the update is skipped on the device, without the host reading
+        anything; only ``device_skip_ready`` steps take it."""
         fast = self._fused_adamw_groups()
         if fast is not None:
+            divisor = _reciprocal(grad_scale, fast[0].targets[0].device)
             for group in fast:
-                group.step()
+                group.step(divisor, found_inf)
             return
+        if found_inf is not None:
+            raise RuntimeError("MasterWeights.step: found_inf needs the fused AdamW path (see device_skip_ready)")
         # bulk copies (one multi-tensor kernel each on a GPU), not a cast and a copy per parameter:
         # at ~2,000 parameters the per-parameter launches kept the GPU waiting on the host
         params = [p for p in self.masters if p.grad is not None]
         lows = [p.data for p in params]
-        grads32 = fp32_copies([p.grad for p in params])
+        grads32 = fp32_copies([p.grad for p in params], grad_scale)
+        if grad_scale is not None:
+            own = [p.grad for g in self.inner.param_groups for p in g["params"]
+                   if p not in self.masters and p.grad is not None]
+            for _, same in same_dtype_groups(own):
+                torch._foreach_mul_(same, grad_scale)
         for p, grad32 in zip(params, grads32):
             p.grad = None
             p.data = self.masters[p]
@@ -81,6 +94,10 @@ class MasterWeights:
         for p, low in zip(params, lows):
             p.grad = None
             p.data = low
+
+    def device_skip_ready(self) -> bool:
+        """True when the next ``step`` runs the fused path, which can skip an update on the device."""
+        return self._fused_adamw_groups() is not None
 
     def _fused_adamw_groups(self):
         """Per parameter group, what a direct fused-AdamW update needs; None where ``inner.step``
@@ -129,17 +146,29 @@ class MasterWeights:
         return True
 
 
-def fp32_copies(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def fp32_copies(grads: list[torch.Tensor], scale=None) -> list[torch.Tensor]:
     """fp32 copies of ``grads``: views of one flat buffer per source dtype, each filled by one
-    multi-tensor copy."""
+    multi-tensor copy, then multiplied by ``scale`` (a float or an fp32 0-dim tensor) if given."""
     out = [None] * len(grads)
     for indices, same in same_dtype_groups(grads):
         flat = torch.empty(sum(g.numel() for g in same), dtype=torch.float32, device=same[0].device)
         views = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in same]), same)]
         torch._foreach_copy_(views, same)
+        if scale is not None and (torch.is_tensor(scale) or scale != 1.0):
+            torch._foreach_mul_(views, scale)
         for i, view in zip(indices, views):
             out[i] = view
     return out
+
+
+def _reciprocal(factor, device) -> torch.Tensor | None:
+    """The fused kernel's ``grad_scale`` for a gradient factor: it divides the gradients by it (as
+    when unscaling a loss scale), so the reciprocal, an fp32 0-dim tensor on ``device``; None for 1."""
+    if factor is None or (not torch.is_tensor(factor) and factor == 1.0):
+        return None
+    if torch.is_tensor(factor):
+        return torch.reciprocal(factor.to(device=device, dtype=torch.float32))
+    return torch.full((), 1.0 / factor, dtype=torch.float32, device=device)
 
 
 class _FusedGroup:
@@ -157,15 +186,19 @@ class _FusedGroup:
         self.low_groups = [[self.low[j] for j in indices]
                            for indices, _ in same_dtype_groups([self.params[i] for i in self.low])]
 
-    def step(self) -> None:
+    def step(self, divisor: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+        """One fused update; ``divisor``: the kernel divides every gradient by it (no extra pass)."""
         g, params = self.group, self.params
         grads = [p.grad for p in params]
         for i, grad32 in zip(self.low, fp32_copies([grads[i] for i in self.low])):  # the masters' gradients
             grads[i] = grad32
-        torch._foreach_add_(self.steps, 1)
+        if found_inf is None:
+            torch._foreach_add_(self.steps, 1)
+        else:  # a skipped update leaves the step counters (the kernel itself returns at once)
+            torch._foreach_add_(self.steps, 1.0 - found_inf)
         beta1, beta2 = g["betas"]
         torch._fused_adamw_(self.targets, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, lr=g["lr"],
                             beta1=beta1, beta2=beta2, weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
-                            maximize=False, grad_scale=None, found_inf=None)
+                            maximize=False, grad_scale=divisor, found_inf=found_inf)
         for indices in self.low_groups:  # round the updated masters back into the weights
             torch._foreach_copy_([params[i].data for i in indices], [self.targets[i] for i in indices])

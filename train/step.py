@@ -5,7 +5,8 @@ the data-parallel average the gradient is that of the global token mean). Withou
 parallelism the micro-batches run one after another (gradient accumulation); with it, megatron's
 schedules (1F1B) run them, every stage reading the same micro-batches for their ``cu_seqlens``.
 Under context parallelism a micro-batch is this rank's slice and carries its ``ContextParallel``.
-Returns the summed (unscaled) token loss of this rank's micro-batches, on every stage.
+Returns the summed (unscaled) token loss of this rank's micro-batches, on every stage, as an fp64
+0-dim tensor on the batches' device (nothing here waits for the GPU).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def forward_backward(model, micro_batches: list[dict], scale: torch.Tensor, forw
 
 
 def _sequential(model, micro_batches, scale, forward_only) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0]["tokens"].device)
     for batch in micro_batches:
         with torch.no_grad() if forward_only else contextlib.nullcontext():
             per_token = model(batch["tokens"], batch["cu_seqlens"], labels=batch["labels"], **_context(batch))
             loss = masked_sum(per_token, batch["loss_mask"])
         if not forward_only:
             (loss * scale.to(loss.dtype)).backward()
-        total += loss.detach().double().cpu()
+        total += loss.detach().double()  # on the device: a read here would wait for the backward
     return total
 
 
@@ -76,8 +77,8 @@ def _pipelined(model, micro_batches, scale, forward_only) -> torch.Tensor:
         micro_batch_size=1,
         forward_only=forward_only,
     )
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=first.device)  # NCCL reduces device tensors
     for item in results or []:  # loss dicts exist only on the rank holding the last (virtual) stage
-        total += item["loss_sum"].double().cpu()
+        total += item["loss_sum"].double()
     dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return total

@@ -83,3 +83,49 @@ def test_fused_adamw_fast_path_equals_fp32_adamw_and_falls_back():
             assert torch.equal(optimizer.state[p]["step"], plain.state[r]["step"])
     # the first step creates the state, the one with a missing gradient takes the general path
     assert paths == [False, True, False, True, True, True]
+
+
+def test_fused_path_scales_gradients_in_fp32_and_skips_on_the_device():
+    """``grad_scale`` multiplies every gradient of the step in fp32: on the fused path inside the
+    kernel (torch's fused AdamW on fp32 copies, told to divide by the reciprocal, as a GradScaler
+    tells it), on the first (general) step through the fp32 copies and in place for the fp32
+    parameter; ``found_inf = 1`` leaves weights, masters, moments and step counters bitwise as
+    they were."""
+    params, grads = _params(2)
+    params, grads = params[:3], grads[:3]  # bf16, fp32, bf16
+    reference = [p.detach().float().clone().requires_grad_() for p in params]
+    optimizer = MasterWeights(torch.optim.AdamW(params, lr=0.05, weight_decay=0.1, fused=True))
+    plain = torch.optim.AdamW(reference, lr=0.05, weight_decay=0.1, fused=True)
+    factor = torch.tensor(0.3)
+    for step in range(4):
+        for p, r, g in zip(params, reference, grads):
+            p.grad = g * (step + 1)
+            r.grad = (g * (step + 1)).float()
+        if step == 0:  # the first step creates the state (general path): the factor multiplies
+            optimizer.step(grad_scale=factor)
+            for r in reference:
+                r.grad = r.grad * factor
+            plain.step()
+            for p, r in zip(params, reference):
+                torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=0, atol=0)
+            continue
+        assert optimizer.device_skip_ready()
+        before = [(p.detach().clone(), optimizer.state[p]["exp_avg"].clone(), optimizer.state[p]["step"].clone())
+                  for p in params]
+        masters = {p: m.clone() for p, m in optimizer.masters.items()}
+        if step == 2:  # a skipped update
+            optimizer.step(grad_scale=factor, found_inf=torch.tensor(1.0))
+            for p, (w, m, s) in zip(params, before):
+                assert torch.equal(p, w) and torch.equal(optimizer.state[p]["exp_avg"], m)
+                assert torch.equal(optimizer.state[p]["step"], s)
+            assert all(torch.equal(optimizer.masters[p], m) for p, m in masters.items())
+            continue
+        optimizer.step(grad_scale=factor, found_inf=torch.tensor(0.0))
+        plain.grad_scale = torch.reciprocal(factor)
+        plain.step()
+        del plain.grad_scale
+        for p, r in zip(params, reference):
+            torch.testing.assert_close(p.detach(), r.detach().to(p.dtype), rtol=0, atol=0)
+            if p in optimizer.masters:
+                assert torch.equal(optimizer.masters[p], r.detach())
+            assert torch.equal(optimizer.state[p]["step"], plain.state[r]["step"])

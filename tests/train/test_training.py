@@ -242,3 +242,97 @@ def test_garbage_collection_runs_at_fixed_steps_only(tmp_path, monkeypatch):
     calls.clear(), enabled_during.clear()
     train(small_run(tmp_path, train_iters=2, gc_interval=0, eval_interval=1), evaluation=seen)
     assert calls == [] and all(enabled_during) and enabled_during
+
+
+def test_update_decided_on_the_device_equals_the_host_decision(tmp_path, monkeypatch):
+    """bf16 with fused AdamW: after the first step the clip, the expert-bias move and the skip of a
+    non-finite step are decided on the device (no host read inside the step). With the clip active
+    on every step and a NaN loss at step 3, losses, weights and expert biases equal those of the
+    host-decided path bitwise."""
+    import math
+
+    import train.loop as loop
+    from train.optimizer import LocalOptimizer
+
+    real = loop.forward_backward
+    calls = {"n": 0}
+
+    def nan_at_third(model, micro, scale, forward_only=False):
+        calls["n"] += 1
+        total = real(model, micro, scale, forward_only)
+        return total * float("nan") if calls["n"] == 3 else total
+
+    monkeypatch.setattr(loop, "forward_backward", nan_at_third)
+    device_steps = []
+    on_device = LocalOptimizer._update_on_device
+    monkeypatch.setattr(LocalOptimizer, "_update_on_device",
+                        lambda self, *a: device_steps.append(1) or on_device(self, *a))
+
+    def run(device: bool):
+        calls["n"] = 0
+        if not device:
+            monkeypatch.setattr(LocalOptimizer, "_skips_on_device", lambda self: False)
+        final = {}
+
+        def capture(model, step):
+            final.update({n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]})
+            return {}
+
+        losses = loop.train(small_run(tmp_path, train_iters=5, bf16=True, clip_grad=0.05, eval_interval=5),
+                            evaluation=capture)
+        return losses, final
+
+    device_losses, device_final = run(device=True)
+    assert len(device_steps) == 4  # the first step creates the optimizer state on the host path
+    host_losses, host_final = run(device=False)
+    assert len(device_steps) == 4
+    assert math.isnan(device_losses[2]) and math.isnan(host_losses[2])
+    assert [x for x in device_losses if x == x] == [x for x in host_losses if x == x]
+    biases = [n for n in host_final if n.endswith("expert_bias")]
+    assert biases and any(bool(host_final[n].abs().sum()) for n in biases)  # the biases moved
+    for name, value in host_final.items():
+        assert torch.equal(device_final[name], value), name
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_clipped_update_matches_torch_clip_and_adamw(bf16):
+    """LocalOptimizer.update against torch's own pieces on a copy: clip_grad_norm_ and fused AdamW on
+    the same parameter groups (fp32 parameters, or fp32 masters of the bf16 weights; bf16 takes the
+    device-decided path from its second step). Steps 0 and 2 are clipped, step 1 is not."""
+    from types import SimpleNamespace
+
+    from model.model import build_model
+    from parallel import state
+    from tests.helpers.small_models import mixed_config
+    from train.optim import parameter_groups
+    from train.optimizer import LocalOptimizer
+    from train.precision import to_bf16
+
+    state.initialize(state.ParallelDims())
+    torch.manual_seed(0)
+    model = build_model(mixed_config())
+    if bf16:
+        to_bf16(model)
+    ref_model = build_model(mixed_config())  # the same structure and names, fp32, the weights copied
+    for (n, p), (_, r) in zip(model.named_parameters(), ref_model.named_parameters()):
+        r.data = p.detach().float().clone()
+    train = SimpleNamespace(optimizer="adamw", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                            adam_eps=1e-8, clip_grad=0.5, bf16=bf16, qk_clip_tau=0.0)
+    optimizer = LocalOptimizer(model, train)
+    plain = torch.optim.AdamW(parameter_groups(ref_model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    ref_params = dict(ref_model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    for step, size in enumerate((1.0, 1e-4, 3.0)):
+        optimizer.begin_step(1e-2)
+        plain.zero_grad()
+        for n, p in model.named_parameters():
+            p.grad = (torch.randn(p.shape, generator=gen) * size).to(p.dtype)
+            ref_params[n].grad = p.grad.float().clone()  # our update scales the fp32 ones in place
+        norm, _ = optimizer.update(torch.tensor(2.0, dtype=torch.float64))
+        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), 0.5)
+        plain.step()
+        assert float(norm) == pytest.approx(float(ref_norm), rel=1e-5)
+        assert (float(norm) > 0.5) == (step != 1)
+        for n, p in model.named_parameters():
+            got = optimizer.optimizer.masters[p] if bf16 and p in optimizer.optimizer.masters else p.detach()
+            torch.testing.assert_close(got.float(), ref_params[n].detach(), rtol=1e-5, atol=1e-6, msg=n)
