@@ -14,8 +14,8 @@ export TRITON_PACK=${TRITON_PACK:-.triton/triton-3.7.1.tar.xz}
 source benchmarks/gpu_env.sh
 STEPS=${*:-"tests kda_before kda_after tp_before tp_after cp memory"}
 BEFORE=${BEFORE_TREE:-.before}
-KDA_ARGS="--shapes 8x4096,1x32768 --dt-bias=-4,2 --ops ours"
-TP_ARGS="--preset scaling-653m --arms kimi-linear --contexts 4096 --tokens-per-step 32768 --steps 6 --bf16"
+KDA_ARGS=${KDA_ARGS:-"--shapes 8x4096,1x32768 --dt-bias=-4,2 --ops ours"}  # KDA_ARGS: other points
+TP_ARGS=${TP_ARGS:-"--preset scaling-653m --arms kimi-linear --contexts 4096 --tokens-per-step 32768 --steps 6 --bf16"}  # TP_ARGS, TP_LIMIT: other rows
 # the before tree's own benchmark scripts and packages (in place of the checkout's on PYTHONPATH)
 BEFORE_ENV="PYTHONPATH=${PYTHONPATH/$PWD/$(realpath "$BEFORE")}"
 # a hang is killed with SIGABRT, and the log then ends with every thread's stack
@@ -28,9 +28,9 @@ step cp_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kd
   tests/parallel/test_context_parallel_gpu.py
 step kda_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
 step kda_after 150 python3 benchmarks/kda.py $KDA_ARGS --out "$OUT/kda_after.json"
-step tp_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/train_throughput.py $TP_ARGS --no-transformers \
+step tp_before ${TP_LIMIT:-150} bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/train_throughput.py $TP_ARGS --baseline none \
   --out $OUT/tp_before.json"
-step tp_after 150 python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
+step tp_after ${TP_LIMIT:-150} python3 benchmarks/train_throughput.py $TP_ARGS --baseline none --out "$OUT/tp_after.json"
 # Kimi Linear and MLA without recompute, compiled, each twice in turn (K M K M): one call's numbers
 # moved 7% between two runs of the same arm, so the pair says how far apart repeated runs are
 # (ARMS_RUNS=1: each once)

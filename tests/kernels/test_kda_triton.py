@@ -263,15 +263,21 @@ def _block_spans(g: torch.Tensor) -> torch.Tensor:
     return (G[:, :, 0] - G[:, :, 15]).amax(-1)
 
 
-@pytest.mark.parametrize("name,span", [("basic_T150", 0.0), ("varlen", 0.0), ("mixed_decay", None)])
+@pytest.mark.parametrize("name,span", [("basic_T150", 0.0), ("varlen", 0.0), ("mixed_decay", None), ("steep", None)])
 def test_diagonal_tile_paths(name, span, kda_options):
     """Both forms of the intra kernels' diagonal tiles against the fp64 recurrence: the exact column
-    loop on every tile (diag_span_max 0), and a case whose blocks fall on both sides of the default."""
+    loop on every tile (diag_span_max 0), a case whose blocks fall on both sides of the default, and
+    steps of up to 30 per token (an 8-row half can decay beyond fp32's exp range, so a factor above
+    1 anywhere would overflow)."""
     options = kda_options if span is None else dataclasses.replace(kda_options, diag_span_max=span)
     if name == "mixed_decay":
         inputs, cu = make_inputs(1, 256, 2, 16, 16, decay=(0.0, 6.5)), None
         spans = _block_spans(inputs["g"].double())
         assert (spans <= options.diag_span_max).any() and (spans > options.diag_span_max).any()
+    elif name == "steep":
+        inputs, cu = make_inputs(1, 128, 2, 16, 16, decay=(0.0, 30.0), seed=4), None
+        spans = _block_spans(inputs["g"].double())
+        assert (spans > 200).all() and (spans > options.diag_span_max).all()
     else:
         inputs, cu = case(name)
     _assert_within(_errors_of(inputs, cu, torch.float32, DEVICE, options=options))
