@@ -30,13 +30,13 @@ alive() {  # alive PID: running (a zombie, which kill -0 still finds, is not)
 
 running() {  # running PIDFILE NAME: alive and still NAME (after a reboot the pid may be another process's)
     local pid
-    pid=$(cat "$1" 2>/dev/null)
+    pid=$(cat "$1" 2>/dev/null || true)  # no pid file: not running (and no exit under set -e)
     alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
 
 stop_daemon() {  # stop_daemon NAME PIDFILE
     local pid
-    pid=$(cat "$2" 2>/dev/null)
+    pid=$(cat "$2" 2>/dev/null || true)
     if running "$2" "$1"; then
         kill "$pid"
         for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
