@@ -22,7 +22,7 @@ BEFORE_ENV="PYTHONPATH=${PYTHONPATH/$PWD/$(realpath "$BEFORE")}"
 PYTHONFAULTHANDLER=1 STEP_SIGNAL=ABRT step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
   tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
   tests/launch/test_hf_baseline.py tests/model/test_lm_head_loss_gpu.py tests/model/test_attention_gpu.py \
-  tests/model/test_no_host_sync_gpu.py
+  tests/model/test_no_host_sync_gpu.py tests/train/test_training.py tests/train/test_host_copy.py
 # every test of the CP pre-pass files on the GPU, the unmarked fp32 ones too (they then run the real kernels)
 step cp_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kda_cp_prepass.py \
   tests/parallel/test_context_parallel_gpu.py

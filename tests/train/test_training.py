@@ -294,8 +294,10 @@ def test_update_decided_on_the_device_equals_the_host_decision(tmp_path, monkeyp
         assert torch.equal(device_final[name], value), name
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_clipped_update_matches_torch_clip_and_adamw(bf16):
+def test_clipped_update_matches_torch_clip_and_adamw(bf16, device):
     """LocalOptimizer.update against torch's own pieces on a copy: clip_grad_norm_ and fused AdamW on
     the same parameter groups (fp32 parameters, or fp32 masters of the bf16 weights; bf16 takes the
     device-decided path from its second step). Steps 0 and 2 are clipped, step 1 is not."""
@@ -310,10 +312,10 @@ def test_clipped_update_matches_torch_clip_and_adamw(bf16):
 
     state.initialize(state.ParallelDims())
     torch.manual_seed(0)
-    model = build_model(mixed_config())
+    model = build_model(mixed_config()).to(device)  # on CUDA the fused kernels are the GPU's own
     if bf16:
         to_bf16(model)
-    ref_model = build_model(mixed_config())  # the same structure and names, fp32, the weights copied
+    ref_model = build_model(mixed_config()).to(device)  # the same structure and names, fp32, the weights copied
     for (n, p), (_, r) in zip(model.named_parameters(), ref_model.named_parameters()):
         r.data = p.detach().float().clone()
     train = SimpleNamespace(optimizer="adamw", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
@@ -326,9 +328,9 @@ def test_clipped_update_matches_torch_clip_and_adamw(bf16):
         optimizer.begin_step(1e-2)
         plain.zero_grad()
         for n, p in model.named_parameters():
-            p.grad = (torch.randn(p.shape, generator=gen) * size).to(p.dtype)
+            p.grad = (torch.randn(p.shape, generator=gen) * size).to(device=device, dtype=p.dtype)
             ref_params[n].grad = p.grad.float().clone()  # our update scales the fp32 ones in place
-        norm, _ = optimizer.update(torch.tensor(2.0, dtype=torch.float64))
+        norm, _ = optimizer.update(torch.tensor(2.0, dtype=torch.float64, device=device))
         ref_norm = torch.nn.utils.clip_grad_norm_(list(ref_params.values()), 0.5)
         plain.step()
         assert float(norm) == pytest.approx(float(ref_norm), rel=1e-5)
