@@ -12,7 +12,6 @@ rank 0 of their group, summed over TP, EP and PP.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state

@@ -59,8 +59,8 @@ class MasterWeights:
             master.copy_(p.detach().float())
 
     @torch.no_grad()
-    def step(self, grad_scale=None, found_inf: torch.Tensor | None = None) -> None:
-        """One update. ``grad_scale`` (a float or an fp32 0-dim tensor): a factor on every gradient
+    def step(self, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+        """One update. ``grad_scale`` (an fp32 0-dim tensor): a factor on every gradient
         of the step (the gradient clip), applied in fp32: inside the fused AdamW kernel, or to the
         fp32 copies of the mastered gradients and in place to the fp32 parameters' own. ``found_inf``
         (fp32 0-dim tensor, 1 = skip): the update is skipped on the device, without the host reading
@@ -78,11 +78,10 @@ class MasterWeights:
         params = [p for p in self.masters if p.grad is not None]
         lows = [p.data for p in params]
         grads32 = fp32_copies([p.grad for p in params], grad_scale)
-        if grad_scale is not None:
-            own = [p.grad for g in self.inner.param_groups for p in g["params"]
-                   if p not in self.masters and p.grad is not None]
-            for _, same in same_dtype_groups(own):
-                torch._foreach_mul_(same, grad_scale)
+        own = [p.grad for g in self.inner.param_groups for p in g["params"]  # fp32: no master
+               if p not in self.masters and p.grad is not None]
+        if grad_scale is not None and own:
+            torch._foreach_mul_(own, grad_scale)
         for p, grad32 in zip(params, grads32):
             p.grad = None
             p.data = self.masters[p]
@@ -148,27 +147,23 @@ class MasterWeights:
 
 def fp32_copies(grads: list[torch.Tensor], scale=None) -> list[torch.Tensor]:
     """fp32 copies of ``grads``: views of one flat buffer per source dtype, each filled by one
-    multi-tensor copy, then multiplied by ``scale`` (a float or an fp32 0-dim tensor) if given."""
+    multi-tensor copy, then multiplied by ``scale`` (an fp32 0-dim tensor) if given."""
     out = [None] * len(grads)
     for indices, same in same_dtype_groups(grads):
         flat = torch.empty(sum(g.numel() for g in same), dtype=torch.float32, device=same[0].device)
         views = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in same]), same)]
         torch._foreach_copy_(views, same)
-        if scale is not None and (torch.is_tensor(scale) or scale != 1.0):
+        if scale is not None:
             torch._foreach_mul_(views, scale)
         for i, view in zip(indices, views):
             out[i] = view
     return out
 
 
-def _reciprocal(factor, device) -> torch.Tensor | None:
+def _reciprocal(factor: torch.Tensor | None, device) -> torch.Tensor | None:
     """The fused kernel's ``grad_scale`` for a gradient factor: it divides the gradients by it (as
-    when unscaling a loss scale), so the reciprocal, an fp32 0-dim tensor on ``device``; None for 1."""
-    if factor is None or (not torch.is_tensor(factor) and factor == 1.0):
-        return None
-    if torch.is_tensor(factor):
-        return torch.reciprocal(factor.to(device=device, dtype=torch.float32))
-    return torch.full((), 1.0 / factor, dtype=torch.float32, device=device)
+    when unscaling a loss scale), so the reciprocal, an fp32 0-dim tensor on ``device``."""
+    return None if factor is None else torch.reciprocal(factor.to(device=device, dtype=torch.float32))
 
 
 class _FusedGroup:
