@@ -24,7 +24,9 @@ step() {
   local name=$1 limit=$2; shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
   echo "== $name (limit ${limit}s)"; local start=$SECONDS
-  timeout -s "${STEP_SIGNAL:-TERM}" "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  # -k: a run that outlives the signal (a training loop turns SIGTERM into "save at the next step",
+  # and none comes while it compiles) is killed 15 s later, so it cannot hold the GPU's memory
+  timeout -k 15 -s "${STEP_SIGNAL:-TERM}" "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   grep -vE "Warning|warn${STEP_HIDE:+|$STEP_HIDE}" "$OUT/$name.log" | tail -"${STEP_TAIL:-25}"
   echo "-- $name: rc=$rc, $((SECONDS - start)) s"
 }

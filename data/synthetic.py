@@ -64,12 +64,13 @@ class MQAR:
     every key once more in random order, each followed by its value, at random 2-token slots of the
     rest of the sequence; the gaps hold ``<pad>`` (``noise="pad"``, as Zoology's MQAR) or random tokens
     of the value range (``noise="values"``, never a key; much slower to learn: every gap token is
-    written into a linear mixer's state). ``n = kv_pairs``, or ``L // 8`` when 0. Answers: the values
-    after the queried keys. Token ids: keys ``0 .. keys-1``, values ``keys .. keys+values-1``, then
-    ``<pad>`` (with ``noise="pad"``)."""
+    written into a linear mixer's state). ``n = kv_pairs``, or ``L // 64`` when 0 (docs/synthetic.md
+    says why so few: with 64 pairs at length 1024 neither linear arm left chance in 1,750 steps).
+    Answers: the values after the queried keys. Token ids: keys ``0 .. keys-1``, values
+    ``keys .. keys+values-1``, then ``<pad>`` (with ``noise="pad"``)."""
 
-    keys: int = 4096
-    values: int = 4096
+    keys: int = 512
+    values: int = 512
     kv_pairs: int = 0
     noise: str = "pad"
     name = "mqar"
@@ -83,7 +84,7 @@ class MQAR:
         return self.keys + self.values + (self.noise == "pad")
 
     def pairs(self, length: int) -> int:
-        return self.kv_pairs or max(1, length // 8)
+        return self.kv_pairs or max(1, length // 64)
 
     def min_length(self) -> int:
         return 3  # one pair and its query; check() covers more pairs

@@ -201,8 +201,16 @@ def train_main(argv) -> int:
 
         if not dist.is_initialized() or dist.get_rank() == 0:
             summary = {k: v for k, v in summarize(run_dir).items() if k not in ("curve", "model")}
+            peak = summary["peak_token_accuracy"] or 0
+            # the last step is always evaluated; a run that ended before it and before --stop-at was
+            # stopped by a signal: no result.json, so the job runner starts it again (and it resumes)
+            if summary["last_step"] < args.steps and not (args.stop_at > 0 and peak >= args.stop_at):
+                again = "resumes it" if run.train.save else "starts it again (no --save)"
+                print(f"stopped before step {args.steps} (last evaluated at {summary['last_step']}), "
+                      f"no result.json written; the same command {again}", flush=True)
+                return 0
             (run_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"peak held-out accuracy {100 * (summary['peak_token_accuracy'] or 0):.2f}% per token; "
+            print(f"peak held-out accuracy {100 * peak:.2f}% per token; "
                   f"result in {run_dir / 'result.json'}", flush=True)
     except (ConfigError, ParallelConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

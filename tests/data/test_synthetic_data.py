@@ -30,7 +30,7 @@ def test_palindrome_answers_are_the_reversed_sequence(length):
 @pytest.mark.parametrize("length,pairs", [(3, 0), (64, 0), (100, 5), (1024, 0)])
 def test_mqar_answers_are_the_values_of_the_queried_keys(length, pairs):
     task = make_task("mqar", keys=300, values=300, kv_pairs=pairs)
-    n = pairs or max(1, length // 8)
+    n = pairs or max(1, length // 64)
     for stream, answer in _samples(task, length, count=16):
         context = {int(stream[2 * i]): int(stream[2 * i + 1]) for i in range(n)}
         assert len(context) == n and all(k < task.keys <= v for k, v in context.items())
