@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.host_values import host_values, to_device
+
 
 @dataclass
 class PackedSequence:
@@ -29,11 +31,17 @@ class PackedSequence:
 
 
 def pack(batch_size: int, seq_length: int, cu_seqlens: torch.Tensor | None, device) -> PackedSequence:
+    """Validates ``cu_seqlens`` (a CPU tensor, or one moved by ``kernels.host_values.to_device`` with
+    its host copy: nothing here then waits for the GPU) and derives the tables on ``device``."""
     total = batch_size * seq_length
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, total + 1, seq_length, dtype=torch.int32, device=device)
-    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-    lengths = _check(cu_seqlens, batch_size, seq_length)
+        cu_seqlens = torch.arange(0, total + 1, seq_length, dtype=torch.int32)
+    host = host_values(cu_seqlens).to(torch.int32)
+    lengths = _check(host, batch_size, seq_length)
+    target = torch.device(device)
+    placed = cu_seqlens.device.type == target.type and target.index in (None, cu_seqlens.device.index)
+    if not placed or cu_seqlens.dtype != torch.int32:
+        cu_seqlens = to_device(host, target, keep_host_copy=True)
     starts = torch.zeros(total, dtype=torch.int64, device=device)
     starts[cu_seqlens[:-1].long()] = 1
     document_ids = torch.cumsum(starts, 0) - 1

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from kernels.host_values import to_device
 from model.config import ConfigError
 from parallel.state import ParallelDims
 from train import context, resume, signals
@@ -37,8 +38,20 @@ from train.schedule import learning_rate
 from train.step import forward_backward
 
 
+BOUNDARY_KEYS = ("cu_seqlens", "global_cu_seqlens")  # document boundaries (the latter: a CP rank's whole sequence)
+
+
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The micro-batch on ``device``; the host keeps the document boundaries' values, so the model's
+    reads of them (validation, KDA chunk tables) do not wait for the GPU (kernels/host_values.py)."""
+    def move(key, value):
+        if not torch.is_tensor(value):
+            return value
+        if key in BOUNDARY_KEYS and value.device.type == "cpu":
+            return to_device(value, device, keep_host_copy=True)
+        return value.to(device, non_blocking=True)
+
+    return {k: move(k, v) for k, v in batch.items()}
 
 
 def data_arguments(run: RunConfig) -> dict:

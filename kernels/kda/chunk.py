@@ -12,6 +12,7 @@ import weakref
 import torch
 import triton
 
+from kernels.host_values import host_values, to_device
 from kernels.kda.gate import GATE_LOG, gate_mode, kda_log_decay
 from kernels.kda.l2norm import l2norm_scale
 from kernels.kda.naive import _check_args, check_cu_ends, chunk_kda_reference
@@ -43,12 +44,6 @@ _TABLES: dict[int, tuple] = {}
 _TABLES_KEPT = 8
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)  # queued behind the GPU's work, no wait
-    return x.to(device)
-
-
 def sequence_tables(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: torch.device):
     """(cu int32, chunk_info, chunk_offsets, NC) on ``device`` for ``cu_seqlens`` (or ``batch``
     sequences of ``length``), cached per cu_seqlens tensor."""
@@ -56,10 +51,10 @@ def sequence_tables(cu_seqlens: torch.Tensor | None, batch: int, length: int, de
         hit = _TABLES.get(id(cu_seqlens))
         if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
             return hit[2]
-    host = (torch.arange(0, (batch + 1) * length, length) if cu_seqlens is None else cu_seqlens.cpu()).to(torch.int32)
+    host = (torch.arange(0, (batch + 1) * length, length) if cu_seqlens is None else host_values(cu_seqlens)).to(torch.int32)
     check_cu_ends(host.tolist(), batch * length)
     info, offsets, n_chunks = _chunk_tables(host)
-    tables = (_to_device(host, device), _to_device(info, device), _to_device(offsets, device), n_chunks)
+    tables = (to_device(host, device), to_device(info, device), to_device(offsets, device), n_chunks)
     if cu_seqlens is not None:
         if len(_TABLES) >= _TABLES_KEPT:
             _TABLES.pop(next(iter(_TABLES)))  # the oldest entry

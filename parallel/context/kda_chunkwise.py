@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.host_values import to_device
+
 from .comm import all_gather_pairs
 from .conv_halo import conv_silu_with_halo
 from .kda_prepass import entry_state_gradients, transition_pairs
@@ -37,8 +39,6 @@ class _Chain:
     (built once per micro-batch from host values with non-blocking copies: no wait for the GPU)."""
 
     def __init__(self, cp: ContextParallel, device):
-        from kernels.kda.chunk import _to_device
-
         rank, b = cp.rank, cp.batch_size
         first, last = cp.local_segments
         # samples whose state the next rank takes (their last segment's pair is needed) ...
@@ -48,7 +48,7 @@ class _Chain:
         # ... and samples whose first segment continues a document from the previous rank
         self.receives = [i for i in range(b) if bool(cp.continues[rank, i])]
         self.receive_docs = [first[i] for i in self.receives]
-        dev = lambda values, dtype=torch.int64: _to_device(torch.tensor(values, dtype=dtype), device)
+        dev = lambda values, dtype=torch.int64: to_device(torch.tensor(values, dtype=dtype), device)
         self.first, self.last = dev(first), dev(last)
         self.sends_t, self.receives_t = dev(self.sends), dev(self.receives)
         self.send_docs_t, self.receive_docs_t = dev(self.send_docs, torch.int32), dev(self.receive_docs, torch.int32)

@@ -24,6 +24,8 @@ from functools import cached_property
 
 import torch
 
+from kernels.host_values import host_values, to_device
+
 MODES = ("chunkwise", "ulysses")
 
 
@@ -49,11 +51,11 @@ class ContextParallel:
         if not 0 <= self.rank < self.size:
             raise ContextParallelError(f"CP rank {self.rank} is outside [0, {self.size})")
         total = self.batch_size * self.seq_length
-        cu = [int(x) for x in self.global_cu_seqlens.tolist()]
+        cu = [int(x) for x in host_values(self.global_cu_seqlens).tolist()]
         if cu[0] != 0 or cu[-1] != total:
             raise ContextParallelError(f"global cu_seqlens must run from 0 to b*S={total}, got {cu[0]}..{cu[-1]}")
         self._host["global_cu"] = cu
-        self._host["local_cu"] = [int(x) for x in self.cu_seqlens.tolist()]
+        self._host["local_cu"] = [int(x) for x in host_values(self.cu_seqlens).tolist()]
 
     @classmethod
     def from_slice(cls, part: dict, group, rank: int, size: int, mode: str = "chunkwise") -> "ContextParallel":
@@ -114,8 +116,6 @@ class ContextParallel:
         """int64 [b, count + L]: position in its document of each of the ``count`` tokens before this
         rank's slice and of the slice's own tokens (global positions; tokens before a sample's start
         get position 0). Built once per micro-batch and device (a non-blocking copy)."""
-        from kernels.kda.chunk import _to_device
-
         key = ("positions_before", count, str(device))
         if key in self._host:
             return self._host[key]
@@ -126,7 +126,7 @@ class ContextParallel:
             begin = torch.tensor(starts)
             last_start = begin[torch.searchsorted(begin, pos.clamp_min(0), right=True) - 1]
             out.append(torch.where(pos >= 0, pos - last_start, torch.zeros_like(pos)))
-        self._host[key] = _to_device(torch.stack(out), torch.device(device))
+        self._host[key] = to_device(torch.stack(out), torch.device(device))
         return self._host[key]
 
     def global_packed(self, device):

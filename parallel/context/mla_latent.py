@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.host_values import to_device
+
 from .comm import GatherTokens
 from .layout import ContextParallel
 
@@ -31,8 +33,6 @@ class _KeyPlan:
     """Host and device tables of this rank's key ranges and query/key segments (once per batch)."""
 
     def __init__(self, cp: ContextParallel, device):
-        from kernels.kda.chunk import _to_device
-
         b, L, r = cp.batch_size, cp.local_length, cp.rank
         self.cp_rank, self.local_length, self.batch_size = r, L, b
         local = cp.local_cu
@@ -50,21 +50,19 @@ class _KeyPlan:
             k_lengths.append(length + before)
         cumsum = lambda xs: torch.tensor([0] + xs, dtype=torch.int64).cumsum(0).to(torch.int32)
         self.max_q, self.max_k = max(q_lengths), max(k_lengths)
-        self.cu_q, self.cu_k = _to_device(cumsum(q_lengths), device), _to_device(cumsum(k_lengths), device)
+        self.cu_q, self.cu_k = to_device(cumsum(q_lengths), device), to_device(cumsum(k_lengths), device)
         self.q_lengths, self.k_lengths, self.device, self._mask = q_lengths, k_lengths, device, None
 
     def mask(self) -> torch.Tensor:
         """bool [b*L, K] for the masked path: same segment, key position <= query position."""
         if self._mask is None:
-            from kernels.kda.chunk import _to_device
-
             r, L, b = self.cp_rank, self.local_length, self.batch_size
             segment_q = torch.repeat_interleave(torch.arange(len(self.q_lengths)), torch.tensor(self.q_lengths))
             segment_k = torch.repeat_interleave(torch.arange(len(self.k_lengths)), torch.tensor(self.k_lengths))
             position_q = torch.cat([torch.arange(r * L, (r + 1) * L)] * b)
             position_k = torch.cat([torch.arange(start, (r + 1) * L) for start in self.key_start])
             mask = (segment_q[:, None] == segment_k[None, :]) & (position_k[None, :] <= position_q[:, None])
-            self._mask = _to_device(mask, self.device)
+            self._mask = to_device(mask, self.device)
         return self._mask
 
     @staticmethod

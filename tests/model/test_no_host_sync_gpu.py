@@ -55,3 +55,28 @@ def test_moe_layer_does_not_sync():
 
     step()  # first call: lazily built state
     no_sync(step)
+
+
+def test_model_step_on_a_new_batch_does_not_sync():
+    """A whole forward and backward of a KDA + MLA + MoE model on a batch it has not seen, moved to
+    the GPU as the training loop moves it: the host reads the document boundaries from its own copy
+    (kernels/host_values.py), so queueing the step never waits for the GPU (the next step's forward
+    can be queued while the GPU still runs this one's optimizer)."""
+    from model.model import build_model
+    from parallel import state
+    from train.loop import _to_device
+    from train.precision import to_bf16
+
+    state.initialize(state.ParallelDims(), seed=2)
+    model = to_bf16(build_model(mixed_config(hidden_size=128, moe_intermediate_size=64)).cuda())
+
+    def batch(boundaries):
+        tokens = torch.randint(0, 512, (2, 256))
+        return {"tokens": tokens, "labels": tokens.roll(-1, 1), "cu_seqlens": torch.tensor(boundaries, dtype=torch.int32)}
+
+    def step(host_batch):
+        b = _to_device(host_batch, torch.device("cuda"))
+        model(b["tokens"], b["cu_seqlens"], labels=b["labels"]).float().sum().backward()
+
+    step(batch([0, 100, 256, 300, 512]))  # first call: lazily built state
+    no_sync(lambda: step(batch([0, 7, 256, 400, 512])))
