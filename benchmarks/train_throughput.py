@@ -176,7 +176,7 @@ def markdown(rows: list[dict], ceiling: float | None) -> str:
                   f"{r['kernels_note']}" for r in baseline]
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
-        parts = list(profiled[0]["profile"]["parts_ms"])
+        parts = list(dict.fromkeys(k for r in profiled for k in r["profile"]["parts_ms"]))  # rows may differ
         lines += ["", "Share of the profiled step's time by part (torch profiler; " + profiled[0]["profile"]["device"]
                   + " time; idle = the GPU ran nothing):", "",
                   "| arm | context | step ms | " + " | ".join(parts) + " |",
@@ -185,7 +185,7 @@ def markdown(rows: list[dict], ceiling: float | None) -> str:
             p = r["profile"]
             label = _label(r)
             lines.append(f"| {label} | {r['context']} | {p['step_ms']:,.0f} | "
-                         + " | ".join(f"{100 * p['shares'][k]:.1f}%" for k in parts) + " |")
+                         + " | ".join(f"{100 * p['shares'].get(k, 0.0):.1f}%" for k in parts) + " |")
     return "\n".join(lines)
 
 

@@ -2,11 +2,13 @@
 
 ``train.profile_step = N`` (``--profile-step N``) profiles step N. The model declares named regions
 (model/profiling.py: KDA core, MLA core attention, MoE, the mixers' projections, the dense MLP) in
-forward and backward, and the loop wraps gradient clipping and the optimizer step. Each GPU kernel
-is given to the innermost region around the operator that launched it (on CPU: each operator's own
-CPU time); what falls in no region is "other" (embedding, LM head and loss, norms and residuals,
-gradient sync), and the rest of the step's wall time, when the GPU ran nothing, is "idle". Each
-part also lists its largest kernels (operators on a CPU) with their time and number of calls.
+forward and backward, and the loop wraps gradient clipping and the optimizer step. Each GPU
+activity (kernels, copies, memsets) is given to the innermost region around the call that launched
+it (on CPU: each operator's own CPU time); what falls in no region is "other" (embedding, LM head
+and loss, norms and residuals, gradient sync), activity whose launch the profiler did not record
+is a row of its own, and "idle" is the step's wall time in which the GPU ran nothing (the window
+less the union of all its activity). Each part also lists its largest kernels (operators on a CPU)
+with their time and number of calls.
 
 On a GPU the idle time is also split by the part whose kernel ended each gap (the GPU waited for
 that part's launches: host overhead there, or a wait just before it), with the largest gaps listed,
@@ -29,6 +31,9 @@ from model.profiling import regions
 
 
 TOP_PER_PART = 8  # kernels listed per part
+# GPU activity whose launching call the profiler did not record (a launch outside any recorded
+# operator): counted as busy, listed by name, given to no part
+UNLINKED = "not linked to a launch"
 GAPS_LISTED = 10  # largest GPU idle gaps listed
 # CUDA runtime calls in which the host waits for the GPU (a blocking copy waits for the queue too)
 HOST_WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
@@ -60,37 +65,66 @@ def breakdown(events, step_seconds: float, on_gpu: bool, activity=None) -> dict:
             return "other"
         return max(inside, key=lambda r: (r[0], -r[1]))[2]  # innermost: latest start, then shortest
 
+    cpu = torch.autograd.DeviceType.CPU
+    step_ms = 1e3 * step_seconds
+    if on_gpu and activity is not None:
+        # every GPU activity of the window, each given to the part of the call that launched it
+        linked = {correlation for _, _, correlation, _ in activity}
+        launched_in = {e.id: part_at(e.thread, e.time_range.start) for e in events
+                       if e.device_type == cpu and e.id in linked}
+        kernels = [(start, end, launched_in.get(correlation, UNLINKED), name)
+                   for start, end, correlation, name in activity]
+        spent = [(part, name, end - start) for start, end, part, name in kernels]
+    else:
+        kernels = None
+        spent = []
+        for e in events:
+            if on_gpu:
+                own = [(k.name, k.duration) for k in e.kernels]
+            else:
+                own = [(e.name, e.self_cpu_time_total)] if e.device_type == cpu and e.self_cpu_time_total else []
+            if own:
+                part = part_at(e.thread, e.time_range.start)
+                spent += [(part, name, us) for name, us in own]
     busy = defaultdict(float)  # part -> microseconds
     by_kernel = defaultdict(lambda: [0.0, 0])  # (part, kernel or operator) -> [microseconds, calls]
-    part_of = {}  # id (correlation) of an operator that launched kernels -> its part
-    for e in events:
-        if on_gpu:
-            spent = [(k.name, k.duration) for k in e.kernels]
-        else:
-            own = e.self_cpu_time_total if e.device_type == torch.autograd.DeviceType.CPU else 0.0
-            spent = [(e.name, own)] if own else []
-        if spent:
-            part = part_of[e.id] = part_at(e.thread, e.time_range.start)
-            for name, us in spent:
-                busy[part] += us
-                entry = by_kernel[part, name]
-                entry[0] += us
-                entry[1] += 1
-    step_ms = 1e3 * step_seconds
+    for part, name, us in spent:
+        busy[part] += us
+        entry = by_kernel[part, name]
+        entry[0] += us
+        entry[1] += 1
     parts = {p: busy.get(p, 0.0) / 1e3 for p in (*breakdown_parts(), "other")}
-    parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
+    if busy.get(UNLINKED):
+        parts[UNLINKED] = busy[UNLINKED] / 1e3
+    if kernels is not None:  # idle: the window less the time any GPU activity ran (streams merged)
+        parts["idle"] = max(step_ms - _covered_us(kernels) / 1e3, 0.0)
+    else:
+        parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
     result = dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
                   shares={p: ms / step_ms for p, ms in parts.items()}, top=_top(by_kernel))
-    if on_gpu and activity is not None:
-        kernels = [(start, end, part_of.get(correlation, "other"), name) for start, end, correlation, name in activity]
+    if kernels is not None:
         waits = [(part_at(e.thread, e.time_range.start), e.time_range.elapsed_us()) for e in events
-                 if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAIT_CALLS]
+                 if e.device_type == cpu and e.name in HOST_WAIT_CALLS]
         result.update(idle_attribution(kernels), host_waits_ms=_host_waits(waits))
-        host = [e.time_range for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        result["overlap_ms"] = round((sum(us for _, _, us in spent) - _covered_us(kernels)) / 1e3, 3)
+        host = [e.time_range for e in events if e.device_type == cpu]
         if kernels and host:  # the GPU idle before its first and after its last kernel of the step
             result["idle_at_edges_ms"] = [round((min(k[0] for k in kernels) - min(r.start for r in host)) / 1e3, 3),
                                           round((max(r.end for r in host) - max(k[1] for k in kernels)) / 1e3, 3)]
     return result
+
+
+def _covered_us(kernels) -> float:
+    """Microseconds in which at least one of ``kernels`` ``(start_us, end_us, ...)`` ran."""
+    covered, busy_from, busy_until = 0.0, None, None
+    for start, end, *_ in sorted(kernels):
+        if busy_until is None or start > busy_until:
+            if busy_until is not None:
+                covered += busy_until - busy_from
+            busy_from, busy_until = start, end
+        else:
+            busy_until = max(busy_until, end)
+    return covered + (busy_until - busy_from if busy_until is not None else 0.0)
 
 
 def device_activity(profiler) -> list[tuple[float, float, int, str]] | None:

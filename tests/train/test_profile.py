@@ -76,3 +76,36 @@ def test_idle_gaps_go_to_the_part_whose_kernel_ends_them():
     assert len(got["largest_gaps"]) == 3
     assert idle_attribution([]) == {"idle_before_ms": {}, "largest_gaps": []}
     assert _host_waits([("MoE", 500.0), ("other", 30.0), ("MoE", 1500.0)]) == {"MoE": [2.0, 2], "other": [0.03, 1]}
+
+
+def test_gpu_breakdown_counts_every_activity_and_idle_is_when_none_ran():
+    """On a GPU the parts come from the device's own activity list: each kernel goes to the region
+    around the call that launched it (matched by correlation id), a kernel whose launch was not
+    recorded is counted on its own row, and idle is the window less the union of all activity, so
+    kernels the operators' lists miss cannot pass for idle time."""
+    from types import SimpleNamespace
+
+    from train.profile import UNLINKED
+
+    cpu = torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, id=0):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, thread=1, time_range=span, device_type=cpu, id=id, kernels=[],
+                               self_cpu_time_total=0.0)
+
+    events = [event("kda_core", 0, 100), event("cudaLaunchKernel", 10, 12, id=7),
+              event("moe", 200, 300), event("cudaLaunchKernel", 210, 212, id=8),
+              event("cudaLaunchKernel", 400, 402, id=9),  # outside every region: "other"
+              event("aten::item", 5600, 5601)]
+    activity = [(20.0, 1020.0, 7, "kda_fwd"), (1500.0, 3500.0, 8, "grouped_gemm"),
+                (3000.0, 4000.0, 9, "copy"),  # overlaps the GEMM on another stream
+                (5000.0, 5500.0, 42, "launched_unseen")]  # no recorded call with correlation 42
+    result = breakdown(events, step_seconds=0.006, on_gpu=True, activity=activity)
+    parts = result["parts_ms"]
+    assert parts["KDA"] == 1.0 and parts["MoE (router, dispatch, experts)"] == 2.0 and parts["other"] == 1.0
+    assert parts[UNLINKED] == 0.5 and result["top"][UNLINKED] == [["launched_unseen", 0.5, 1]]
+    # busy: 20-1020, 1500-4000, 5000-5500 = 4 ms of the 6 ms window; the overlap is counted once
+    assert abs(parts["idle"] - 2.0) < 1e-9 and result["overlap_ms"] == 0.5
+    assert result["idle_before_ms"] == {"MoE (router, dispatch, experts)": 0.48, UNLINKED: 1.0}
+    assert result["idle_at_edges_ms"] == [0.02, 0.101]
