@@ -5,13 +5,16 @@
 # tree before a refactor in $BEFORE_TREE), the chunkwise-CP pre-pass cost and the memory model.
 # Usage on the GPU machine (carry .whl, .triton, cache and the before tree):
 #   BEFORE_TREE=.before bash benchmarks/gpu_validate.sh [steps...]
-#   steps: tests cp_tests kda_before kda_after tp_before tp_after arms cp cp_tf32 cp_profile memory
+#   steps: tests cp_tests conv kda_before kda_after tp_before tp_after arms cp cp_tf32 cp_profile memory
 #   (default: all but cp_tests, arms, cp_tf32 and cp_profile)
 #   make the before tree here with:  mkdir .before && git archive REV | tar -x -C .before
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export TRITON_PACK=${TRITON_PACK:-.triton/triton-3.7.1.tar.xz}
 source benchmarks/gpu_env.sh
+# as benchmarks/gpu_throughput.sh: fewer fragmentation failures near the memory limit (a paired
+# throughput call with --steps 10 ran out of memory at 121.7 GiB of peak use)
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 STEPS=${*:-"tests kda_before kda_after tp_before tp_after cp memory"}
 BEFORE=${BEFORE_TREE:-.before}
 KDA_ARGS=${KDA_ARGS:-"--shapes 8x4096,1x32768 --dt-bias=-4,2 --ops ours"}  # KDA_ARGS: other points
@@ -22,10 +25,13 @@ BEFORE_ENV="PYTHONPATH=${PYTHONPATH/$PWD/$(realpath "$BEFORE")}"
 PYTHONFAULTHANDLER=1 STEP_SIGNAL=ABRT step tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_init_gpu.py \
   tests/parallel/test_context_parallel_gpu.py tests/kernels/test_kda_cp_prepass.py tests/launch/test_synthetic.py \
   tests/launch/test_hf_baseline.py tests/model/test_lm_head_loss_gpu.py tests/model/test_attention_gpu.py \
-  tests/model/test_no_host_sync_gpu.py tests/train/test_training.py tests/train/test_host_copy.py
+  tests/model/test_no_host_sync_gpu.py tests/train/test_training.py tests/train/test_host_copy.py \
+  tests/kernels/test_short_conv.py tests/model/test_fusion_gpu.py
 # every test of the CP pre-pass files on the GPU, the unmarked fp32 ones too (they then run the real kernels)
 step cp_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kda_cp_prepass.py \
   tests/parallel/test_context_parallel_gpu.py
+# the short convolution + SiLU: Triton kernels against inductor and eager PyTorch, f+b time and errors
+step conv 120 python3 benchmarks/short_conv.py --out "$OUT/short_conv.json"
 step kda_before 150 bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/kda.py $KDA_ARGS --out $OUT/kda_before.json"
 step kda_after 150 python3 benchmarks/kda.py $KDA_ARGS --out "$OUT/kda_after.json"
 step tp_before ${TP_LIMIT:-150} bash -c "cd $BEFORE && env $BEFORE_ENV python3 benchmarks/train_throughput.py $TP_ARGS --baseline none \

@@ -1,7 +1,8 @@
 """Elementwise chains of the model, compiled into fused kernels on request (``train.compile``).
 
 Functions decorated with ``fused`` are short chains of elementwise ops and row reductions
-(RMSNorm and the KDA output norm in norms.py, the KDA short convolution with its SiLU in kda.py).
+(RMSNorm and the KDA output norm in norms.py, the KDA short convolution with its SiLU in kda.py,
+whose CUDA tensors take its Triton kernels instead: kernels/short_conv.py).
 Run eagerly, each op is its own kernel that reads and writes the whole activation, and the
 backward adds as many again: on the H200 the KDA mixer's convolutions, gates and norms took 18.5%
 of a Kimi Linear step against 5.8% for MLA's projections (docs/benchmarks.md). With fusion enabled,

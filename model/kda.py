@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.kda import KDAOptions, chunk_kda, chunk_kda_cpu
+from kernels.short_conv import short_conv_silu_triton
 
 from . import tp
 from .config import ModelConfig
@@ -49,9 +50,20 @@ def kernel_options(model) -> dict:
 
 
 @fused
-def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """The q/k/v path after its projection: SiLU of the per-document causal short convolution."""
+def _short_conv_silu_pytorch(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return F.silu(causal_depthwise_conv(x, weight, position))
+
+
+def short_conv_silu(x: torch.Tensor, weight: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The q/k/v path after its projection: SiLU of the per-document causal short convolution. CUDA
+    tensors take the Triton kernels (kernels/short_conv.py: one pass forward, one backward), others
+    the PyTorch expression (compiled when fusion is on, model/fusion.py)."""
+    if x.is_cuda:
+        return short_conv_silu_triton(x, weight, position)
+    return _short_conv_silu_pytorch(x, weight, position)
+
+
+short_conv_silu.eager = _short_conv_silu_pytorch.eager
 
 
 def a_log_from_uniform(u: torch.Tensor) -> torch.Tensor:
