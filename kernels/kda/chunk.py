@@ -20,7 +20,7 @@ from kernels.kda.options import CHUNK_SIZE, KDAOptions
 from kernels.kda.chunk_fwd import (kda_fwd_cumsum_kernel, kda_fwd_h_kernel, kda_fwd_intra_kernel, kda_fwd_o_kernel,
                                    kda_fwd_wy_kernel)
 from kernels.kda.chunk_bwd import (kda_bwd_chunk_dk_kernel, kda_bwd_chunk_wy_kernel, kda_bwd_dh_kernel,
-                                   kda_bwd_intra_kernel, kda_gate_bwd_kernel)
+                                   kda_bwd_dh_split_kernel, kda_bwd_intra_kernel, kda_gate_bwd_kernel)
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor):
@@ -179,10 +179,13 @@ def kda_chunk_bwd(q, k, v, g, beta, saved, h0, dht, do, cu, info, offsets, NC, g
     dh = torch.empty(NC, H, K, V, dtype=_state_dtype(q.dtype, options), device=q.device)
     dVn = torch.empty(NC, H, C, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if h0 is not None else None
-    kda_bwd_dh_kernel[(triton.cdiv(V, BVs), N, H)](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets,
-                                                   H=H, K=K, V=V, BK=BK, BV=BVs, HAS_DHT=dht is not None,
-                                                   HAS_H0=h0 is not None, PREC=prec,
-                                                   **_cfg("bwd_dh", entry, BK, dh.dtype == torch.float32))
+    grid, cfg = (triton.cdiv(V, BVs), N, H), _cfg("bwd_dh", entry, BK, dh.dtype == torch.float32)
+    if entry.get("split_k", 1) == 2 and K == 128:  # the Dk-halves experiment (kda_bwd_dh_split_kernel)
+        kda_bwd_dh_split_kernel[grid](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets, H=H, K=K, V=V,
+                                      BV=BVs, HAS_DHT=dht is not None, HAS_H0=h0 is not None, PREC=prec, **cfg)
+    else:
+        kda_bwd_dh_kernel[grid](Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu, offsets, H=H, K=K, V=V, BK=BK,
+                                BV=BVs, HAS_DHT=dht is not None, HAS_H0=h0 is not None, PREC=prec, **cfg)
     dAqk, dBkk = (torch.empty(NC, H, C, C, **f32) for _ in range(2))
     dq_p, dk_p, dG_p = (torch.empty(NC, H, C, K, **f32) for _ in range(3))
     dv = torch.empty(T, H, V, dtype=v.dtype, device=v.device)

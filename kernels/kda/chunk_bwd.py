@@ -73,6 +73,66 @@ def kda_bwd_dh_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chu
 
 
 @triton.jit
+def _bwd_dh_half_step(b_ds, b_do, b_dvn, Qg, W, Gc, cbase, r64, dk, K: tl.constexpr, PREC: tl.constexpr):
+    """dS = e^{G_last} dS' + (q e^G)^T dO - W^T dv_new on the Dk rows ``dk`` (64 of them)."""
+    b_gl = tl.load(Gc + (cbase + CHUNK - 1) * K + dk)
+    kT = (cbase + r64)[None, :] * K + dk[:, None]
+    b_wT = tl.load(W + kT)
+    b_qgT = tl.load(Qg + kT)
+    return (b_ds * tl.exp(b_gl)[:, None] + tl.dot(b_qgT, b_do.to(b_qgT.dtype), input_precision=PREC)
+            - tl.dot(b_wT, b_dvn.to(b_wT.dtype), input_precision=PREC))
+
+
+@triton.jit
+def kda_bwd_dh_split_kernel(Qg, Kg, Gc, Aqk, W, do, dht, dh, dVn, dh0, cu_seqlens, chunk_offsets,
+                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                            HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    """``kda_bwd_dh_kernel`` at Dk = 128 with the state gradient as two [64, BV] halves, so every
+    dot has 64 rows (an experiment: the [128, 64] x [64, BV] dot of the whole-Dk kernel crashes with
+    4 warps on Hopper; launch option ``split_k=2``)."""
+    i_v = tl.program_id(0)
+    i_n = tl.program_id(1).to(tl.int64)
+    i_h = tl.program_id(2)
+    bos, eos, c_first, n_chunks = _doc_chunks(cu_seqlens, chunk_offsets, i_n)
+    r64 = tl.arange(0, CHUNK)
+    d1 = tl.arange(0, 64)
+    d2 = 64 + d1
+    dv = i_v * BV + tl.arange(0, BV)
+    m_v = dv[None, :] < V
+    off1 = d1[:, None] * V + dv[None, :]
+    off2 = d2[:, None] * V + dv[None, :]
+    state = (i_n * H + i_h) * K * V
+    b_ds1 = tl.zeros([64, BV], dtype=tl.float32)
+    b_ds2 = tl.zeros([64, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_ds1 += tl.load(dht + state + off1, mask=m_v, other=0.)
+        b_ds2 += tl.load(dht + state + off2, mask=m_v, other=0.)
+    for c in range(0, n_chunks):
+        c_rev = n_chunks - 1 - c
+        i_c = c_first + c_rev
+        cbase = (i_c * H + i_h) * CHUNK
+        t0 = bos + c_rev * CHUNK
+        valid = r64 < eos - t0
+        tok = (t0 + r64) * H + i_h
+        chunk_state = (i_c * H + i_h) * K * V
+        tl.store(dh + chunk_state + off1, b_ds1.to(dh.dtype.element_ty), mask=m_v)
+        tl.store(dh + chunk_state + off2, b_ds2.to(dh.dtype.element_ty), mask=m_v)
+        b_do = tl.load(do + tok[:, None] * V + dv[None, :], mask=valid[:, None] & m_v, other=0.).to(tl.float32)
+        b_a = tl.load(Aqk + (cbase + r64)[:, None] * CHUNK + r64[None, :])
+        b_kg1 = tl.load(Kg + (cbase + r64)[:, None] * K + d1[None, :])
+        b_kg2 = tl.load(Kg + (cbase + r64)[:, None] * K + d2[None, :])
+        b_dvn = (tl.dot(tl.trans(b_a), b_do, input_precision=PREC)
+                 + tl.dot(b_kg1, b_ds1.to(b_kg1.dtype), input_precision=PREC)
+                 + tl.dot(b_kg2, b_ds2.to(b_kg2.dtype), input_precision=PREC))
+        tl.store(dVn + (cbase + r64)[:, None] * V + dv[None, :], b_dvn, mask=m_v)
+        b_ds1 = _bwd_dh_half_step(b_ds1, b_do, b_dvn, Qg, W, Gc, cbase, r64, d1, K, PREC)
+        b_ds2 = _bwd_dh_half_step(b_ds2, b_do, b_dvn, Qg, W, Gc, cbase, r64, d2, K, PREC)
+    if HAS_H0:
+        tl.store(dh0 + state + off1, b_ds1, mask=m_v)
+        tl.store(dh0 + state + off2, b_ds2, mask=m_v)
+
+
+@triton.jit
 def _bwd_x_cols(k, Gc, b_beta, tok, cbase, valid, r64, dk, K: tl.constexpr):
     """X = beta k e^G on the columns dk of a chunk."""
     m_k = dk[None, :] < K

@@ -46,7 +46,9 @@ DEFAULT_LAUNCH = {
     "cp_transition": dict(num_warps=4, num_stages=1, BV=32),
     "cp_entry_grad": dict(num_warps=4, num_stages=1, BV=32),
 }
-LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg", "BV", "BD", "few")
+LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg", "BV", "BD", "split_k", "few")
+# split_k (bwd_dh only, Dk = 128): 2 runs the state gradient as two Dk halves (kda_bwd_dh_split_kernel)
+SPLIT_K_KERNELS = ("bwd_dh",)
 # what every entry of a kernel must give (its "few" entry too)
 _BLOCK_KEY = {"fwd_h": "BV", "bwd_dh": "BV", "bwd_intra": "BD", "cp_transition": "BV", "cp_entry_grad": "BV"}
 
@@ -75,6 +77,9 @@ def _check_launch_entry(kernel: str, entry, nested: bool = False) -> None:
                 _check_launch_entry(kernel, value, nested=True)
         elif not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"KDAOptions.launch[{kernel!r}][{key!r}]={value!r}: expected a positive int")
+        elif key == "split_k" and (kernel not in SPLIT_K_KERNELS or value not in (1, 2)):
+            raise ValueError(f"KDAOptions.launch[{kernel!r}]['split_k']={value!r}: only "
+                             f"{', '.join(SPLIT_K_KERNELS)} takes it, as 1 or 2")
 
 
 @dataclass(frozen=True)

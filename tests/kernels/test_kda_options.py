@@ -77,6 +77,9 @@ def test_launch_overrides_from_the_command_line_form():
      r"launch\['bwd_dh'\]\[few\]: missing num_stages, BV"),
     ("launch", {"fwd_o": {"num_warps": 0, "num_stages": 1}},
      r"launch\['fwd_o'\]\['num_warps'\]=0: expected a positive int"),
+    ("launch", {"bwd_dh": dict(DEFAULT_LAUNCH["bwd_dh"], split_k=4)},
+     r"launch\['bwd_dh'\]\['split_k'\]=4: only bwd_dh takes it, as 1 or 2"),
+    ("launch", {"fwd_o": {"num_warps": 4, "num_stages": 1, "split_k": 2}}, r"\['fwd_o'\]\['split_k'\]=2: only bwd_dh"),
 ])
 def test_bad_options_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -308,6 +308,21 @@ def test_clamped_diagonal_tiles(kda_options):
     assert min(errors[2.0].values()) > 5e-3, errors[2.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[gpu, pytest.mark.gpu])],
+                         ids=["fp32", "bf16"])
+def test_state_gradient_in_dk_halves(dtype, kda_options):
+    """The state-gradient pass as two Dk halves (launch option ``bwd_dh.split_k=2``, Dk = 128 only),
+    both of its launches, against the recurrence (fp32: the interpreter on CPU; bf16 states on a
+    GPU, where ``--kda-launch bwd_dh.num_warps=4,bwd_dh.few.num_warps=4`` tries the wgmma launch)."""
+    options = kda_options.with_launch("bwd_dh.split_k=2,bwd_dh.few.split_k=2")
+    inputs, cu = make_inputs(1, 200, 1, 128, 128, n_docs=2), torch.tensor([0, 70, 200], dtype=torch.int32)
+    errs = _errors_of(inputs, cu, dtype, DEVICE, options=options)
+    if dtype == torch.float32:
+        _assert_within(errs)
+    else:
+        _assert_within(errs, lambda key: TOL_BF16)
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
