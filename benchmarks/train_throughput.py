@@ -85,7 +85,9 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool | str = F
     row = dict(system="ours", arm=arm, context=context, tokens_per_step=micro * context, recompute=recompute,
                compile=cfg.compile, full_context=not cfg.reset_at_document_boundaries,
                tokens_per_s=mean("tokens_per_s"), tflops_per_gpu=mean("tflops_per_gpu"),
-               peak_memory_gib=memory, loss=counted[-1]["loss"], profile=profile)
+               peak_memory_gib=memory, loss=counted[-1]["loss"], profile=profile,
+               # each counted step's own rate: the spread within a run, beside the spread between runs
+               step_tokens_per_s=[round(r.get("tokens_per_s", 0.0) or 0.0) for r in counted])
     if "mfu" in counted[-1]:
         row["mfu"] = mean("mfu")
     return row

@@ -77,8 +77,8 @@ def short_conv_silu_bwd_kernel(x, w, pos, dy, dx, dw_part, T, C, W: tl.constexpr
         shift = W - 1 - i
         tap = inside & (p >= shift)
         xs = tl.load(x + (rows - shift)[:, None] * C + cols[None, :], mask=tap[:, None] & cmask[None, :], other=0.)
-        tl.store(dw_part + (tl.program_id(0) * C + cols) * W + i, tl.sum(d_pre * xs.to(tl.float32), axis=0),
-                 mask=cmask)
+        part = tl.sum(d_pre * xs.to(tl.float32), axis=0)
+        tl.store(dw_part + (tl.program_id(0).to(tl.int64) * C + cols) * W + i, part, mask=cmask)
     d_x = d_pre * tl.load(w + cols * W + (W - 1), mask=cmask, other=0.).to(tl.float32)[None, :]
     for j in range(1, W):
         # token u = t + j reads x[t] through tap W-1-j, when that tap stays in u's document

@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sequence-parallel", action="store_true", default=None)
     parser.add_argument("--bf16", action="store_true", default=None)
     parser.add_argument("--compile", action="store_true", default=None,
-                        help="fuse the norms and KDA short convolutions with torch.compile (CUDA only)")
+                        help="fuse the norms with torch.compile (CUDA only; the KDA short convolutions take "
+                             "their Triton kernels there either way)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device and print its size, layers, FLOPs per token "
                              "and the estimated memory per GPU for the parallel flags; train nothing")

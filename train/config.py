@@ -59,7 +59,7 @@ class TrainConfig:
     # the LM head's loss this many tokens at a time, never holding all logits of a micro-batch
     # (model/lm_head_loss.py; docs/training.md, "Chunked LM head and loss"); 0 = off
     loss_chunk_tokens: int = 0
-    compile: bool = False  # fuse the norms and the KDA short convolutions with torch.compile (CUDA; model/fusion.py)
+    compile: bool = False  # fuse the norms with torch.compile (CUDA; model/fusion.py)
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped (non-finite) steps
     # Python's garbage collector runs only every this many steps (young generations), not whenever
     # it decides to: a full pass over the many objects of a compiled model stalls the step it lands

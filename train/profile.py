@@ -96,8 +96,9 @@ def breakdown(events, step_seconds: float, on_gpu: bool, activity=None) -> dict:
     parts = {p: busy.get(p, 0.0) / 1e3 for p in (*breakdown_parts(), "other")}
     if busy.get(UNLINKED):
         parts[UNLINKED] = busy[UNLINKED] / 1e3
+    covered_us = _covered_us(kernels) if kernels is not None else 0.0
     if kernels is not None:  # idle: the window less the time any GPU activity ran (streams merged)
-        parts["idle"] = max(step_ms - _covered_us(kernels) / 1e3, 0.0)
+        parts["idle"] = max(step_ms - covered_us / 1e3, 0.0)
     else:
         parts["idle"] = max(step_ms - sum(parts.values()), 0.0) if on_gpu else 0.0
     result = dict(step_ms=step_ms, device="gpu" if on_gpu else "cpu", parts_ms=parts,
@@ -106,7 +107,7 @@ def breakdown(events, step_seconds: float, on_gpu: bool, activity=None) -> dict:
         waits = [(part_at(e.thread, e.time_range.start), e.time_range.elapsed_us()) for e in events
                  if e.device_type == cpu and e.name in HOST_WAIT_CALLS]
         result.update(idle_attribution(kernels), host_waits_ms=_host_waits(waits))
-        result["overlap_ms"] = round((sum(us for _, _, us in spent) - _covered_us(kernels)) / 1e3, 3)
+        result["overlap_ms"] = round((sum(us for _, _, us in spent) - covered_us) / 1e3, 3)
         host = [e.time_range for e in events if e.device_type == cpu]
         if kernels and host:  # the GPU idle before its first and after its last kernel of the step
             result["idle_at_edges_ms"] = [round((min(k[0] for k in kernels) - min(r.start for r in host)) / 1e3, 3),

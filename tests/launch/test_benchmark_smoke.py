@@ -25,6 +25,8 @@ def test_train_throughput_smoke_on_cpu(tmp_path):
         ("ours", "mla"), ("ours", "gdn-h"), ("ours", "kimi-linear"), ("transformers", "mla"),
         ("transformers", "kimi-linear")]  # transformers' kimi_linear has no GDN layer
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    for r in rows[:3]:  # steps 2..3 of 4 (the first is warm-up, the last profiled), each step's own rate
+        assert len(r["step_tokens_per_s"]) == 2 and abs(sum(r["step_tokens_per_s"]) / 2 - r["tokens_per_s"]) <= 1
     assert "no transformers baseline for gdn-h" in result.stdout
     ratio = rows[2]["tokens_per_s"] / rows[4]["tokens_per_s"]
     assert "| ours | kimi-linear | 64 |" in result.stdout and f"| {ratio:.2f}x |" in result.stdout
