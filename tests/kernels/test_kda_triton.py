@@ -310,11 +310,15 @@ def test_clamped_diagonal_tiles(kda_options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[gpu, pytest.mark.gpu])],
                          ids=["fp32", "bf16"])
-def test_state_gradient_in_dk_halves(dtype, kda_options):
+@pytest.mark.parametrize("which", ["many_programs", "few_programs"])
+def test_state_gradient_in_dk_halves(which, dtype, kda_options):
     """The state-gradient pass as two Dk halves (launch option ``bwd_dh.split_k=2``, Dk = 128 only),
-    both of its launches, against the recurrence (fp32: the interpreter on CPU; bf16 states on a
+    each of its launches, against the recurrence (fp32: the interpreter on CPU; bf16 states on a
     GPU, where ``--kda-launch bwd_dh.num_warps=4,bwd_dh.few.num_warps=4`` tries the wgmma launch)."""
     options = kda_options.with_launch("bwd_dh.split_k=2,bwd_dh.few.split_k=2")
+    entry = options.launch_entry("bwd_dh")
+    chosen = entry["few"] if which == "few_programs" else {k: v for k, v in entry.items() if k != "few"}
+    options = dataclasses.replace(options, launch={**options.launch, "bwd_dh": chosen})
     inputs, cu = make_inputs(1, 200, 1, 128, 128, n_docs=2), torch.tensor([0, 70, 200], dtype=torch.int32)
     errs = _errors_of(inputs, cu, dtype, DEVICE, options=options)
     if dtype == torch.float32:
