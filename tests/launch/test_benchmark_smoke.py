@@ -57,6 +57,21 @@ def test_cp_kda_benchmark_smoke_on_cpu(tmp_path):
     assert "| 1 | 64 | 2 | 128 |" in result.stdout
 
 
+def test_short_conv_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks/short_conv.py (a GPU call's step) at a tiny shape in the Triton interpreter: both
+    ways run, and their errors against fp64 are at fp32 rounding."""
+    out = tmp_path / "short_conv.json"
+    cmd = [sys.executable, "benchmarks/short_conv.py", "--device", "cpu", "--tokens", "150", "--channels", "40",
+           "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["way"] for r in rows] == ["triton (ours)", "eager PyTorch"]
+    assert all(max(r["rel_err_out_dx_dw"]) < 1e-5 and r["fwd_bwd_ms"] > 0 for r in rows)
+    assert "| triton (ours) |" in result.stdout
+
+
 def test_memory_model_benchmark_smoke_on_cpu():
     """benchmarks/memory_model.py (the estimate against measured peaks; run on a GPU by hand) trains
     the tiny preset at two lengths and prints one row per length and recompute setting (with the loss in
