@@ -76,7 +76,9 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool | str = F
             recompute_layers=_recompute_spec(recompute), optimizer=args.optimizer, profile_step=steps,
             compile=args.compile, reset_at_document_boundaries=not args.full_context,
         )
+        started = time.perf_counter()
         train(RunConfig(model=model, train=cfg))
+        wall = time.perf_counter() - started
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         profile = json.loads((Path(run_dir) / f"profile_step{steps}.json").read_text())
     counted = records[1:-1] or records[:1]
@@ -87,10 +89,21 @@ def run_arm(preset: str, arm: str, context: int, args, recompute: bool | str = F
                tokens_per_s=mean("tokens_per_s"), tflops_per_gpu=mean("tflops_per_gpu"),
                peak_memory_gib=memory, loss=counted[-1]["loss"], profile=profile,
                # each counted step's own rate: the spread within a run, beside the spread between runs
-               step_tokens_per_s=[round(r.get("tokens_per_s", 0.0) or 0.0) for r in counted])
+               step_tokens_per_s=[round(r.get("tokens_per_s", 0.0) or 0.0) for r in counted],
+               seconds=_seconds(wall, records, micro * context))
     if "mfu" in counted[-1]:
         row["mfu"] = mean("mfu")
     return row
+
+
+def _seconds(wall: float, records: list[dict], tokens_per_step: int) -> dict:
+    """Where a run's wall time went (to plan GPU calls): the first step (compilation), the other steps
+    (the profiled one included), and the rest of ``train()`` (model build and initialisation, data,
+    reading the profile)."""
+    steps = [tokens_per_step / r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    first = steps[0] if steps else 0.0
+    return dict(train_call=round(wall, 1), first_step=round(first, 1), other_steps=round(sum(steps) - first, 1),
+                setup_and_profile=round(wall - sum(steps), 1))
 
 
 def run_transformers(preset: str, arm: str, context: int, args, device) -> dict:

@@ -27,6 +27,9 @@ def test_train_throughput_smoke_on_cpu(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rows)
     for r in rows[:3]:  # steps 2..3 of 4 (the first is warm-up, the last profiled), each step's own rate
         assert len(r["step_tokens_per_s"]) == 2 and abs(sum(r["step_tokens_per_s"]) / 2 - r["tokens_per_s"]) <= 1
+        seconds = r["seconds"]  # where the run's time went
+        parts = seconds["first_step"] + seconds["other_steps"] + seconds["setup_and_profile"]
+        assert seconds["first_step"] > 0 and seconds["setup_and_profile"] > 0 and abs(parts - seconds["train_call"]) < 0.3
     assert "no transformers baseline for gdn-h" in result.stdout
     ratio = rows[2]["tokens_per_s"] / rows[4]["tokens_per_s"]
     assert "| ours | kimi-linear | 64 |" in result.stdout and f"| {ratio:.2f}x |" in result.stdout
